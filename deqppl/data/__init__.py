@@ -1,0 +1,1 @@
+"""deqppl.data."""

@@ -1,0 +1,1 @@
+"""The deqppl model zoo (installed as ``deqppl.models``)."""
