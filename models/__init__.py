@@ -1,1 +1,8 @@
 """The deqppl model zoo (installed as ``deqppl.models``)."""
+
+from ._simulation import Simulation
+from .expfam_pca import ExpFamPCA
+from .hierarchical import HierarchicalExpFamPCA
+from .kernel_glm import KernelGLM
+
+__all__ = ["ExpFamPCA", "HierarchicalExpFamPCA", "KernelGLM", "Simulation"]

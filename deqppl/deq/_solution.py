@@ -1,0 +1,131 @@
+"""Typed results of a fixed-point solve: `Status`, `Solution`, `ConvergenceError`."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Status", "Solution", "ConvergenceError", "ConvergenceWarning"]
+
+
+class Status(enum.Enum):
+    """Outcome of a fixed-point solve, for the batch as a whole.
+
+    The per-sample outcome is `Solution.converged`; the status summarizes it, reporting the most
+    serious failure present in the batch (``NONFINITE`` > ``DIVERGED`` > ``MAX_STEPS_REACHED``).
+    """
+
+    #: Every sample met ``residual <= atol + rtol * ||f(z)||``.
+    CONVERGED = "converged"
+    #: Some sample did not converge within ``max_steps``, but its residual decreased.
+    MAX_STEPS_REACHED = "max_steps_reached"
+    #: Some sample ended with a residual larger than at its starting point.
+    DIVERGED = "diverged"
+    #: Some sample produced a non-finite iterate or a non-finite ``f(z)``.
+    NONFINITE = "nonfinite"
+
+
+@dataclass(frozen=True, kw_only=True, repr=False, eq=False)
+class Solution:
+    """Result of `fixed_point`.
+
+    Attributes
+    ----------
+    value
+        The fixed point, shape ``(B, *event)`` like ``z0``, attached to autograd as the adjoint
+        prescribes. For a sample that did not converge it is the iterate with the smallest residual
+        seen (flagged by ``converged``), never silently passed off as converged.
+    residual
+        ``(B,)`` absolute residual $\\lVert f(z) - z\\rVert_2$ at ``value`` (Euclidean norm over the
+        flattened event dimensions).
+    rel_residual
+        ``(B,)`` relative residual $\\lVert f(z)-z\\rVert_2 / (\\lVert f(z)\\rVert_2 + \\text{tiny})$.
+    converged
+        ``(B,)`` bool mask, ``residual <= atol + rtol * ||f(z)||`` per sample.
+    status
+        A `Status` for the whole batch.
+    num_steps
+        Solver iterations taken.
+    num_fevals
+        Evaluations of ``f`` on the whole batch (line-search trials included).
+    num_jac_evals
+        Per-sample Jacobians formed (``Newton`` only; each costs ``n`` vector-Jacobian products
+        when formed by autograd).
+    wall_time
+        Seconds spent in the forward solve.
+    trace
+        ``(num_steps + 1,)`` largest residual over the batch after each step, or ``None`` unless
+        ``fixed_point(..., trace=True)``.
+    solver
+        Name of the solver that produced the result.
+    """
+
+    value: torch.Tensor
+    residual: torch.Tensor
+    rel_residual: torch.Tensor
+    converged: torch.Tensor
+    status: Status
+    num_steps: int
+    num_fevals: int
+    num_jac_evals: int
+    wall_time: float
+    trace: torch.Tensor | None
+    solver: str
+
+    @property
+    def num_failed(self) -> int:
+        """Number of samples that did not converge."""
+        return int((~self.converged).sum())
+
+    def worst(self) -> tuple[int, float, float]:
+        """Index, absolute and relative residual of the sample with the largest residual.
+
+        Non-finite residuals count as the largest. Returns ``(-1, 0.0, 0.0)`` for an empty batch.
+        """
+        if self.residual.numel() == 0:
+            return -1, 0.0, 0.0
+        res = torch.nan_to_num(self.residual, nan=float("inf"))
+        idx = int(torch.argmax(res))
+        return idx, float(self.residual[idx]), float(self.rel_residual[idx])
+
+    def __repr__(self) -> str:
+        batch = self.converged.numel()
+        idx, res, rel = self.worst()
+        return (
+            f"Solution(status={self.status.name}, solver={self.solver}, "
+            f"converged={batch - self.num_failed}/{batch}, "
+            f"worst_residual={res:.3g} (relative {rel:.3g}, sample {idx}), "
+            f"num_steps={self.num_steps}, num_fevals={self.num_fevals}, "
+            f"num_jac_evals={self.num_jac_evals}, wall_time={self.wall_time * 1e3:.3g} ms, "
+            f"shape={tuple(self.value.shape)}, dtype={self.value.dtype})"
+        )
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """Issued when an adjoint solve fails and its adjoint was built with ``throw=False``."""
+
+
+class ConvergenceError(RuntimeError):
+    """A fixed-point solve (forward or adjoint) did not converge for every sample.
+
+    Attributes
+    ----------
+    solution
+        The `Solution` of the failed solve, for inspection.
+    """
+
+    def __init__(self, solution: Solution, *, hint: str = "", context: str = "fixed-point solve"):
+        self.solution = solution
+        batch = solution.converged.numel()
+        idx, res, rel = solution.worst()
+        message = (
+            f"{context} with {solution.solver} failed for {solution.num_failed} of {batch} "
+            f"samples (status {solution.status.name} after {solution.num_steps} steps, "
+            f"{solution.num_fevals} evaluations of f): worst residual ||f(z) - z|| = {res:.3g} "
+            f"(relative {rel:.3g}) at sample {idx}."
+        )
+        if hint:
+            message += " " + hint
+        super().__init__(message)

@@ -1,0 +1,449 @@
+"""Fixed-point solvers: small frozen objects whose fields are their settings.
+
+Every solver finds, for each sample ``b`` of a batch independently, a point with
+$\\lVert f(z_b) - z_b\\rVert_2 \\le \\text{atol} + \\text{rtol}\\,\\lVert f(z_b)\\rVert_2$. Pass one to
+`deqppl.deq.fixed_point`; the default is ``Anderson()``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._core import Monitor, RawResult, _Problem, backtrack, batched_jacobian
+
+__all__ = ["AbstractSolver", "FixedPointIteration", "Anderson", "Broyden", "Newton"]
+
+
+def _check_int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_real(name: str, value, *, low: float, high: float = math.inf,
+                low_open: bool = False, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        interval = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+
+
+class AbstractSolver(abc.ABC):
+    """Base of the fixed-point solvers; never instantiated.
+
+    Concrete solvers are frozen dataclasses with at least the fields ``rtol``, ``atol`` and
+    ``max_steps``, and implement ``_solve``.
+    """
+
+    rtol: float
+    atol: float
+    max_steps: int
+
+    def _check_common(self) -> None:
+        _check_real("rtol", self.rtol, low=0.0)
+        _check_real("atol", self.atol, low=0.0)
+        if self.rtol == 0 and self.atol == 0:
+            raise ValueError("at least one of rtol and atol must be positive")
+        _check_int("max_steps", self.max_steps, minimum=1)
+
+    @property
+    def name(self) -> str:
+        """Name used in results and error messages."""
+        return type(self).__name__
+
+    def _hint(self) -> str:
+        """What to try when this solver fails; appended to `ConvergenceError` messages."""
+        return "Try a larger max_steps, or another solver."
+
+    @abc.abstractmethod
+    def _solve(self, problem: _Problem, z0: torch.Tensor, *, record_trace: bool) -> RawResult:
+        """Solve ``z = f(z)`` for flattened ``z0`` of shape ``(B, n)`` without autograd."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FixedPointIteration(AbstractSolver):
+    """Plain or damped fixed-point iteration, $z \\leftarrow (1-\\beta) z + \\beta f(z)$.
+
+    Converges (linearly) when the damped map is a contraction, e.g. when $f$ is; it diverges
+    on the Gaussian PCA MAP map once $\\lambda_{\\max}(W^\\top W) \\ge \\lambda$ (SPEC 2.3). A sample
+    whose residual grows to $10^{12}$ times its initial value is given up as diverged.
+
+    Parameters
+    ----------
+    damping
+        $\\beta \\in (0, 1]$; ``1`` is plain iteration.
+    rtol, atol
+        Per-sample stopping rule $\\lVert f(z)-z\\rVert \\le \\text{atol} + \\text{rtol}\\lVert f(z)\\rVert$.
+    max_steps
+        Largest number of iterations.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from deqppl.deq import FixedPointIteration, fixed_point
+    >>> sol = fixed_point(torch.cos, torch.zeros(3, 1, dtype=torch.float64),
+    ...                   solver=FixedPointIteration(rtol=1e-10))
+    >>> sol.status.name, round(float(sol.value[0, 0]), 6)
+    ('CONVERGED', 0.739085)
+    """
+
+    damping: float = 1.0
+    rtol: float = 1e-6
+    atol: float = 1e-8
+    max_steps: int = 500
+
+    def __post_init__(self):
+        self._check_common()
+        _check_real("damping", self.damping, low=0.0, high=1.0, low_open=True)
+
+    def _hint(self) -> str:
+        return ("Plain iteration converges only where f is a contraction: try a damping < 1, "
+                "a larger max_steps, Anderson() (the default), or Newton() for small latent "
+                "dimensions.")
+
+    def _solve(self, problem, z0, *, record_trace):
+        # 1e12: no contraction regains twelve orders of magnitude of residual growth
+        monitor = Monitor(rtol=self.rtol, atol=self.atol, z0=z0, record_trace=record_trace,
+                          divergence_ratio=1e12)
+        z, fz, steps = z0, problem(z0), 0
+        beta = self.damping
+        while True:
+            g, active = monitor.observe(z, fz)
+            if steps >= self.max_steps or not bool(active.any()):
+                break
+            z = monitor.freeze(z + beta * g)
+            fz = problem(z)
+            steps += 1
+        return monitor.result(num_steps=steps, problem=problem)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Anderson(AbstractSolver):
+    """Safeguarded type-II Anderson acceleration, batched per sample.
+
+    With the last ``memory`` iterates $z_i$ and residuals $g_i = f(z_i) - z_i$, and differences
+    $\\Delta Z, \\Delta G$ to the current pair, the step is
+    $z_+ = z + \\beta g - (\\Delta Z + \\beta \\Delta G)\\gamma$ with
+    $(\\Delta G^\\top \\Delta G + \\mu I)\\gamma = \\Delta G^\\top g$ (Walker & Ni, 2011, SIAM J. Numer.
+    Anal.). The ridge is *relative*, $\\mu = \\text{ridge}\\cdot\\lVert\\Delta G\\rVert_F^2/m$, so it
+    does not dominate once residuals are small (SPEC 7: an absolute ridge can make Anderson slower
+    than plain iteration).
+
+    Safeguards, per sample: a singular or non-finite least-squares system falls back to the damped
+    step $z + \\beta g$; a step whose residual exceeds ``safeguard`` times the best residual so far
+    is rejected, the memory is cleared, $\\beta$ is halved and the damped step is taken from the
+    best iterate. Because $f(z) - z = -\\nabla F(z)/\\lambda$ for MAP maps of a strongly convex
+    $F$ (SPEC 2.2), the damped step is a gradient step that decreases $F$ once $\\beta$ is small,
+    so this safeguarded Anderson converges on strongly convex MAP maps even where $f$ is not a
+    contraction (SPEC 2.3). Converged samples are frozen.
+
+    Parameters
+    ----------
+    memory
+        Number of past differences $m \\ge 1$ kept.
+    ridge
+        Relative Tikhonov regularization of the least-squares system, $\\ge 0$.
+    damping
+        Mixing parameter $\\beta \\in (0, 1]$.
+    restart
+        Clear a sample's memory every ``restart`` steps (``None``: only on rejected steps).
+    safeguard
+        Reject a step whose residual exceeds ``safeguard`` times the best so far (``>= 1``;
+        ``None`` disables the safeguard).
+    rtol, atol, max_steps
+        See `FixedPointIteration`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from deqppl.deq import Anderson, fixed_point
+    >>> A = torch.tensor([[0.0, -3.0], [-3.0, 0.0]], dtype=torch.float64)  # not a contraction
+    >>> b = torch.ones(4, 2, dtype=torch.float64)
+    >>> sol = fixed_point(lambda z: z @ A.T + b, torch.zeros(4, 2, dtype=torch.float64),
+    ...                   solver=Anderson(rtol=1e-10))
+    >>> sol.status.name, sol.value[0].tolist()
+    ('CONVERGED', [0.25, 0.25])
+    """
+
+    memory: int = 5
+    ridge: float = 1e-4
+    damping: float = 1.0
+    restart: int | None = None
+    safeguard: float | None = 10.0
+    rtol: float = 1e-6
+    atol: float = 1e-8
+    max_steps: int = 200
+
+    def __post_init__(self):
+        self._check_common()
+        _check_int("memory", self.memory, minimum=1)
+        _check_real("ridge", self.ridge, low=0.0)
+        _check_real("damping", self.damping, low=0.0, high=1.0, low_open=True)
+        if self.restart is not None:
+            _check_int("restart", self.restart, minimum=1)
+        if self.safeguard is not None:
+            _check_real("safeguard", self.safeguard, low=1.0)
+
+    def _hint(self) -> str:
+        return ("Try a larger max_steps or memory, a damping < 1, or Newton() for small latent "
+                "dimensions.")
+
+    def _solve(self, problem, z0, *, record_trace):
+        batch, n = z0.shape
+        slots = self.memory + 1  # the current pair plus `memory` past ones
+        monitor = Monitor(rtol=self.rtol, atol=self.atol, z0=z0, record_trace=record_trace)
+        hist_z = z0.new_zeros(batch, slots, n)
+        hist_g = z0.new_zeros(batch, slots, n)
+        valid = torch.zeros(batch, slots, dtype=torch.bool, device=z0.device)
+        beta = torch.full((batch,), float(self.damping), dtype=z0.dtype, device=z0.device)
+        age = torch.zeros(batch, dtype=torch.long, device=z0.device)
+        eye = torch.eye(slots, dtype=z0.dtype, device=z0.device)
+        tiny = torch.finfo(z0.dtype).tiny
+        z, fz, steps, slot = z0, problem(z0), 0, 0
+        while True:
+            g, active = monitor.observe(z, fz)
+            if steps >= self.max_steps or not bool(active.any()):
+                break
+            res = torch.linalg.vector_norm(g, dim=1)
+            if self.safeguard is not None:
+                reject = active & (res > self.safeguard * monitor.best_res)
+            else:
+                reject = torch.zeros_like(active)
+            clear = reject
+            if self.restart is not None:
+                clear = clear | (age >= self.restart)
+            valid = valid & ~clear[:, None]
+            age = torch.where(clear, torch.zeros_like(age), age)
+            beta = torch.where(reject, 0.5 * beta, beta)
+
+            hist_z[:, slot] = z
+            hist_g[:, slot] = g
+            valid[:, slot] = ~reject
+            mask = valid.clone()
+            mask[:, slot] = False
+            d_g = (g[:, None, :] - hist_g) * mask[..., None]
+            d_z = (z[:, None, :] - hist_z) * mask[..., None]
+            gram = d_g @ d_g.transpose(1, 2)
+            rhs = (d_g @ g[:, :, None]).squeeze(-1)
+            count = mask.sum(-1).clamp(min=1).to(z0.dtype)
+            scale = torch.diagonal(gram, dim1=1, dim2=2).sum(-1) / count
+            diag = torch.where(mask, (self.ridge * scale + tiny)[:, None],
+                               torch.ones_like(scale)[:, None])
+            gamma, info = torch.linalg.solve_ex(gram + diag[:, :, None] * eye, rhs)
+            bad = (info != 0) | ~torch.isfinite(gamma).all(-1)
+            gamma = torch.where(bad[:, None], torch.zeros_like(gamma), gamma)
+            b = beta[:, None]
+            z_mix = z + b * g - ((d_z + b[:, :, None] * d_g) * gamma[..., None]).sum(1)
+            best_g = monitor.best_fz - monitor.best_z
+            z_back = monitor.best_z + b * best_g
+            z = monitor.freeze(torch.where(reject[:, None], z_back, z_mix))
+            age = age + 1
+            slot = (slot + 1) % slots
+            fz = problem(z)
+            steps += 1
+        return monitor.result(num_steps=steps, problem=problem)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Broyden(AbstractSolver):
+    """Limited-memory ("good") Broyden method on $g(z) = f(z) - z$, with a line search.
+
+    Keeps a low-rank inverse-Jacobian estimate $H = -I + \\sum_i u_i v_i^\\top$ per sample
+    (Broyden, 1965, Math. Comp.; the inverse form by Sherman-Morrison), steps along
+    $d = -H g$ with a backtracking line search on $\\lVert g\\rVert$, and clears the estimate
+    (falling back to the fixed-point direction $d = g$) when the memory is full, the update is
+    ill-defined, or the line search fails.
+
+    Parameters
+    ----------
+    memory
+        Rank-one updates kept before a restart, $\\ge 1$.
+    line_search
+        Backtrack on the residual norm; ``False`` always takes the full step.
+    max_backtracks
+        Step halvings tried before the line search gives up, $\\ge 1$.
+    rtol, atol, max_steps
+        See `FixedPointIteration`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from deqppl.deq import Broyden, fixed_point
+    >>> sol = fixed_point(torch.cos, torch.zeros(2, 1, dtype=torch.float64),
+    ...                   solver=Broyden(rtol=1e-12))
+    >>> round(float(sol.value[1, 0]), 8)
+    0.73908513
+    """
+
+    memory: int = 30
+    line_search: bool = True
+    max_backtracks: int = 8
+    rtol: float = 1e-6
+    atol: float = 1e-8
+    max_steps: int = 200
+
+    def __post_init__(self):
+        self._check_common()
+        _check_int("memory", self.memory, minimum=1)
+        _check_int("max_backtracks", self.max_backtracks, minimum=1)
+        if not isinstance(self.line_search, bool):
+            raise ValueError(f"line_search must be a bool, got {self.line_search!r}")
+
+    def _hint(self) -> str:
+        return "Try a larger max_steps or memory, Anderson(), or Newton() for small dimensions."
+
+    def _solve(self, problem, z0, *, record_trace):
+        batch, n = z0.shape
+        m = self.memory
+        monitor = Monitor(rtol=self.rtol, atol=self.atol, z0=z0, record_trace=record_trace)
+        us = z0.new_zeros(batch, m, n)
+        vs = z0.new_zeros(batch, m, n)
+        count = 0
+        eps = torch.finfo(z0.dtype).eps
+
+        def apply_h(x):  # H x = -x + sum_i u_i (v_i . x)
+            return -x + ((vs @ x[:, :, None]) * us).sum(1)
+
+        def apply_ht(x):  # H^T x = -x + sum_i v_i (u_i . x)
+            return -x + ((us @ x[:, :, None]) * vs).sum(1)
+
+        z, fz, steps = z0, problem(z0), 0
+        while True:
+            g, active = monitor.observe(z, fz)
+            if steps >= self.max_steps or not bool(active.any()):
+                break
+            direction = -apply_h(g)
+            z_new, fz_new, failed, _ = backtrack(
+                problem, z, fz, direction, active, line_search=self.line_search,
+                max_backtracks=self.max_backtracks, armijo=1e-4)
+            if count == m:
+                us.zero_()
+                vs.zero_()
+                count = 0
+            dz = z_new - z
+            dg = (fz_new - z_new) - g
+            h_dg = apply_h(dg)
+            denom = (dz * h_dg).sum(1)
+            ok = (torch.isfinite(denom) & (denom.abs() > eps * torch.linalg.vector_norm(dz, dim=1)
+                                           * torch.linalg.vector_norm(h_dg, dim=1))
+                  & active & ~failed)
+            safe = torch.where(ok, denom, torch.ones_like(denom))
+            u = torch.where(ok[:, None], (dz - h_dg) / safe[:, None], torch.zeros_like(dz))
+            v = torch.where(ok[:, None], apply_ht(dz), torch.zeros_like(dz))
+            us[:, count] = u
+            vs[:, count] = v
+            count += 1
+            # a failed line search means the model is poor: restart it for that sample
+            reset = failed[:, None, None]
+            us.masked_fill_(reset, 0.0)
+            vs.masked_fill_(reset, 0.0)
+            z = monitor.freeze(z_new)
+            fz = torch.where(monitor.active[:, None], fz_new, monitor.best_fz)
+            steps += 1
+        return monitor.result(num_steps=steps, problem=problem)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Newton(AbstractSolver):
+    """Newton's method on $r(z) = z - f(z)$ with the exact per-sample Jacobian.
+
+    Each step solves $(I - J_f(z))\\,d = f(z) - z$ per sample (batched `torch.linalg.solve`) and
+    backtracks on $\\lVert r\\rVert$. $J_f$ comes from the caller's ``jacobian`` if given to
+    `fixed_point`, else from ``n`` batched vector-Jacobian products (counted in
+    ``num_jac_evals``; each also costs one evaluation of ``f``). Quadratic convergence; the fast
+    path for small latent dimensions (a handful to a few dozen), cost $O(n^3)$ per step.
+    A singular or non-finite system falls back, for that sample, to the fixed-point step.
+
+    Parameters
+    ----------
+    line_search
+        Backtrack on the residual norm (Armijo); ``False`` always takes the full step.
+    max_backtracks
+        Step halvings tried, $\\ge 1$.
+    rtol, atol, max_steps
+        See `FixedPointIteration`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from deqppl.deq import Newton, fixed_point
+    >>> sol = fixed_point(torch.cos, torch.zeros(2, 1, dtype=torch.float64),
+    ...                   solver=Newton(rtol=1e-12))
+    >>> sol.num_steps <= 6, round(float(sol.value[0, 0]), 8)
+    (True, 0.73908513)
+    """
+
+    line_search: bool = True
+    max_backtracks: int = 10
+    rtol: float = 1e-6
+    atol: float = 1e-8
+    max_steps: int = 50
+
+    def __post_init__(self):
+        self._check_common()
+        _check_int("max_backtracks", self.max_backtracks, minimum=1)
+        if not isinstance(self.line_search, bool):
+            raise ValueError(f"line_search must be a bool, got {self.line_search!r}")
+
+    def _hint(self) -> str:
+        return ("Try a larger max_steps, or Anderson(): Newton stalls where I - J_f is singular "
+                "or f is not differentiable.")
+
+    def _solve(self, problem, z0, *, record_trace):
+        batch, n = z0.shape
+        monitor = Monitor(rtol=self.rtol, atol=self.atol, z0=z0, record_trace=record_trace)
+        eye = torch.eye(n, dtype=z0.dtype, device=z0.device)
+        graph = {}
+
+        def evaluate(z):
+            # Evaluate with the Jacobian-ready graph kept, so the last line-search trial (which
+            # is the accepted point) need not be recomputed to form the next Jacobian.
+            if problem.jac is not None:
+                return problem(z)
+            problem.num_fevals += 1
+            with torch.enable_grad():
+                zz = z.detach().requires_grad_(True)
+                out = problem.fn(zz)
+            graph["z"], graph["fz"] = zz, out
+            return out.detach()
+
+        def jacobian(z, *, reuse):
+            problem.num_jac_evals += 1
+            if problem.jac is not None:
+                with torch.no_grad():
+                    return problem.jac(z)
+            if not reuse:
+                evaluate(z)
+            with torch.enable_grad():
+                jac = batched_jacobian(graph["fz"], graph["z"])
+            graph.clear()
+            return jac
+
+        z, steps = z0, 0
+        fz = evaluate(z0)
+        jac = None
+        reuse = True
+        while True:
+            g, active = monitor.observe(z, fz)
+            if steps >= self.max_steps or not bool(active.any()):
+                break
+            if jac is None:
+                jac = jacobian(z, reuse=reuse)
+            direction, info = torch.linalg.solve_ex(eye - jac, g)
+            bad = (info != 0) | ~torch.isfinite(direction).all(-1)
+            direction = torch.where(bad[:, None], g, direction)
+            z_new, fz_new, failed, last_is_final = backtrack(
+                evaluate, z, fz, direction, active, line_search=self.line_search,
+                max_backtracks=self.max_backtracks, armijo=1e-4)
+            z = monitor.freeze(z_new)
+            fz = torch.where(monitor.active[:, None], fz_new, monitor.best_fz)
+            reuse = last_is_final
+            jac = None
+            steps += 1
+        return monitor.result(num_steps=steps, problem=problem)

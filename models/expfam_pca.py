@@ -1,0 +1,187 @@
+r"""Exponential-family PCA (SPEC §2.1; Tsuchida & Ong, 2023, AISTATS).
+
+$$\eta_s = W z_s + B,\qquad y_{si}\sim\mathrm{ExpFam}_A\big(v=R(\eta_{si})\big),\qquad
+z_s\sim\mathcal N(0,\lambda^{-1}I),\qquad W_{ij}, B_i\sim\mathcal N(0, s^2).$$
+
+The Pyro program in :meth:`ExpFamPCA.__call__` is the single source of this density; the log
+joint, MAP fits and the PED encoders are derived from it or tested against it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+
+from deqppl._validation import check_shape
+from deqppl.expfam import ExpFamily, Likelihood, Nonlinearity, identity
+from deqppl.inference.log_joint import log_joint as _log_joint
+
+from ._simulation import Simulation, simulate_from
+
+__all__ = ["ExpFamPCA"]
+
+
+def _check_data_keys(data: Mapping, names: tuple[str, ...], model: str) -> None:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{model} data must be a mapping {{name: tensor}}, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(names))
+    missing = sorted(set(names) - set(data))
+    if unknown or missing:
+        raise ValueError(
+            f"{model} data must have exactly the keys {list(names)}; "
+            f"unknown: {unknown}, missing: {missing}"
+        )
+
+
+def _param_prior(scale: float | None, shape: tuple[int, ...], dtype: torch.dtype):
+    """$\\mathcal N(0, s^2)$ entries, or an improper flat prior when ``scale`` is None."""
+    if scale is None:
+        return dist.ImproperUniform(constraints.real, (), shape)
+    zero = torch.zeros((), dtype=dtype)
+    return dist.Normal(zero, scale).expand(shape).to_event(len(shape))
+
+
+def _num_rows(y: torch.Tensor | None, num_data: int | None) -> int:
+    if y is None:
+        if num_data is None:
+            raise ValueError("pass num_data when y is None (the model then samples y)")
+        return int(num_data)
+    if num_data is not None and int(num_data) != y.shape[0]:
+        raise ValueError(f"num_data={num_data} disagrees with y, which has {y.shape[0]} rows")
+    return y.shape[0]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpFamPCA:
+    r"""Exponential-family PCA as a Pyro model.
+
+    Parameters
+    ----------
+    family
+        Observation family (a row of :data:`deqppl.expfam.FAMILIES`).
+    obs_dim, latent_dim
+        $d$ and $l$.
+    nonlinearity
+        Canonical nonlinearity $R$ (default identity: classical exponential-family PCA).
+    lam
+        Latent prior precision $\lambda$: $z_s\sim\mathcal N(0,\lambda^{-1}I)$.
+    param_scale
+        Prior standard deviation $s$ of every entry of $W$ and $B$. The default 1.0 keeps
+        simulated natural parameters of order one (their variance is $s^2(l/\lambda+1)$) and
+        makes the joint MAP well posed; ``None`` gives $W, B$ an improper flat prior (the
+        paper's unregularised setting; :meth:`simulate` then draws them from
+        $\mathcal N(0, 1)$).
+
+    Notes
+    -----
+    Sites: globals ``W`` $(d, l)$ and ``B`` $(d,)$; local ``z`` $(N, l)$ inside the plate
+    ``"data"``; observation ``y`` $(N, d)$.
+
+    Examples
+    --------
+    >>> from deqppl.expfam import family
+    >>> model = ExpFamPCA(family=family("poisson"), obs_dim=5, latent_dim=2)
+    >>> sim = model.simulate(10, seed=0)
+    >>> sim.data["y"].shape, sim.truth["W"].shape
+    (torch.Size([10, 5]), torch.Size([5, 2]))
+    >>> bool(model.log_joint(sim.data, sim.truth).isfinite())
+    True
+    """
+
+    family: ExpFamily
+    obs_dim: int
+    latent_dim: int
+    nonlinearity: Nonlinearity = field(default_factory=identity)
+    lam: float = 1.0
+    param_scale: float | None = 1.0
+
+    data_names = ("y",)
+    local_sites = ("z",)
+    global_sites = ("W", "B")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.family, ExpFamily):
+            raise TypeError(f"family must be an ExpFamily, got {type(self.family).__name__}")
+        for name in ("obs_dim", "latent_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (self.lam > 0 and math.isfinite(self.lam)):
+            raise ValueError(f"lam (latent prior precision) must be positive and finite, got {self.lam}")
+        if self.param_scale is not None and not (
+            self.param_scale > 0 and math.isfinite(self.param_scale)
+        ):
+            raise ValueError(f"param_scale must be positive and finite or None, got {self.param_scale}")
+        Likelihood(self.family, self.nonlinearity)  # rejects gaussian-only R with other families
+
+    @property
+    def likelihood(self) -> Likelihood:
+        """The observation model $y\\mid\\eta$ (family paired with the nonlinearity)."""
+        return Likelihood(self.family, self.nonlinearity)
+
+    def __call__(
+        self,
+        y: torch.Tensor | None = None,
+        *,
+        num_data: int | None = None,
+        subsample_size: int | None = None,
+    ) -> torch.Tensor:
+        """The Pyro program; ``y=None`` samples observations (then ``num_data`` is required).
+
+        Returns the observations of the (sub)sampled rows, shape ``(n, obs_dim)``.
+        """
+        n = _num_rows(y, num_data)
+        dtype = y.dtype if y is not None else torch.get_default_dtype()
+        d, l = self.obs_dim, self.latent_dim
+        W = pyro.sample("W", _param_prior(self.param_scale, (d, l), dtype))
+        B = pyro.sample("B", _param_prior(self.param_scale, (d,), dtype))
+        z_scale = torch.tensor(self.lam, dtype=dtype).rsqrt()
+        with pyro.plate("data", n, subsample_size=subsample_size, dim=-1) as idx:
+            z = pyro.sample("z", dist.Normal(0.0, z_scale).expand([len(idx), l]).to_event(1))
+            obs = None if y is None else y.index_select(0, idx)
+            eta = z @ W.T + B
+            return pyro.sample("y", self.likelihood.distribution(eta).to_event(1), obs=obs)
+
+    def validate(self, data: Mapping[str, object]) -> dict[str, torch.Tensor]:
+        """Check ``{"y": (N, obs_dim)}`` (numeric, finite, in the family's support).
+
+        Raises
+        ------
+        TypeError
+            Non-numeric data or not a mapping.
+        ValueError
+            Wrong keys, wrong shape, NaN/Inf or values outside the support; the message names
+            the value, its row and column and what is allowed.
+        """
+        _check_data_keys(data, self.data_names, "ExpFamPCA")
+        y = self.family.validate(data["y"], "y")
+        check_shape(y, (None, self.obs_dim), "y")
+        return {"y": y}
+
+    def simulate(self, num_data: int, *, seed: int, dtype: torch.dtype | None = None) -> Simulation:
+        """Draw $(W, B, z, y)$ from the model; see :func:`models._simulation.simulate_from`."""
+        fixed = None
+        if self.param_scale is None:
+            d, l = self.obs_dim, self.latent_dim
+            fixed = {"W": lambda: torch.randn(d, l), "B": lambda: torch.randn(d)}
+        return simulate_from(
+            self,
+            num_data=num_data,
+            seed=seed,
+            data_names=self.data_names,
+            latent_names=self.global_sites + self.local_sites,
+            fixed=fixed,
+            dtype=dtype,
+        )
+
+    def log_joint(
+        self, data: Mapping[str, object], values: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """$\\log p(y, z, W, B)$ from the Pyro trace (:func:`deqppl.inference.log_joint`)."""
+        return _log_joint(self, self.validate(data), values)
