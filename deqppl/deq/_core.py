@@ -197,6 +197,7 @@ def backtrack(
     line_search: bool,
     max_backtracks: int,
     armijo: float,
+    reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Per-sample backtracking line search on the residual norm ``||f(z) - z||``.
 
@@ -206,13 +207,15 @@ def backtrack(
     ``z`` (``failed`` mask) so that the caller can reset its model of the Jacobian. Every trial
     evaluates ``f`` on the whole batch, with already-accepted samples held at their accepted
     point, so the last trial is always evaluated exactly at the returned point unless a sample
-    failed (``last_is_final`` tells which).
+    failed (``last_is_final`` tells which). ``reference`` (per sample, default ``||r(z)||``)
+    replaces ``||r(z)||`` on the right-hand side, e.g. by the largest of the last few residuals
+    for a nonmonotone search (Grippo, Lampariello & Lucidi, 1986, SIAM J. Numer. Anal.).
 
     Returns
     -------
     z_new, fz_new, failed, last_is_final
     """
-    res0 = torch.linalg.vector_norm(fz - z, dim=1)
+    res0 = torch.linalg.vector_norm(fz - z, dim=1) if reference is None else reference
     accepted = ~active
     z_acc, fz_acc = z, fz
     step = torch.ones_like(res0)
