@@ -80,14 +80,19 @@ class Solution:
         return int((~self.converged).sum())
 
     def worst(self) -> tuple[int, float, float]:
-        """Index, absolute and relative residual of the sample with the largest residual.
+        """Index, absolute and relative residual of the worst sample.
 
-        Non-finite residuals count as the largest. Returns ``(-1, 0.0, 0.0)`` for an empty batch.
+        The worst sample is the one with the largest relative residual among the samples that
+        did not converge (among all samples when every one converged); non-finite residuals
+        count as the largest. Returns ``(-1, 0.0, 0.0)`` for an empty batch.
         """
         if self.residual.numel() == 0:
             return -1, 0.0, 0.0
-        res = torch.nan_to_num(self.residual, nan=float("inf"))
-        idx = int(torch.argmax(res))
+        rel = torch.nan_to_num(self.rel_residual, nan=float("inf"))
+        failed = ~self.converged
+        if bool(failed.any()):
+            rel = torch.where(failed, rel, torch.full_like(rel, -float("inf")))
+        idx = int(torch.argmax(rel))
         return idx, float(self.residual[idx]), float(self.rel_residual[idx])
 
     def __repr__(self) -> str:
