@@ -169,9 +169,13 @@ class DEQMethod(AbstractMethod):
         Forward solver of the fixed point; ``None`` is
         :func:`~deqppl.encoders.default_solver` (Newton with the exact Jacobian for
         ``latent_dim <= 64``, relative residual 1e-8 in float64).
-    num_epochs, batch_size, lr, rtol, warm_start
-        Settings of :func:`~deqppl.encoders.fit.fit_encoder` (Adam on minibatches of the joint
-        MAP objective, plateau decay, relative-change stopping rule).
+    optimizer, num_epochs, batch_size, lr, rtol, warm_start
+        Settings of :func:`~deqppl.encoders.fit.fit_encoder`. The default ``"lbfgs"``
+        minimises the profiled objective $\min_z L(W, B, z)$ full-batch (each evaluation one
+        warm-started solve; it reached the joint L-BFGS optimum's log joint to all printed
+        digits on simulated Bernoulli and Poisson PCA, where Adam on minibatches stopped
+        ~1% short); ``"adam"`` takes minibatch steps for data too large for one batch.
+        ``num_epochs`` caps the L-BFGS iterations or Adam epochs.
     num_spectral
         Rows (a seeded subsample) on which the spectral radius of the layer Jacobian at $z^*$
         is estimated; 0 skips it.
@@ -192,10 +196,11 @@ class DEQMethod(AbstractMethod):
 
     name: str = "deq"
     solver: AbstractSolver | None = None
-    num_epochs: int = 200
+    optimizer: str = "lbfgs"
+    num_epochs: int = 500
     batch_size: int = 128
     lr: float = 0.02
-    rtol: float = 1e-6
+    rtol: float | None = None
     warm_start: bool = True
     num_spectral: int = 256
 
@@ -207,8 +212,10 @@ class DEQMethod(AbstractMethod):
                 raise ValueError(f"{attr} must be a positive integer, got {value!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive and finite, got {self.lr}")
-        if not (self.rtol >= 0 and math.isfinite(self.rtol)):
+        if self.rtol is not None and not (self.rtol >= 0 and math.isfinite(self.rtol)):
             raise ValueError(f"rtol must be non-negative and finite, got {self.rtol}")
+        if self.optimizer not in ("lbfgs", "adam"):
+            raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {self.optimizer!r}")
         if isinstance(self.num_spectral, bool) or not isinstance(self.num_spectral, int) or self.num_spectral < 0:
             raise ValueError(f"num_spectral must be a non-negative integer, got {self.num_spectral!r}")
 
@@ -250,6 +257,7 @@ class DEQMethod(AbstractMethod):
             seed=seed,
             progress=progress,
             warm_start=self.warm_start,
+            optimizer=self.optimizer,
         )
         sol = self._solve(encoder, y)
         values = {**encoder.values(), "z": sol.value.detach()}

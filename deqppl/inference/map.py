@@ -417,12 +417,23 @@ def _fit_lbfgs(model, problem: _Problem, tols, max_steps, subsample_size, lr, se
             # A trial point of the line search may overflow (e.g. exp of a huge Poisson
             # natural parameter); Pyro warns about the NaN, which is handled just below.
             warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-            loss = -log_joint(model, problem.data, values)
-        loss.backward()
+            try:
+                loss = -log_joint(model, problem.data, values)
+            except ValueError:
+                # Pyro's argument validation rejects a trial point whose natural parameter
+                # overflowed (e.g. a Poisson rate of NaN); past the first evaluation that is a
+                # line-search overshoot, handled like a non-finite loss below.
+                if count[0] == 0:
+                    raise
+                loss = None
+        if loss is not None:
+            loss.backward()
         count[0] += 1
         grads = [
             torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params
         ]
+        if loss is None:
+            loss = torch.tensor(math.nan, dtype=problem.dtype)
         if not (bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)):
             # Torch's strong-Wolfe search cannot bracket with NaN/Inf (its cubic interpolation
             # turns them into NaN steps). A large finite loss with a zero gradient makes it
