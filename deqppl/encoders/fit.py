@@ -348,7 +348,7 @@ def _fit_lbfgs(
     progress: bool,
     callback: Callable[[int, float], None] | None,
 ) -> EncoderFitResult:
-    """Full-batch L-BFGS on the profiled objective $\min_z L(W, B, z)$ (see fit_encoder)."""
+    """Full-batch L-BFGS on the profiled objective min_z L(W, B, z) (see fit_encoder)."""
     start = time.perf_counter()
     params = [encoder.W, encoder.B]
     opt = torch.optim.LBFGS(

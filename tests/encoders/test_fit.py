@@ -174,3 +174,47 @@ def test_recovers_subspace_as_well_as_svi(float64, name, param_scale, seed):
     # Adam on minibatches stops at relative change 1e-7 per epoch, a little short of SVI's
     # full-batch optimum (measured gap 0.3-0.5 nats of ~4000-8000): allow 1e-4 relative.
     assert -float(fit.loss_trace[-1]) >= float(svi.log_joint) - 1e-4 * abs(float(svi.log_joint))
+
+
+@pytest.mark.parametrize(
+    "name, param_scale, seed", [("bernoulli", 1.0, 1), ("poisson", 0.5, 0)]
+)
+def test_profiled_lbfgs_reaches_joint_map(float64, name, param_scale, seed):
+    """Full-batch L-BFGS on min_z L(W, B, z) reaches the optimum of a joint optimiser."""
+    model, sim = _problem(name, num_data=300, obs_dim=20, param_scale=param_scale, seed=seed)
+    enc = PEDEncoder(model)
+    fit = fit_encoder(enc, sim.data["y"], optimizer="lbfgs", num_epochs=500, progress=False)
+    start = time.perf_counter()
+    joint = fit_map(model, sim.data, method="lbfgs", progress=False)
+    joint_time = time.perf_counter() - start
+    start = time.perf_counter()
+    svi = fit_map(model, sim.data, method="svi", progress=False)
+    svi_time = time.perf_counter() - start
+    truth = sim.truth["W"]
+    deq_angles = principal_angles(enc.W.detach(), truth)
+    svi_angles = principal_angles(svi.values["W"], truth)
+    deq_lj = -float(fit.loss_trace[-1])
+    print(
+        f"\n{name} (profiled L-BFGS): {fit.criterion}; log joint DEQ {deq_lj:.6f} "
+        f"joint L-BFGS {float(joint.log_joint):.6f} SVI {float(svi.log_joint):.6f}; angles DEQ "
+        f"{deq_angles.tolist()} SVI {svi_angles.tolist()}; time DEQ {fit.wall_time:.2f} s, "
+        f"L-BFGS {joint_time:.2f} s, SVI {svi_time:.2f} s"
+    )
+    assert fit.converged and joint.converged
+    # The same objective's optimum (PCA's rotation symmetry leaves the log joint unchanged):
+    # both stop on a relative loss change of ten machine epsilons, so agreement to 1e-9
+    # relative leaves a wide margin over their stopping error and fails any early stop.
+    assert deq_lj == pytest.approx(float(joint.log_joint), rel=1e-9)
+    assert deq_lj >= float(svi.log_joint) - 1e-9 * abs(float(svi.log_joint))
+    # finite-N estimation error dominates the angles (~0.2 rad); the DEQ may not lose to SVI
+    assert deq_angles.max() <= svi_angles.max() + 1e-3
+    # the fitted globals are the Pyro model's: fit_map with them fixed gives the DEQ latents
+    cond = fit_map(model, sim.data, method="lbfgs", fixed=enc.values(), progress=False)
+    z = enc(sim.data["y"])[0].detach()
+    assert torch.allclose(cond.values["z"], z, atol=1e-5)
+
+
+def test_unknown_optimizer_is_rejected(float64):
+    model, sim = _problem("bernoulli", num_data=20, obs_dim=5, param_scale=1.0, seed=0)
+    with pytest.raises(ValueError, match="valid optimizers are: adam, lbfgs"):
+        fit_encoder(PEDEncoder(model), sim.data["y"], optimizer="sgd")
