@@ -719,11 +719,15 @@ class Likelihood:
     def activation(self, eta: torch.Tensor) -> torch.Tensor:
         r"""$\sigma(\eta) = A'(R(\eta))\,\rho(\eta)$."""
         nl = self.nonlinearity
+        if nl.is_identity:  # rho = 1: skip the (n, d) passes for R, rho and the product
+            return self.family.dA(eta)
         return self.family.dA(nl.R(eta)) * nl.rho(eta)
 
     def activation_grad(self, eta: torch.Tensor) -> torch.Tensor:
         r"""$\sigma'(\eta) = A''(R)\rho^2 + A'(R)\rho'$."""
         nl = self.nonlinearity
+        if nl.is_identity:  # rho = 1, rho' = 0
+            return self.family.d2A(eta)
         v = nl.R(eta)
         return self.family.d2A(v) * nl.rho(eta) ** 2 + self.family.dA(v) * nl.drho(eta)
 
@@ -733,7 +737,18 @@ class Likelihood:
         The Hessian of the negative log posterior of one latent is
         $\lambda I + W^\top\mathrm{diag}(\text{curvature})W$ (SPEC §2.5).
         """
+        if self.nonlinearity.is_identity:  # rho' = 0: the curvature is A''(eta)
+            return self.family.d2A(eta)
         return self.activation_grad(eta) - self.family.T(y) * self.nonlinearity.drho(eta)
+
+    def drive(self, y: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+        r"""$T(y)\odot\rho(\eta) - \sigma(\eta)$: $\partial\log p(y\mid R(\eta))/\partial\eta$.
+
+        The PED layer (SPEC eq. 6) is $\lambda^{-1}W^\top$ of this.
+        """
+        if self.nonlinearity.is_identity:
+            return self.family.T(y) - self.family.dA(eta)
+        return self.family.T(y) * self.nonlinearity.rho(eta) - self.activation(eta)
 
     def describe(self) -> str:
         return f"{self.family.describe()} with R = {self.nonlinearity.name}"

@@ -383,6 +383,8 @@ def test_likelihood_derivatives_by_autograd(lik: Likelihood) -> None:
     (g,) = torch.autograd.grad(lik.log_prob(y, eta).sum(), eta, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), eta)
     torch.testing.assert_close(lik.curvature(y, eta), -h, rtol=1e-11, atol=1e-13)
+    # drive = d/d eta log p(y | R(eta)), the term the PED layer multiplies by W^T / lam
+    torch.testing.assert_close(lik.drive(y, eta), g, rtol=1e-11, atol=1e-13)
     # and log_prob is the Pyro distribution's
     want = lik.distribution(eta).log_prob(y)
     torch.testing.assert_close(lik.log_prob(y, eta), want, rtol=1e-10, atol=1e-10)

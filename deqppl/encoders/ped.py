@@ -222,9 +222,7 @@ class PEDEncoder(nn.Module):
     def layer(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r"""One PED layer $f(z;y)=\lambda^{-1}W^\top(T(y)\odot\rho(\eta)-\sigma(\eta))$."""
         eta = self.eta(z)
-        lik = self.likelihood
-        drive = lik.family.T(y) * lik.nonlinearity.rho(eta) - lik.activation(eta)
-        return drive @ self.W / self.lam
+        return self.likelihood.drive(y, eta) @ self.W / self.lam
 
     def layer_jacobian(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r"""Exact per-sample Jacobian $J_f=-\lambda^{-1}W^\top\mathrm{diag}(c)W$, ``(n, l, l)``.

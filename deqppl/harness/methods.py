@@ -171,7 +171,7 @@ class DEQMethod(AbstractMethod):
         ``latent_dim <= 64``, relative residual 1e-8 in float64).
     optimizer, num_epochs, batch_size, lr, rtol, warm_start
         Settings of :func:`~deqppl.encoders.fit.fit_encoder`. The default ``"lbfgs"``
-        minimises the profiled objective $\min_z L(W, B, z)$ full-batch (each evaluation one
+        minimises the profiled objective $\\min_z L(W, B, z)$ full-batch (each evaluation one
         warm-started solve; it reached the joint L-BFGS optimum's log joint to all printed
         digits on simulated Bernoulli and Poisson PCA, where Adam on minibatches stopped
         ~1% short); ``"adam"`` takes minibatch steps for data too large for one batch.
