@@ -22,6 +22,8 @@ LBFGSMethod(name='lbfgs', max_steps=None, rtol=None, gtol=None, xtol=None)
 
 from __future__ import annotations
 
+import abc
+
 import enum
 import math
 import time
@@ -332,8 +334,33 @@ def _from_map(model, y, fit, *, local: bool, wall_time: float) -> StageResult:
     )
 
 
+class _AbstractFitMapMethod(AbstractMethod):
+    """Both stages by :func:`~deqppl.inference.fit_map`; subclasses say how (``_fit``)."""
+
+    @abc.abstractmethod
+    def _fit(self, model, y, fixed, seed, progress): ...
+
+    def fit_globals(self, model, y: torch.Tensor, *, seed: int, progress: bool) -> StageResult:
+        start = time.perf_counter()
+        fit = self._fit(model, y, None, seed, progress)
+        return _from_map(model, y, fit, local=False, wall_time=time.perf_counter() - start)
+
+    def infer_locals(
+        self,
+        model,
+        y: torch.Tensor,
+        globals: Mapping[str, torch.Tensor],
+        *,
+        seed: int,
+        progress: bool,
+    ) -> StageResult:
+        start = time.perf_counter()
+        fit = self._fit(model, y, _check_globals(model, globals), seed, progress)
+        return _from_map(model, y, fit, local=True, wall_time=time.perf_counter() - start)
+
+
 @dataclass(frozen=True, kw_only=True)
-class SVIMethod(AbstractMethod):
+class SVIMethod(_AbstractFitMapMethod):
     """MAP by SVI with Pyro's ``AutoDelta`` guide and Adam (:func:`~deqppl.inference.fit_map`).
 
     Parameters
@@ -383,27 +410,9 @@ class SVIMethod(AbstractMethod):
             progress=progress,
         )
 
-    def fit_globals(self, model, y: torch.Tensor, *, seed: int, progress: bool) -> StageResult:
-        start = time.perf_counter()
-        fit = self._fit(model, y, None, seed, progress)
-        return _from_map(model, y, fit, local=False, wall_time=time.perf_counter() - start)
-
-    def infer_locals(
-        self,
-        model,
-        y: torch.Tensor,
-        globals: Mapping[str, torch.Tensor],
-        *,
-        seed: int,
-        progress: bool,
-    ) -> StageResult:
-        start = time.perf_counter()
-        fit = self._fit(model, y, _check_globals(model, globals), seed, progress)
-        return _from_map(model, y, fit, local=True, wall_time=time.perf_counter() - start)
-
 
 @dataclass(frozen=True, kw_only=True)
-class LBFGSMethod(AbstractMethod):
+class LBFGSMethod(_AbstractFitMapMethod):
     """MAP by full-batch L-BFGS with a strong-Wolfe line search (:func:`~deqppl.inference.fit_map`).
 
     Parameters
@@ -447,24 +456,6 @@ class LBFGSMethod(AbstractMethod):
             seed=seed,
             progress=progress,
         )
-
-    def fit_globals(self, model, y: torch.Tensor, *, seed: int, progress: bool) -> StageResult:
-        start = time.perf_counter()
-        fit = self._fit(model, y, None, seed, progress)
-        return _from_map(model, y, fit, local=False, wall_time=time.perf_counter() - start)
-
-    def infer_locals(
-        self,
-        model,
-        y: torch.Tensor,
-        globals: Mapping[str, torch.Tensor],
-        *,
-        seed: int,
-        progress: bool,
-    ) -> StageResult:
-        start = time.perf_counter()
-        fit = self._fit(model, y, _check_globals(model, globals), seed, progress)
-        return _from_map(model, y, fit, local=True, wall_time=time.perf_counter() - start)
 
 
 #: Name -> method class; ``method(name)`` builds one with default settings.
