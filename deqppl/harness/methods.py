@@ -23,7 +23,6 @@ LBFGSMethod(name='lbfgs', max_steps=None, rtol=None, gtol=None, xtol=None)
 from __future__ import annotations
 
 import abc
-
 import enum
 import math
 import time
