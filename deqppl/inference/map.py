@@ -370,13 +370,14 @@ def _stop_rule(
     rtol, gtol, xtol = tols
     if not (math.isfinite(loss) and math.isfinite(gmax)):
         return MAPStatus.NONFINITE, f"loss {loss}, max |grad| {gmax}"
-    if gmax <= gtol:
+    # a tolerance of 0 disables its criterion (as documented), even at an exactly zero change
+    if gtol > 0 and gmax <= gtol:
         return MAPStatus.CONVERGED, f"max |grad| = {gmax:.3g} <= gtol = {gtol:.3g}"
     if prev is not None:
         rel = abs(loss - prev) / max(abs(loss), torch.finfo(torch.float64).tiny)
-        if rel <= rtol:
+        if rtol > 0 and rel <= rtol:
             return MAPStatus.CONVERGED, f"relative loss change {rel:.3g} <= rtol = {rtol:.3g}"
-    if dx is not None and dx <= xtol:
+    if xtol > 0 and dx is not None and dx <= xtol:
         return MAPStatus.CONVERGED, f"max |step| = {dx:.3g} <= xtol = {xtol:.3g}"
     return None
 
