@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deqppl.deq import AbstractSolver, NoAdjoint, fixed_point
-from deqppl.encoders import PEDEncoder, default_solver
+from deqppl.encoders import PEDEncoder
 from deqppl.encoders.fit import fit_encoder
 from deqppl.inference import fit_map, log_joint
 
@@ -222,7 +222,7 @@ class DEQMethod(AbstractMethod):
 
     def _solve(self, encoder: PEDEncoder, y: torch.Tensor):
         y = encoder._check_y(y)
-        solver = self.solver or default_solver(encoder.model.latent_dim, y.dtype)
+        solver = self.solver or encoder.default_solver(y.dtype)
         with torch.no_grad():
             return fixed_point(
                 lambda z: encoder.layer(z, y),
