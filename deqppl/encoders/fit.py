@@ -100,9 +100,8 @@ def encoder_loss(
 
     $$-\log p(W,B)-\tfrac Nn\sum_{s\in\text{batch}}\log p(y_s,z_s\mid W,B).$$
 
-    Both parts come from the Pyro model's trace: the per-datum terms from
-    :func:`~deqppl.inference.log_joint` with ``per_datum=True``, the global prior as the total
-    minus their sum.
+    Both parts come from one trace of the Pyro model
+    (:func:`~deqppl.inference.log_joint` with ``data_scale`` $= N/n$).
 
     Parameters
     ----------
@@ -141,10 +140,7 @@ def encoder_loss(
         raise ValueError(f"num_data={num_data} is smaller than the batch ({n} rows)")
     values = {"W": encoder.W, "B": encoder.B, "z": z}
     data = {"y": y}
-    per_datum = log_joint(encoder.model, data, values, per_datum=True)
-    total = log_joint(encoder.model, data, values)
-    local = per_datum.sum()
-    return -(total - local + (num_data / n) * local)
+    return -log_joint(encoder.model, data, values, data_scale=num_data / n)
 
 
 def _check_positive_int(name: str, value) -> int:

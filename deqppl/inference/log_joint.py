@@ -28,6 +28,7 @@ def log_joint(
     values: Mapping[str, torch.Tensor],
     *,
     per_datum: bool = False,
+    data_scale: float = 1.0,
 ) -> torch.Tensor:
     r"""$\log p(\text{data}, \text{values})$ of ``model``, from its Pyro trace.
 
@@ -46,6 +47,10 @@ def log_joint(
         If true, return the ``(N,)`` per-row contributions of the sites inside the plate
         ``"data"`` (local latents and observations) instead of the total. The total log joint
         is their sum plus the log prior of the global sites.
+    data_scale
+        Multiplies the terms of the sites inside the plate ``"data"`` in the total: with
+        ``N / n`` for a minibatch of ``n`` of ``N`` rows the total is an unbiased estimate of
+        the full-data log joint (one trace, as SVI's subsampled plates do).
 
     Returns
     -------
@@ -76,20 +81,24 @@ def log_joint(
         raise ValueError(
             f"values must give every latent site; missing {missing} (given {sorted(values)})"
         )
-    if not per_datum:
+    if not per_datum and data_scale == 1.0:
         return trace.log_prob_sum()
     trace.compute_log_prob()
     total = None
+    outside = 0.0
     for site in trace.nodes.values():
         if site["type"] != "sample":
             continue
         frames = [f for f in site["cond_indep_stack"] if f.name == "data"]
         if not frames:
+            outside = outside + site["log_prob_sum"]
             continue
         lp = site["log_prob"]
         rows = lp.movedim(frames[0].dim, 0)
         rows = rows.reshape(rows.shape[0], -1).sum(1)
         total = rows if total is None else total + rows
     if total is None:
-        raise ValueError('per_datum=True needs a plate named "data" in the model')
-    return total
+        raise ValueError('per_datum=True or data_scale needs a plate named "data" in the model')
+    if per_datum:
+        return total
+    return outside + data_scale * total.sum()

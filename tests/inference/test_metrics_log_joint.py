@@ -38,6 +38,9 @@ def test_per_datum_plus_global_prior_is_total():
     prior = torch.distributions.Normal(0.0, model.param_scale)
     global_part = prior.log_prob(W).sum() + prior.log_prob(B).sum()
     torch.testing.assert_close(rows.sum() + global_part, log_joint(model, sim.data, sim.truth))
+    # data_scale multiplies only the plate's terms: the minibatch estimate of a larger data set
+    scaled = log_joint(model, sim.data, sim.truth, data_scale=3.5)
+    torch.testing.assert_close(scaled, global_part + 3.5 * rows.sum())
 
 
 def test_missing_site_is_an_error():
