@@ -108,3 +108,17 @@ def test_heldout_log_marginal_is_exact_for_gaussian_pca():
     cov = W @ W.T / model.lam + np.eye(4)
     want = stats.multivariate_normal(B, cov).logpdf(y.numpy()).sum()
     assert float(mc.table.loc[0, "heldout_log_marginal"]) == pytest.approx(want, rel=1e-10)
+
+
+def test_poisson_models_of_several_sizes_fit(float64):
+    """Poisson PCA of several latent sizes compares end to end (exp link: L-BFGS trial points
+    can overflow, which fit_map must treat as a line-search overshoot, not an error)."""
+    sim = ExpFamPCA(family=family("poisson"), obs_dim=8, latent_dim=2).simulate(120, seed=0)
+    y = sim.data["y"]
+    models = {
+        f"poisson_l{l}": ExpFamPCA(family=family("poisson"), obs_dim=8, latent_dim=l)
+        for l in (1, 2, 3)
+    }
+    res = compare_models(models, y[:100], y[100:], num_draws=20, seed=0, progress=False)
+    assert list(res.table["model"]) == list(models)
+    assert np.isfinite(res.table["heldout_log_lik"].to_numpy()).all()
