@@ -271,7 +271,8 @@ def fit_map(
         Relative change of the loss: between L-BFGS iterations, or between the means of
         consecutive 25-step windows for SVI. Default $10\epsilon$ of the dtype
         ($2.2\times10^{-15}$ in float64, $1.2\times10^{-6}$ in float32): the loss stopped
-        changing at working precision. 0 disables it.
+        changing at working precision. 0 stops only on a bit-identical loss; a negative value
+        disables the rule (likewise for gtol and xtol).
     gtol
         Largest absolute entry of the gradient of the loss in unconstrained space. Default
         $\epsilon^{1/2}$ ($1.5\times10^{-8}$ in float64, $3.5\times10^{-4}$ in float32).
@@ -370,14 +371,13 @@ def _stop_rule(
     rtol, gtol, xtol = tols
     if not (math.isfinite(loss) and math.isfinite(gmax)):
         return MAPStatus.NONFINITE, f"loss {loss}, max |grad| {gmax}"
-    # a tolerance of 0 disables its criterion (as documented), even at an exactly zero change
-    if gtol > 0 and gmax <= gtol:
+    if gmax <= gtol:
         return MAPStatus.CONVERGED, f"max |grad| = {gmax:.3g} <= gtol = {gtol:.3g}"
     if prev is not None:
         rel = abs(loss - prev) / max(abs(loss), torch.finfo(torch.float64).tiny)
-        if rtol > 0 and rel <= rtol:
+        if rel <= rtol:
             return MAPStatus.CONVERGED, f"relative loss change {rel:.3g} <= rtol = {rtol:.3g}"
-    if xtol > 0 and dx is not None and dx <= xtol:
+    if dx is not None and dx <= xtol:
         return MAPStatus.CONVERGED, f"max |step| = {dx:.3g} <= xtol = {xtol:.3g}"
     return None
 
