@@ -16,6 +16,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from deqppl.encoders import AbstractMAPEncoder
 from deqppl.inference import log_joint as trace_log_joint
 from deqppl.protocols import (
     MODEL_RULES,
@@ -380,3 +381,73 @@ def test_log_joint_needs_every_latent():
     with pytest.raises(ValueError, match=r"missing \['z'\]"):
         model.log_joint(sim.data, {"mu": sim.truth["mu"]})
     assert math.isfinite(float(model.log_joint(sim.data, sim.truth)))
+
+
+# ------------------------------------------------------------------------------------------
+# The encoder protocol: a user's encoder needs only the abstract methods
+# ------------------------------------------------------------------------------------------
+NOISE = 0.5
+
+
+def normal_means(y=None, *, num_data=None):
+    """y_i ~ N(z_i, NOISE^2), z_i ~ N(mu, 1), mu ~ N(0, 1)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", num_rows(y, num_data)):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        return pyro.sample("y", dist.Normal(z, NOISE), obs=y)
+
+
+class MeansEncoder(AbstractMAPEncoder):
+    """Damped gradient steps on F(z) = (z - mu)^2 / 2 + (y - z)^2 / (2 NOISE^2)."""
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        self.mu = torch.nn.Parameter(torch.tensor(0.0))
+
+    def layer(self, z, data):
+        y = data["y"][:, None]
+        grad = (z - self.mu) + (z - y) / NOISE**2
+        return z - 0.5 * grad / (1 + NOISE**-2)  # half the Newton step: a contraction of rate 1/2
+
+    def latent_shape(self, data):
+        return (data["y"].shape[0], 1)
+
+    def initial_guess(self, data):
+        return data["y"].new_zeros(data["y"].shape[0], 1)
+
+    def to_sites(self, z):
+        return {"z": z[:, 0]}
+
+
+def test_a_user_encoder_gets_solve_laplace_and_values_from_the_protocol():
+    model = PyroModel(normal_means, data_names=("y",), local_sites=("z",), global_sites=("mu",))
+    check_model(model)
+    sim = model.simulate(7, seed=3, dtype=torch.float64)
+    enc = MeansEncoder.from_values(model, {"mu": sim.truth["mu"]})
+    assert enc.mu.dtype == torch.float64 and enc.values().keys() == {"mu"}
+    sites, sol = enc.sites(sim.data["y"])  # bare tensor: the model has one data name
+    precision = 1.0 + NOISE**-2
+    closed = (sim.truth["mu"] + sim.data["y"] / NOISE**2) / precision  # conjugate normal MAP
+    # a contraction of rate 1/2 stops within residual / (1 - 1/2) <= 2e-8 |z| of its fixed point
+    torch.testing.assert_close(sites["z"], closed, rtol=1e-7, atol=1e-7)
+    assert bool(sol.converged.all())
+    lap = enc.laplace(sim.data)  # Hessian by autograd of the Pyro log joint (the default)
+    torch.testing.assert_close(lap.precision, torch.full((7, 1, 1), precision, dtype=torch.float64))
+    # the spectral radius of the damped map is exactly 1/2
+    torch.testing.assert_close(enc.spectral_radius(sim.data), torch.full((7,), 0.5, dtype=torch.float64))
+    # gradients reach the global through the fixed point: dz*/dmu = 1 / precision per row
+    z, _ = enc(sim.data)
+    z.sum().backward()
+    torch.testing.assert_close(enc.mu.grad, torch.tensor(7 / precision, dtype=torch.float64))
+
+
+def test_encoder_protocol_rejects_a_bare_tensor_for_several_data_names():
+    model = RandomEffectRegression()
+
+    class Dummy(MeansEncoder):
+        pass
+
+    enc = Dummy.__new__(Dummy)
+    AbstractMAPEncoder.__init__(enc, model)
+    with pytest.raises(TypeError, match=r"data \['x', 'y'\]: pass a mapping"):
+        enc.check_data(torch.zeros(3))
