@@ -415,7 +415,7 @@ class MeansEncoder(AbstractMAPEncoder):
     def initial_guess(self, data):
         return data["y"].new_zeros(data["y"].shape[0], 1)
 
-    def to_sites(self, z):
+    def to_sites(self, z, data):
         return {"z": z[:, 0]}
 
 

@@ -13,7 +13,9 @@ A concrete encoder implements:
   ``z[b]`` only (the batch holds independent problems);
 * ``latent_shape(data)`` -- the shape of $z$ for these data;
 * ``initial_guess(data)`` -- the solver's start;
-* ``to_sites(z)`` -- $z^*$ as the model's local sites, e.g. ``{"z": z}``;
+* ``to_sites(z, data)`` -- $z^*$ as the model's local sites, e.g. ``{"z": z}`` (the data
+  are there for maps that need them: a kernel GLM's fitted means give
+  $u = L^\top(T(y) - z)/\lambda$);
 
 and may refine ``layer_jacobian(z, data)`` (exact per-sample Jacobian ``(B, n, n)``; default:
 autograd inside the solver), ``hessian(z, data)`` (default: autograd Hessian of the model's
@@ -209,7 +211,7 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
         """Starting point of the solve, of shape :meth:`latent_shape`."""
 
     @abc.abstractmethod
-    def to_sites(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    def to_sites(self, z: torch.Tensor, data: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The fixed point as the model's local sites (e.g. ``{"z": z}``); keys ``model.local_sites``."""
 
     def layer_jacobian(self, z: torch.Tensor, data: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
@@ -233,7 +235,7 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
         shape = z.shape
         with torch.enable_grad():
             zz = z.detach().clone().requires_grad_(True)
-            values = {**self.values(), **self.to_sites(zz)}
+            values = {**self.values(), **self.to_sites(zz, data)}
             neg = -log_joint(self.model, dict(data), values)
             (g,) = torch.autograd.grad(neg, zz, create_graph=True)
             g = g.reshape(shape[0], -1)
@@ -347,8 +349,9 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
 
     def sites(self, data: object, *, z0: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], Solution]:
         """The MAP of the model's local sites (:meth:`to_sites` of the fixed point) and the solve."""
-        sol = self.solve(data, z0=z0)
-        return self.to_sites(sol.value), sol
+        data = self.check_data(data)
+        sol = self.solve(data, z0=z0, validated=True)
+        return self.to_sites(sol.value, data), sol
 
     # ------------------------------------------------------------------ the model's globals
     def site_parameters(self) -> dict[str, torch.Tensor]:

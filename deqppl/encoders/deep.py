@@ -134,7 +134,7 @@ class DeepPEDEncoder(AbstractMAPEncoder):
         r"""Split $\zeta$ ``(n, sum d_l)`` into ``[z1 (n, d_1), ..., zL (n, d_L)]``."""
         return list(torch.split(zeta, list(self.model.widths[1:]), dim=-1))
 
-    def to_sites(self, zeta: torch.Tensor) -> dict[str, torch.Tensor]:
+    def to_sites(self, zeta: torch.Tensor, data=None) -> dict[str, torch.Tensor]:
         r"""$\zeta$ as the model's local sites ``{"z1": (n, d_1), ..., "zL": (n, d_L)}``."""
         return dict(zip(self.model.local_sites, self.split(zeta), strict=True))
 

@@ -201,7 +201,7 @@ class PEDEncoder(AbstractMAPEncoder):
         """``(n, latent_dim)``."""
         return (_observations(data).shape[0], self.model.latent_dim)
 
-    def to_sites(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    def to_sites(self, z: torch.Tensor, data=None) -> dict[str, torch.Tensor]:
         """``{"z": z}``: the fixed point is the model's local site."""
         return {"z": z}
 
