@@ -1,0 +1,352 @@
+"""AutoDEQ: an amortised MAP encoder derived from a model's trace (issue 17).
+
+Oracles: the hand-written PED and deep PED encoders (same fixed point, to 1e-8 in float64), and
+fit_map's L-BFGS conditional MAP on the Pyro log joint for three models written here as plain
+Pyro programs (not in the zoo). Gradients: implicit adjoint against finite differences of the
+solved fixed point; envelope gradient against the implicit one.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from deqppl.deq import Anderson, ConvergenceError, Newton
+from deqppl.encoders import (
+    AutoDEQ,
+    DeepPEDEncoder,
+    PEDEncoder,
+    SafeguardedLBFGS,
+    SafeguardedNewton,
+)
+from deqppl.expfam import (
+    bernoulli,
+    binomial,
+    continuous_bernoulli,
+    exponential,
+    gaussian,
+    identity,
+    ising,
+    leaky_smooth_relu,
+    log_cosh,
+    neg_smooth_relu,
+    poisson,
+    smooth_relu,
+)
+from deqppl.inference import fit_map
+from deqppl.kernels import SquaredExponential
+from deqppl.models import ExpFamPCA, HierarchicalExpFamPCA, KernelGLM
+from deqppl.protocols import PyroModel
+
+F64 = torch.float64
+D, L, N = 6, 2, 10
+# Both encoders solved far below the comparison tolerance, so that 1e-8 tests the fixed point
+# itself, not the two stopping rules (each at 1e-8 relative would leave ~1e-8 apart).
+TIGHT = 1e-12
+
+# (id, family, nonlinearity, lam, scale of W): every family with the identity, and the smooth
+# nonlinearities (scales as in test_ped.py, where Theorem 1 holds: a unique MAP).
+CASES = [
+    ("gaussian", gaussian(), identity(), 1.0, 1.0),
+    ("gaussian-precision", gaussian(2.5), identity(), 0.7, 1.0),
+    ("bernoulli", bernoulli(), identity(), 1.0, 1.0),
+    ("binomial5", binomial(5), identity(), 1.0, 0.7),
+    ("poisson", poisson(), identity(), 1.0, 0.5),
+    ("ising", ising(), identity(), 1.0, 1.0),
+    ("continuous_bernoulli", continuous_bernoulli(), identity(), 1.0, 1.0),
+    ("gaussian-smooth_relu", gaussian(), smooth_relu(0.5), 1.0, 0.2),
+    ("bernoulli-smooth_relu", bernoulli(), smooth_relu(0.5), 1.0, 0.5),
+    ("gaussian-leaky_smooth_relu", gaussian(), leaky_smooth_relu(0.5, 0.1), 1.0, 0.2),
+    ("bernoulli-leaky_smooth_relu", bernoulli(), leaky_smooth_relu(0.5, 0.1), 1.0, 0.5),
+    ("gaussian-log_cosh", gaussian(), log_cosh(), 1.0, 0.15),
+    ("bernoulli-log_cosh", bernoulli(), log_cosh(), 1.0, 0.5),
+    ("exponential-neg_smooth_relu", exponential(), neg_smooth_relu(1.0), 1.0, 0.3),
+]
+
+
+def _pca(fam, nl, lam, scale, *, n=N, seed=0):
+    model = ExpFamPCA(family=fam, obs_dim=D, latent_dim=L, nonlinearity=nl, lam=lam)
+    y = model.simulate(n, seed=seed, dtype=F64).data["y"]
+    gen = torch.Generator().manual_seed(seed + 1)
+    W = scale * torch.randn(D, L, generator=gen, dtype=F64)
+    B = 0.3 * torch.randn(D, generator=gen, dtype=F64)
+    return model, y, {"W": W, "B": B}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_expfam_pca_fixed_point_equals_ped(case):
+    _, fam, nl, lam, scale = case
+    model, y, values = _pca(fam, nl, lam, scale)
+    ped = PEDEncoder.from_values(model, values, solver=Newton(rtol=TIGHT, atol=0.0, max_steps=100,
+                                                              max_backtracks=40))
+    auto = AutoDEQ(model, values, solver=SafeguardedNewton(rtol=TIGHT))
+    with torch.no_grad():
+        z_ped, _ = ped(y)
+        z_auto, sol = auto(y)
+    assert bool(sol.converged.all())
+    torch.testing.assert_close(z_auto, z_ped, rtol=0.0, atol=1e-8)
+    # the layer is the PED layer up to the prior precision: f_auto(z) - z = lam (f_ped(z) - z)
+    u = torch.randn(N, L, dtype=F64, generator=torch.Generator().manual_seed(3))
+    data = auto.check_data(y)
+    with torch.no_grad():
+        torch.testing.assert_close(auto.layer(u, data) - u, lam * (ped.layer(u, data) - u))
+        torch.testing.assert_close(auto.hessian(u, data), ped.hessian(u, data))
+
+
+@pytest.mark.parametrize(
+    "widths, nls",
+    [((6, 3, 2), None), ((5, 3), (smooth_relu(0.5),)), ((6, 4, 2), (smooth_relu(1.0), identity()))],
+    ids=["identity-2layer", "smooth_relu-1layer", "smooth_relu-2layer"],
+)
+def test_hierarchical_fixed_point_equals_deep_ped(widths, nls):
+    model = HierarchicalExpFamPCA(widths=widths, nonlinearities=nls, param_scale=0.5)
+    sim = model.simulate(N, seed=1, dtype=F64)
+    values = {name: sim.truth[name] for name in model.global_sites}
+    # the deep encoder's own default for non-convex stacks: safeguarded Anderson (deep.py)
+    deep = DeepPEDEncoder(model, values, solver=Anderson(rtol=TIGHT, atol=0.0, max_steps=5000))
+    auto = AutoDEQ(model, values, solver=SafeguardedNewton(rtol=TIGHT))
+    with torch.no_grad():
+        sol_deep = deep.solve(sim.data["y"])
+        sites, sol = auto.sites(sim.data["y"])
+    assert bool(sol.converged.all()) and bool(sol_deep.converged.all())
+    zeta = torch.cat([sites[name] for name in model.local_sites], dim=1)
+    torch.testing.assert_close(zeta, sol_deep.value, rtol=0.0, atol=1e-8)
+    assert bool(auto.curvature(sim.data["y"]).is_minimum.all())
+
+
+# ----------------------------------------------------------------------------------------------
+# three models that are not in the zoo, as plain Pyro programs
+# ----------------------------------------------------------------------------------------------
+NUM_FEATURES, NUM_FACTORS = 6, 2
+
+
+def poisson_factor(y=None, *, num_data=None):
+    """Poisson factor model with a log-normal size factor per row (a positive local)."""
+    n = len(y) if y is not None else num_data
+    W = pyro.sample("W", dist.Normal(torch.zeros(NUM_FEATURES, NUM_FACTORS, dtype=F64), 0.5).to_event(2))
+    B = pyro.sample("B", dist.Normal(torch.zeros(NUM_FEATURES, dtype=F64), 1.0).to_event(1))
+    with pyro.plate("data", n):
+        z = pyro.sample("z", dist.Normal(torch.zeros(NUM_FACTORS, dtype=F64), 1.0).to_event(1))
+        size = pyro.sample("size", dist.LogNormal(torch.tensor(0.0, dtype=F64), 0.5))
+        rate = size[:, None] * torch.exp(z @ W.T + B)
+        return pyro.sample("y", dist.Poisson(rate).to_event(1), obs=y)
+
+
+def robust_pca(y=None, *, num_data=None):
+    """Robust PCA: Student-t observations (3 degrees of freedom) around a linear factor model."""
+    n = len(y) if y is not None else num_data
+    W = pyro.sample("W", dist.Normal(torch.zeros(NUM_FEATURES, NUM_FACTORS, dtype=F64), 1.0).to_event(2))
+    B = pyro.sample("B", dist.Normal(torch.zeros(NUM_FEATURES, dtype=F64), 1.0).to_event(1))
+    with pyro.plate("data", n):
+        z = pyro.sample("z", dist.Normal(torch.zeros(NUM_FACTORS, dtype=F64), 1.0).to_event(1))
+        return pyro.sample("y", dist.StudentT(3.0, z @ W.T + B, 0.5).to_event(1), obs=y)
+
+
+def item_response(y=None, *, num_data=None):
+    """Two-parameter logistic item response: one ability per row, items' parameters global."""
+    n = len(y) if y is not None else num_data
+    a = pyro.sample("a", dist.LogNormal(torch.zeros(NUM_FEATURES, dtype=F64), 0.5).to_event(1))
+    b = pyro.sample("b", dist.Normal(torch.zeros(NUM_FEATURES, dtype=F64), 1.0).to_event(1))
+    with pyro.plate("data", n):
+        ability = pyro.sample("ability", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+        logits = a * (ability[:, None] - b)
+        return pyro.sample("y", dist.Bernoulli(logits=logits).to_event(1), obs=y)
+
+
+USER_MODELS = {
+    "poisson_factor": PyroModel(poisson_factor, data_names=("y",), local_sites=("z", "size"),
+                                global_sites=("W", "B")),
+    "robust_pca": PyroModel(robust_pca, data_names=("y",), local_sites=("z",), global_sites=("W", "B")),
+    "item_response": PyroModel(item_response, data_names=("y",), local_sites=("ability",),
+                               global_sites=("a", "b")),
+}
+
+
+def _simulated(name, n=40, seed=0):
+    model = USER_MODELS[name]
+    sim = model.simulate(n, seed=seed, dtype=F64)
+    if name == "robust_pca":  # a few gross outliers, what the Student-t is for
+        y = sim.data["y"].clone()
+        y[::7, 0] += 8.0
+        sim = type(sim)(data={"y": y}, truth=sim.truth)
+    return model, sim
+
+
+@pytest.mark.parametrize("name", list(USER_MODELS))
+def test_user_model_fixed_point_equals_lbfgs_conditional_map(name):
+    model, sim = _simulated(name)
+    values = {site: sim.truth[site] for site in model.global_sites}
+    enc = AutoDEQ(model, values)
+    with torch.no_grad():
+        sites, sol = enc.sites(sim.data)
+    assert bool(sol.converged.all())
+    assert bool(enc.curvature(sim.data).is_minimum.all())
+    fit = fit_map(model, sim.data, method="lbfgs", fixed=values, progress=False, throw=True)
+    for site in model.local_sites:
+        torch.testing.assert_close(sites[site], fit.values[site], rtol=0.0, atol=1e-6)
+    if name == "poisson_factor":
+        assert bool((sites["size"] > 0).all())
+
+
+def test_lbfgs_path_equals_newton_path():
+    model, sim = _simulated("poisson_factor")
+    values = {site: sim.truth[site] for site in model.global_sites}
+    with torch.no_grad():
+        u_newton = AutoDEQ(model, values, solver=SafeguardedNewton(rtol=TIGHT)).solve(sim.data).value
+        sol = AutoDEQ(model, values, solver=SafeguardedLBFGS(rtol=1e-11)).solve(sim.data)
+    assert bool(sol.converged.all()) and sol.num_jac_evals == 0
+    torch.testing.assert_close(sol.value, u_newton, rtol=0.0, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients
+# ----------------------------------------------------------------------------------------------
+def test_implicit_gradient_matches_finite_differences():
+    model, sim = _simulated("item_response", n=12)
+    values = {site: sim.truth[site] for site in model.global_sites}
+    enc = AutoDEQ(model, values, solver=SafeguardedNewton(rtol=TIGHT))
+    weights = torch.linspace(-1.0, 1.0, 12, dtype=F64)
+
+    def loss():
+        return (weights * enc.sites(sim.data)[0]["ability"] ** 2).sum()
+
+    loss().backward()
+    analytic = enc.b.grad.clone()
+    eps = 1e-6
+    numeric = torch.zeros_like(analytic)
+    with torch.no_grad():
+        for j in range(len(analytic)):
+            enc.b[j] += eps
+            plus = loss()
+            enc.b[j] -= 2 * eps
+            minus = loss()
+            enc.b[j] += eps
+            numeric[j] = (plus - minus) / (2 * eps)
+    # central differences of a solve at 1e-12: error O(eps^2) + O(1e-12 / eps) ~ 1e-6 relative
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_envelope_gradient_equals_total_derivative():
+    """d/dtheta of -log p(y, z*(theta), theta): detached z* (envelope) = through the adjoint."""
+    model, sim = _simulated("poisson_factor", n=15)
+    values = {site: sim.truth[site] for site in model.global_sites}
+    enc = AutoDEQ(model, values, solver=SafeguardedNewton(rtol=TIGHT))
+
+    def neg_log_joint(detach):
+        sites, _ = enc.sites(sim.data)
+        if detach:
+            sites = {k: v.detach() for k, v in sites.items()}
+        return -model.log_joint(sim.data, {**enc.site_parameters(), **sites})
+
+    neg_log_joint(True).backward()
+    envelope = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    enc.zero_grad()
+    neg_log_joint(False).backward()
+    for n, p in enc.named_parameters():
+        torch.testing.assert_close(envelope[n], p.grad, rtol=1e-7, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# what it cannot do, said before any solve
+# ----------------------------------------------------------------------------------------------
+def test_no_data_plate_is_refused():
+    model = KernelGLM(gaussian(), SquaredExponential(lengthscale=1.0))
+    with pytest.raises(ValueError, match="plate_name=None"):
+        AutoDEQ(model, {})
+
+
+def _discrete_local(y=None, *, num_data=None):
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+    with pyro.plate("data", len(y) if y is not None else num_data):
+        c = pyro.sample("c", dist.Bernoulli(torch.tensor(0.5, dtype=F64)))
+        return pyro.sample("y", dist.Normal(mu + c, 1.0), obs=y)
+
+
+def _local_outside(y=None, *, num_data=None):
+    shift = pyro.sample("shift", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+    with pyro.plate("data", len(y) if y is not None else num_data):
+        return pyro.sample("y", dist.Normal(shift, 1.0), obs=y)
+
+
+def _undeclared(y=None, *, num_data=None):
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+    with pyro.plate("data", len(y) if y is not None else num_data):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        w = pyro.sample("w", dist.Normal(mu, 1.0))
+        return pyro.sample("y", dist.Normal(z + w, 1.0), obs=y)
+
+
+@pytest.mark.parametrize(
+    "program, local, glob, match",
+    [
+        (_discrete_local, ("c",), ("mu",), r"local site 'c' .* is discrete"),
+        (_local_outside, ("shift",), (), r"local site 'shift' .* is outside the plate 'data'"),
+        (_undeclared, ("z",), ("mu",), r"latent sites \['w'\] declared neither"),
+    ],
+    ids=["discrete", "outside-plate", "undeclared"],
+)
+def test_structure_errors_name_the_site(program, local, glob, match):
+    model = PyroModel(program, data_names=("y",), local_sites=local, global_sites=glob)
+    enc = AutoDEQ(model, {name: torch.tensor(0.0, dtype=F64) for name in glob})
+    with pytest.raises(ValueError, match=match):
+        enc.solve(torch.zeros(4, dtype=F64))
+
+
+def test_globals_missing_or_of_wrong_shape():
+    model = USER_MODELS["robust_pca"]
+    good = {"W": torch.zeros(NUM_FEATURES, NUM_FACTORS, dtype=F64), "B": torch.zeros(NUM_FEATURES, dtype=F64)}
+    with pytest.raises(ValueError, match=r"missing \['B'\]"):
+        AutoDEQ(model, {"W": good["W"]})
+    enc = AutoDEQ(model, {**good, "W": torch.zeros(NUM_FEATURES + 1, NUM_FACTORS, dtype=F64)})
+    with pytest.raises(ValueError, match=r"global site 'W' .* must have shape \(6, 2\) .* got .* \(7, 2\)"):
+        enc.solve(torch.zeros(3, NUM_FEATURES, dtype=F64))
+    with pytest.raises(ValueError, match="non-finite"):
+        AutoDEQ(model, {**good, "B": torch.full((NUM_FEATURES,), float("nan"), dtype=F64)})
+
+
+def test_bad_solver_type():
+    model = USER_MODELS["robust_pca"]
+    with pytest.raises(TypeError, match="solver"):
+        AutoDEQ(model, {"W": torch.zeros(6, 2), "B": torch.zeros(6)}, solver="newton")
+    with pytest.raises(ValueError, match="max_steps"):
+        SafeguardedNewton(max_steps=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# not locally convex: said, not hidden
+# ----------------------------------------------------------------------------------------------
+def _squared_mean(y=None, *, num_data=None):
+    with pyro.plate("data", len(y) if y is not None else num_data):
+        z = pyro.sample("z", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+        return pyro.sample("y", dist.Normal(z * z, 0.5), obs=y)
+
+
+def test_stationary_point_that_is_not_a_minimum_is_reported():
+    """y ~ N(z^2, 0.25), z ~ N(0, 1): for y > 1/8 the point z = 0 is a local maximum.
+
+    F(z) = z^2/2 + 2 (y - z^2)^2, F''(0) = 1 - 8y; both minima at z^2 = y - 1/8.
+    """
+    model = PyroModel(_squared_mean, data_names=("y",), local_sites=("z",))
+    enc = AutoDEQ(model, {})
+    y = torch.tensor([2.0, 0.05], dtype=F64)
+    start = torch.zeros(2, 1, dtype=F64)  # exactly stationary for both rows
+    report = enc.curvature(y, start)
+    torch.testing.assert_close(report.min_eigenvalue, 1.0 - 8.0 * y)
+    assert report.is_minimum.tolist() == [False, True] and report.num_not_minimum == 1
+    # the safeguarded Newton started off the maximum descends to a minimum
+    sites, sol = enc.sites(y, z0=torch.full((2, 1), 1e-3, dtype=F64))
+    assert bool(sol.converged.all())
+    torch.testing.assert_close(sites["z"][0], torch.sqrt(y[0] - 0.125))
+    assert bool(enc.curvature(y, sol.value).is_minimum.all())
+
+
+def test_non_convergence_is_not_silent():
+    model, sim = _simulated("poisson_factor")
+    values = {site: sim.truth[site] for site in model.global_sites}
+    enc = AutoDEQ(model, values, solver=SafeguardedNewton(max_steps=1))
+    with pytest.raises(ConvergenceError, match="failed for"):
+        enc.solve(sim.data)
+    sol = enc.solve(sim.data, throw=False)
+    assert not bool(sol.converged.all()) and sol.status.name != "CONVERGED"
