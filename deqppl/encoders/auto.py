@@ -348,7 +348,6 @@ class AutoDEQ(AbstractMAPEncoder):
             dtype = t.dtype
             check_finite(t, f"values[{n!r}]")
             self.register_parameter(n, nn.Parameter(t.detach().clone()))
-        self._dtype = dtype or torch.get_default_dtype()
         self._layouts: dict = {}
 
     @classmethod
@@ -361,9 +360,12 @@ class AutoDEQ(AbstractMAPEncoder):
     def plate_name(self) -> str:
         return self.model.plate_name
 
-    def _dtype_now(self) -> torch.dtype:
+    def _dtype_now(self, data: Mapping[str, torch.Tensor]) -> torch.dtype:
         ref = self._reference()
-        return ref.dtype if ref is not None else self._dtype
+        if ref is not None:
+            return ref.dtype
+        floats = [v.dtype for v in data.values() if v.is_floating_point()]
+        return floats[0] if floats else torch.get_default_dtype()
 
     def check_data(self, data: object) -> dict[str, torch.Tensor]:
         """Validate ``data`` (the model's ``validate``) and the model's structure on them.
@@ -375,9 +377,7 @@ class AutoDEQ(AbstractMAPEncoder):
             site outside the plate, a latent site declared neither local nor global, a global
             value whose shape is not the one the program expects.
         """
-        out = super().check_data(data)
-        if self._reference() is None:  # no global sites: follow the encoder's dtype
-            out = {k: (v.to(self._dtype) if v.is_floating_point() else v) for k, v in out.items()}
+        out = super().check_data(data)  # cast to the globals' dtype; without globals, the data's
         self._layout(out)
         return out
 
@@ -393,7 +393,7 @@ class AutoDEQ(AbstractMAPEncoder):
         model, plate = self.model, self.plate_name
         name = model.describe() if hasattr(model, "describe") else type(model).__name__
         num = next(iter(data.values())).shape[0]
-        dtype = self._dtype_now()
+        dtype = self._dtype_now(data)
         try:
             with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
                 trace = poutine.trace(InitMessenger(_init_value(dtype))(model)).get_trace(**data)
@@ -522,7 +522,7 @@ class AutoDEQ(AbstractMAPEncoder):
         """Zeros: every local site at the image of 0 under its transform (as ``fit_map``'s center)."""
         n, D = self.latent_shape(data)
         ref = next(iter(data.values()))
-        return torch.zeros(n, D, dtype=self._dtype_now(), device=ref.device)
+        return torch.zeros(n, D, dtype=self._dtype_now(data), device=ref.device)
 
     def to_sites(self, z: torch.Tensor, data: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The stacked unconstrained $u$ as the model's local sites (constrained values)."""
@@ -569,7 +569,7 @@ class AutoDEQ(AbstractMAPEncoder):
         if z0 is None:
             z0 = self.initial_guess(data)
         else:
-            z0 = as_tensor(z0, "z0", dtype=self._dtype_now())
+            z0 = as_tensor(z0, "z0", dtype=self._dtype_now(data))
             check_shape(z0, shape, "z0")
             check_finite(z0, "z0")
         throw = self.throw if throw is None else throw
