@@ -485,15 +485,27 @@ class AutoDEQ(AbstractMAPEncoder):
             g, F = self._grad_fn(data, layout, params)(u)
         return F, g
 
-    def _value_grad_hessian(self, u, data, layout, params):
+    def _linearize(self, u, data, layout, params):
+        """$F$, $\nabla F$ per row, and a function computing the per-row Hessians there.
+
+        One reverse pass gives every row's gradient (rows do not interact); the Hessians are
+        ``vmap`` over the $D$ coordinate directions of the vector-Jacobian product of that
+        gradient, each direction set in every row at once: ``(n, D, D)`` from $D$ batched
+        backward passes, paid only when called.
+        """
         n, D = u.shape
         grad_fn = self._grad_fn(data, layout, params)
-        basis = torch.eye(D, dtype=u.dtype, device=u.device).unsqueeze(1).expand(D, n, D)
         with pyro.validation_enabled(False):
             g, vjp_fn, F = torch.func.vjp(grad_fn, u, has_aux=True)
-            (H,) = torch.func.vmap(vjp_fn)(basis)
-        # H[i, b] = e_i^T H_b: the rows of each (symmetric) per-row Hessian
-        return F, g, H.transpose(0, 1)
+
+        def hessian() -> torch.Tensor:
+            basis = torch.eye(D, dtype=u.dtype, device=u.device).unsqueeze(1).expand(D, n, D)
+            with pyro.validation_enabled(False):
+                (H,) = torch.func.vmap(vjp_fn)(basis)
+            # H[i, b] = e_i^T H_b: the rows of each (symmetric) per-row Hessian
+            return H.transpose(0, 1)
+
+        return F, g, hessian
 
     # ------------------------------------------------------------------ the protocol
     def layer(self, z: torch.Tensor, data: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -512,7 +524,7 @@ class AutoDEQ(AbstractMAPEncoder):
         r"""Per-row Hessian of $F$ in unconstrained coordinates, ``(n, D, D)`` (``torch.func``)."""
         layout = self._layout(data)
         with torch.no_grad():
-            return self._value_grad_hessian(z.detach(), data, layout, self._globals(detach=True))[2]
+            return self._linearize(z.detach(), data, layout, self._globals(detach=True))[2]()
 
     def latent_shape(self, data: Mapping[str, torch.Tensor]) -> tuple[int, int]:
         """``(n, D)``: rows by the stacked unconstrained size of the local sites."""
@@ -657,14 +669,14 @@ def _descent_direction(g: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return d
 
 
-def _line_search(enc, solver, u, F, g, d, data, layout, params, counts, *, with_grad):
-    """Armijo backtracking on F per row; returns accepted mask, new u, F (and g)."""
+def _line_search(enc, solver, u, F, g, d, data, layout, params, counts, *, with_grad, first=1.0):
+    """Armijo backtracking on F per row from step ``first``; accepted mask, new u, F (and g)."""
     slope = (g * d).sum(-1)
     resolution = 1e-12 * F.abs().clamp(min=1.0)
     accepted = torch.zeros_like(slope, dtype=torch.bool)
     u_new, F_new = u.clone(), F.clone()
     g_new = g.clone() if with_grad else None
-    t = torch.ones_like(slope)
+    t = torch.full_like(slope, first)
     # rows whose decrease is below the resolution of F take the full step unchecked
     free = -slope <= resolution
     for _ in range(solver.max_backtracks + 1):
@@ -695,37 +707,79 @@ def _line_search(enc, solver, u, F, g, d, data, layout, params, counts, *, with_
 
 
 def _newton(enc, solver, u, data, layout, rtol):
+    """Safeguarded Newton, batched over rows; converged and failed rows leave the batch.
+
+    Each step linearises at the full Newton step of every active row (one pass that is also
+    the next iterate's gradient where Armijo accepts it, so the common case costs one pass
+    and one Hessian per step); rows that must backtrack do so on $F$ alone, then are
+    linearised at the accepted point.
+    """
     params = enc._globals(detach=True)
     N = u.shape[0]
     done = torch.zeros(N, dtype=torch.bool, device=u.device)
     stuck = torch.zeros_like(done)
-    counts = {"steps": 0, "fevals": 0, "hessians": 0}
+    counts = {"steps": 0, "fevals": 1, "hessians": 0}
     atol = float(solver.atol)
+    F = u.new_zeros(N)
+    g = torch.zeros_like(u)
+    # [rows, rows still valid, Hessian function] of each linearisation the active rows are at
+    groups = []
+
+    def linearize(rows, *, trial=False):
+        F_r, g_r, hess = enc._linearize(u[rows], _rows(data, rows), layout, params)
+        finite = torch.isfinite(F_r) & torch.isfinite(g_r).all(-1)
+        F[rows], g[rows] = F_r, g_r
+        if not trial:  # a non-finite trial point is a rejected step, not a failure
+            stuck[rows[~finite]] = True
+        groups.append([rows, finite, hess])
+        return finite
+
+    linearize(torch.arange(N, device=u.device))
     while True:
-        idx = torch.nonzero(~(done | stuck)).squeeze(-1)
+        active = ~(done | stuck)
+        done |= active & _converged(u, g, rtol, atol)
+        active = ~(done | stuck)
+        if counts["steps"] >= solver.max_steps or not bool(active.any()):
+            break
+        # per-row Hessians of the active rows, from the linearisations they are at
+        idx = torch.nonzero(active).squeeze(-1)
+        H = u.new_empty(idx.numel(), u.shape[1], u.shape[1])
+        where = torch.full((N,), -1, dtype=torch.long, device=u.device)
+        where[idx] = torch.arange(idx.numel(), device=u.device)
+        for rows, valid, hess in groups:
+            need = active[rows] & valid
+            if bool(need.any()):
+                counts["hessians"] += 1
+                H[where[rows[need]]] = hess()[need]
+        groups = []
+        finite = torch.isfinite(H).flatten(1).all(-1)
+        stuck[idx[~finite]] = True
+        idx, H = idx[finite], H[finite]
         if idx.numel() == 0:
             break
-        sub = _rows(data, idx)
-        ua = u[idx]
-        F, g, H = enc._value_grad_hessian(ua, sub, layout, params)
+        d = _descent_direction(g[idx], H)
+        g0, F0, u0 = g[idx].clone(), F[idx].clone(), u[idx].clone()
+        slope = (g0 * d).sum(-1)
+        u[idx] = u0 + d
         counts["fevals"] += 1
-        counts["hessians"] += 1
-        finite = torch.isfinite(F) & torch.isfinite(g).all(-1) & torch.isfinite(H).flatten(1).all(-1)
-        conv = finite & _converged(ua, g, rtol, atol)
-        done[idx[conv]] = True
-        stuck[idx[~finite]] = True
-        go = finite & ~conv
-        if counts["steps"] >= solver.max_steps or not bool(go.any()):
-            break
-        sel = torch.nonzero(go).squeeze(-1)
-        d = _descent_direction(g[sel], H[sel])
-        accepted, u_new, _, _ = _line_search(
-            enc, solver, ua[sel], F[sel], g[sel], d, _rows(sub, sel), layout, params, counts,
-            with_grad=False,
+        finite = linearize(idx, trial=True)  # the full step, with its gradient
+        ok = finite & (
+            (F[idx] <= F0 + solver.armijo * slope) | (-slope <= 1e-12 * F0.abs().clamp(min=1.0))
         )
-        rows = idx[sel]
-        u[rows] = u_new
-        stuck[rows[~accepted]] = True
+        if not bool(ok.all()):
+            back = ~ok
+            groups[-1][1] = ok  # the full-step linearisation holds only for accepted rows
+            rows = idx[back]
+            u[rows], F[rows], g[rows] = u0[back], F0[back], g0[back]
+            accepted, u_new, _, _ = _line_search(
+                enc, solver, u0[back], F0[back], g0[back], d[back], _rows(data, rows), layout,
+                params, counts, with_grad=False, first=0.5,
+            )
+            u[rows] = u_new
+            stuck[rows[~accepted]] = True
+            if bool(accepted.any()):
+                counts["fevals"] += 1
+                linearize(rows[accepted])
         counts["steps"] += 1
     return u, counts
 
