@@ -127,11 +127,15 @@ class SafeguardedNewton:
         from the MAP of an exp-type family a full step overshoots by orders of magnitude.
     armijo
         Sufficient-decrease constant $c \in (0, 1/2)$.
+    refresh
+        Form the exact Hessians every ``refresh`` steps (1: Newton's method) and BFGS-update
+        them in between (Nocedal & Wright, 2006, §6.1), which costs no Hessian; ``None``: exact
+        at the first step only (a quasi-Newton method started from the exact Hessian).
 
     Examples
     --------
     >>> SafeguardedNewton(max_steps=20)
-    SafeguardedNewton(rtol=None, atol=0.0, max_steps=20, max_backtracks=40, armijo=0.0001)
+    SafeguardedNewton(rtol=None, atol=0.0, max_steps=20, max_backtracks=40, armijo=0.0001, refresh=1)
     """
 
     rtol: float | None = None
@@ -139,9 +143,14 @@ class SafeguardedNewton:
     max_steps: int = 100
     max_backtracks: int = 40
     armijo: float = 1e-4
+    refresh: int | None = 1
 
     def __post_init__(self) -> None:
         _check_settings(self)
+        if self.refresh is not None and (
+            isinstance(self.refresh, bool) or not isinstance(self.refresh, int) or self.refresh < 1
+        ):
+            raise ValueError(f"SafeguardedNewton.refresh must be None or an integer >= 1, got {self.refresh!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -724,9 +733,17 @@ def _newton(enc, solver, u, data, layout, rtol):
     g = torch.zeros_like(u)
     # [rows, rows still valid, Hessian function] of each linearisation the active rows are at
     groups = []
+    approx = None  # (N, D, D) BFGS approximations between exact Hessians (refresh > 1)
 
-    def linearize(rows, *, trial=False):
-        F_r, g_r, hess = enc._linearize(u[rows], _rows(data, rows), layout, params)
+    def exact_at(step):
+        return step == 0 or (solver.refresh is not None and step % solver.refresh == 0)
+
+    def linearize(rows, *, trial=False, hessian=True):
+        sub = _rows(data, rows)
+        if hessian:
+            F_r, g_r, hess = enc._linearize(u[rows], sub, layout, params)
+        else:
+            (F_r, g_r), hess = enc._value_and_grad(u[rows], sub, layout, params), None
         finite = torch.isfinite(F_r) & torch.isfinite(g_r).all(-1)
         F[rows], g[rows] = F_r, g_r
         if not trial:  # a non-finite trial point is a rejected step, not a failure
@@ -739,18 +756,22 @@ def _newton(enc, solver, u, data, layout, rtol):
         active = ~(done | stuck)
         done |= active & _converged(u, g, rtol, atol)
         active = ~(done | stuck)
-        if counts["steps"] >= solver.max_steps or not bool(active.any()):
+        step = counts["steps"]
+        if step >= solver.max_steps or not bool(active.any()):
             break
-        # per-row Hessians of the active rows, from the linearisations they are at
         idx = torch.nonzero(active).squeeze(-1)
-        H = u.new_empty(idx.numel(), u.shape[1], u.shape[1])
-        where = torch.full((N,), -1, dtype=torch.long, device=u.device)
-        where[idx] = torch.arange(idx.numel(), device=u.device)
-        for rows, valid, hess in groups:
-            need = active[rows] & valid
-            if bool(need.any()):
-                counts["hessians"] += 1
-                H[where[rows[need]]] = hess()[need]
+        if exact_at(step):
+            # per-row Hessians of the active rows, from the linearisations they are at
+            H = u.new_empty(idx.numel(), u.shape[1], u.shape[1])
+            where = torch.full((N,), -1, dtype=torch.long, device=u.device)
+            where[idx] = torch.arange(idx.numel(), device=u.device)
+            for rows, valid, hess in groups:
+                need = active[rows] & valid
+                if bool(need.any()):
+                    counts["hessians"] += 1
+                    H[where[rows[need]]] = hess()[need]
+        else:
+            H = approx[idx]
         groups = []
         finite = torch.isfinite(H).flatten(1).all(-1)
         stuck[idx[~finite]] = True
@@ -762,7 +783,8 @@ def _newton(enc, solver, u, data, layout, rtol):
         slope = (g0 * d).sum(-1)
         u[idx] = u0 + d
         counts["fevals"] += 1
-        finite = linearize(idx, trial=True)  # the full step, with its gradient
+        hessian_next = exact_at(step + 1)
+        finite = linearize(idx, trial=True, hessian=hessian_next)  # the full step, with its gradient
         ok = finite & (
             (F[idx] <= F0 + solver.armijo * slope) | (-slope <= 1e-12 * F0.abs().clamp(min=1.0))
         )
@@ -779,9 +801,25 @@ def _newton(enc, solver, u, data, layout, rtol):
             stuck[rows[~accepted]] = True
             if bool(accepted.any()):
                 counts["fevals"] += 1
-                linearize(rows[accepted])
+                linearize(rows[accepted], hessian=hessian_next)
+        if not hessian_next:
+            if approx is None:
+                approx = u.new_zeros(N, u.shape[1], u.shape[1])
+            approx[idx] = _bfgs_update(H, u[idx] - u0, g[idx] - g0)
         counts["steps"] += 1
     return u, counts
+
+
+def _bfgs_update(B: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r"""BFGS update of Hessian approximations ``B`` ``(n, D, D)``; skipped where $y^\top s \le 0$."""
+    Bs = (B @ s.unsqueeze(-1)).squeeze(-1)
+    sBs = (s * Bs).sum(-1)
+    ys = (y * s).sum(-1)
+    ok = (ys > 1e-10 * torch.linalg.vector_norm(s, dim=-1) * torch.linalg.vector_norm(y, dim=-1)) & (sBs > 0)
+    sBs = torch.where(ok, sBs, torch.ones_like(sBs))
+    ys = torch.where(ok, ys, torch.ones_like(ys))
+    new = B - Bs.unsqueeze(-1) * Bs.unsqueeze(-2) / sBs[:, None, None] + y.unsqueeze(-1) * y.unsqueeze(-2) / ys[:, None, None]
+    return torch.where(ok[:, None, None], new, B)
 
 
 def _lbfgs(enc, solver, u, data, layout, rtol):
