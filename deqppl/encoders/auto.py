@@ -250,6 +250,38 @@ def _init_value(dtype: torch.dtype):
     return init
 
 
+#: Unconstrained half-width of the initial globals, as fit_map's (inference/map.py): random, so
+#: that the W = z = 0 saddle of factor models is avoided, and small.
+_INIT_RADIUS = 0.5
+
+
+def _prior_globals(model, names, *, seed: int, owner: str) -> dict[str, torch.Tensor]:
+    """Seeded initial globals from a prior trace of the program with one row (caller's RNG kept)."""
+
+    def init(site: dict) -> torch.Tensor:
+        fn = site["fn"]
+        if site["name"] not in names:  # locals and simulated observations: a prior draw
+            return fn.sample().detach()
+        t = biject_to(fn.support)
+        try:
+            value = fn.sample().detach()
+        except NotImplementedError:
+            value = torch.zeros(fn.shape(), dtype=torch.get_default_dtype())
+        shape = t.inverse_shape(value.shape)
+        return t((2.0 * torch.rand(shape, dtype=value.dtype) - 1.0) * _INIT_RADIUS).detach()
+
+    try:
+        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+            torch.manual_seed(seed)
+            trace = poutine.trace(InitMessenger(init)(model)).get_trace(num_data=1)
+    except Exception as err:  # the program needs data to know its shapes (covariates, ...)
+        raise ValueError(
+            f"AutoDEQ could not trace {owner} without data to shape its globals ({err}); pass "
+            f"values={{site: tensor}} for {list(names)}"
+        ) from err
+    return {n: trace.nodes[n]["value"] for n in names if n in trace.nodes}
+
+
 def _rows(data: Mapping[str, torch.Tensor], idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
     return dict(data) if idx is None else {k: v.index_select(0, idx) for k, v in data.items()}
 
@@ -271,7 +303,10 @@ class AutoDEQ(AbstractMAPEncoder):
         Every global site's value, e.g. ``MAPResult.values`` or a simulation's truth (extra
         keys, such as local sites, are ignored). Checked against the model's trace on the
         first data seen: a missing global or one of the wrong shape is a ``ValueError`` before
-        any solve.
+        any solve. ``None`` (to fit them, e.g. by :func:`fit_autodeq`): each global starts at
+        unconstrained values uniform in $(-0.5, 0.5)$ drawn with ``seed`` (as
+        :func:`~deqppl.inference.fit_map`), with the shapes of a prior trace of the program
+        with one row (``model(num_data=1)``).
     solver
         :class:`SafeguardedNewton` (default for $D \le 64$), :class:`SafeguardedLBFGS`
         (default above), or any :mod:`deqppl.deq` solver, which then solves $u = f(u)$ on the
@@ -282,6 +317,8 @@ class AutoDEQ(AbstractMAPEncoder):
         is $H v = g$ with the exact per-row Hessian.
     throw
         Raise :class:`~deqppl.deq.ConvergenceError` when a row did not converge.
+    seed
+        Seed of the initial globals when ``values`` is ``None``.
 
     Raises
     ------
@@ -321,11 +358,12 @@ class AutoDEQ(AbstractMAPEncoder):
     def __init__(
         self,
         model,
-        values: Mapping[str, object],
+        values: Mapping[str, object] | None = None,
         *,
         solver: SafeguardedNewton | SafeguardedLBFGS | AbstractSolver | None = None,
         adjoint: AbstractAdjoint | None = None,
         throw: bool = True,
+        seed: int = 0,
     ) -> None:
         descent = isinstance(solver, (SafeguardedNewton, SafeguardedLBFGS))
         super().__init__(model, solver=None if descent else solver, adjoint=adjoint, throw=throw)
@@ -340,12 +378,14 @@ class AutoDEQ(AbstractMAPEncoder):
             )
         if not tuple(model.local_sites):
             raise ValueError(f"{name} declares no local sites: there is nothing to encode")
+        names = tuple(model.global_sites)
+        if values is None:
+            values = _prior_globals(model, names, seed=seed, owner=name)
         if not isinstance(values, Mapping):
             raise TypeError(
-                f"values must be a mapping global site -> tensor (e.g. MAPResult.values), got "
-                f"{type(values).__name__}"
+                f"values must be a mapping global site -> tensor (e.g. MAPResult.values) or None, "
+                f"got {type(values).__name__}"
             )
-        names = tuple(model.global_sites)
         missing = [n for n in names if n not in values]
         if missing:
             raise ValueError(
