@@ -227,6 +227,7 @@ class _Layout:
     sites: tuple[_Site, ...]
     dim: int
     global_shapes: dict
+    global_transforms: dict
 
 
 def _init_value(dtype: torch.dtype):
@@ -466,8 +467,9 @@ class AutoDEQ(AbstractMAPEncoder):
         absent = [n for n in local + glob if n not in latent]
         if absent:
             raise ValueError(f"{name} declares sites {absent} that are not latent sample sites of its program")
-        shapes = {}
+        shapes, transforms = {}, {}
         for n in glob:
+            transforms[n] = biject_to(trace.nodes[n]["fn"].support)
             want = tuple(trace.nodes[n]["value"].shape)
             got = tuple(getattr(self, n).shape)
             if got != want:
@@ -503,7 +505,7 @@ class AutoDEQ(AbstractMAPEncoder):
             size = math.prod(ushape)
             sites.append(_Site(n, tuple(value.shape[1:]), ushape, t, offset, size))
             offset += size
-        return _Layout(tuple(sites), offset, shapes)
+        return _Layout(tuple(sites), offset, shapes, transforms)
 
     # ------------------------------------------------------------------ the objective
     def _globals(self, *, detach: bool) -> dict[str, torch.Tensor]:
