@@ -221,7 +221,7 @@ def fixed_point(
         linear_solver=None if closure else linear_solver,
         throw=bool(throw), adjoint_throw=adjoint.throw if implicit else True,
         trace=bool(trace), record=record, log=log, hint=solver._hint())
-    z_star = _FixedPoint.apply(spec, z0_flat, *tensors)
+    z_star, residual, rel_residual, converged = _FixedPoint.apply(spec, z0_flat, *tensors)
     if closure:
         with torch.enable_grad():
             z_leaf = z_star.detach().requires_grad_(True)
@@ -236,7 +236,7 @@ def fixed_point(
     raw = record.solution
     return Solution(
         value=value.reshape(shape),
-        residual=raw.residual, rel_residual=raw.rel_residual, converged=raw.converged,
+        residual=residual, rel_residual=rel_residual, converged=converged,
         status=raw.status, num_steps=raw.num_steps, num_fevals=raw.num_fevals,
         num_jac_evals=raw.num_jac_evals, wall_time=raw.wall_time, trace=raw.trace,
         solver=raw.solver, solver_info=raw.solver_info, adjoint_log=log)

@@ -64,6 +64,18 @@ class _LinearSpec:
     log: AdjointLog | None
 
 
+def _jvp(fn, primals, tangents):
+    """`torch.func.jvp`, without torch's own first-use warning.
+
+    The first forward-mode call in a process makes torch script its jvp decompositions, which
+    in torch 2.13 warns that ``torch.jit.script`` is deprecated: torch's internals, not ours.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated",
+                                category=DeprecationWarning)
+        return torch.func.jvp(fn, primals, tangents)
+
+
 def _zeros_if_none(tangents, like):
     return tuple(torch.zeros_like(p) if t is None else t for t, p in zip(tangents, like))
 
@@ -73,7 +85,7 @@ def _matvec(spec, z, params):
     if spec.transpose:
         _, vjp_fn = torch.func.vjp(lambda zz: spec.f(zz, *params), z)
         return lambda u: vjp_fn(u)[0]
-    return lambda u: torch.func.jvp(lambda zz: spec.f(zz, *params), (z,), (u,))[1]
+    return lambda u: _jvp(lambda zz: spec.f(zz, *params), (z,), (u,))[1]
 
 
 def _jacobian(spec, z, params) -> torch.Tensor:
@@ -165,7 +177,7 @@ class _LinearSolve(torch.autograd.Function):
         u, z, *params = ctx.saved_tensors
         tangents = _zeros_if_none((z_t, *params_t), (z, *params))
         g_t = torch.zeros_like(u) if g_t is None else g_t
-        _, m_dot_u = torch.func.jvp(lambda zz, *pp: _matvec(spec, zz, pp)(u),
+        _, m_dot_u = _jvp(lambda zz, *pp: _matvec(spec, zz, pp)(u),
                                     (z, *params), tangents)
         return _LinearSolve.apply(spec, g_t + m_dot_u, z, *params)
 
@@ -182,23 +194,22 @@ class _LinearSolve(torch.autograd.Function):
         return u.reshape(size, batch, *u.shape[1:]), 0
 
 
-def _mask_unconverged(record: _Record, x: torch.Tensor) -> torch.Tensor:
+def _mask_unconverged(converged: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """NaN in the rows of samples whose forward solve did not converge: no number for them."""
-    converged = record.solution.converged
-    if bool(converged.all()):
-        return x
     return torch.where(converged[:, None], x, torch.full_like(x, float("nan")))
 
 
-def _zero_unconverged(record: _Record, x: torch.Tensor) -> torch.Tensor:
-    converged = record.solution.converged
-    if bool(converged.all()):
-        return x
+def _zero_unconverged(converged: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(converged[:, None], x, torch.zeros_like(x))
 
 
 class _FixedPoint(torch.autograd.Function):
-    """$z^* = f(z^*, \\theta)$ from ``z0``; implicit derivatives if ``spec.linear_solver``."""
+    """$z^* = f(z^*, \\theta)$ from ``z0``; implicit derivatives if ``spec.linear_solver``.
+
+    Returns ``(z*, residual, rel_residual, converged)``; only ``z*`` is differentiable. The
+    per-sample diagnostics are outputs (not only on ``spec.record``) so that under `vmap` they
+    are batched like ``z*``, and the derivative rules can mask the samples that failed.
+    """
 
     @staticmethod
     def forward(spec: _SolveSpec, z0, *params):
@@ -214,14 +225,17 @@ class _FixedPoint(torch.autograd.Function):
                 hint = ("f produced non-finite values (inf or NaN) for some samples: check f for "
                         "overflow or invalid inputs, or try a damping < 1. " + hint)
             raise ConvergenceError(sol, hint=hint)
-        return sol.value.clone()
+        return sol.value.clone(), sol.residual.clone(), sol.rel_residual.clone(), \
+            sol.converged.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         spec, z0, *params = inputs
+        z, residual, rel_residual, converged = output
+        ctx.mark_non_differentiable(residual, rel_residual, converged)
         ctx.spec = spec
-        ctx.save_for_backward(output, *params)
-        ctx.save_for_forward(output, *params)
+        ctx.save_for_backward(z, converged, *params)
+        ctx.save_for_forward(z, converged, *params)
 
     @staticmethod
     def _linear_spec(spec: _SolveSpec, transpose: bool) -> _LinearSpec:
@@ -230,30 +244,34 @@ class _FixedPoint(torch.autograd.Function):
                            throw=spec.adjoint_throw, log=spec.log)
 
     @staticmethod
-    def backward(ctx, grad_z):
+    def backward(ctx, grad_z, *unused):
         spec = ctx.spec
-        z, *params = ctx.saved_tensors
+        z, converged, *params = ctx.saved_tensors
         if spec.linear_solver is None or grad_z is None or not params:
             return (None, None, *(None for _ in params))
-        # A sample without a fixed point has no derivative: solve a zero problem for it (so
-        # that it cannot fail the adjoint solve) and return NaN for it.
-        rhs = _zero_unconverged(spec.record, grad_z)
+        # A sample without a fixed point has no derivative. Its adjoint problem is replaced by
+        # a zero one (which cannot fail), and every parameter gradient that an incoming
+        # gradient on such a sample would have entered is NaN: no number for it. (Gradients of
+        # losses that do not involve the failed samples, e.g. other rows of a Jacobian, stay.)
+        rhs = _zero_unconverged(converged, grad_z)
         u = _LinearSolve.apply(_FixedPoint._linear_spec(spec, True), rhs, z, *params)
-        u = _mask_unconverged(spec.record, u)
+        poisoned = (~converged & (grad_z != 0).any(1)).any()
         _, vjp_fn = torch.func.vjp(lambda *pp: spec.f(z, *pp), *params)
-        return (None, None, *vjp_fn(u))
+        grads = tuple(torch.where(poisoned, torch.full_like(g, float("nan")), g)
+                      for g in vjp_fn(u))
+        return (None, None, *grads)
 
     @staticmethod
     def jvp(ctx, spec_t, z0_t, *params_t):
         spec = ctx.spec
-        z, *params = ctx.saved_tensors
+        z, converged, *params = ctx.saved_tensors
         if spec.linear_solver is None or not params:
-            return torch.zeros_like(z)
+            return torch.zeros_like(z), None, None, None
         tangents = _zeros_if_none(params_t, params)
-        _, b = torch.func.jvp(lambda *pp: spec.f(z, *pp), tuple(params), tangents)
-        b = _zero_unconverged(spec.record, b)
+        _, b = _jvp(lambda *pp: spec.f(z, *pp), tuple(params), tangents)
+        b = _zero_unconverged(converged, b)
         z_dot = _LinearSolve.apply(_FixedPoint._linear_spec(spec, False), b, z, *params)
-        return _mask_unconverged(spec.record, z_dot)
+        return _mask_unconverged(converged, z_dot), None, None, None
 
     @staticmethod
     def vmap(info, in_dims, spec, z0, *params):
@@ -263,8 +281,8 @@ class _FixedPoint(torch.autograd.Function):
         folded = dataclasses.replace(
             spec, f=_folded_map(spec.f, size, batch, param_dims),
             jac=None if spec.jac is None else _folded_map(spec.jac, size, batch, param_dims))
-        z = _FixedPoint.apply(folded, z0.reshape(size * batch, *z0.shape[2:]), *params)
-        return z.reshape(size, batch, *z.shape[1:]), 0
+        outputs = _FixedPoint.apply(folded, z0.reshape(size * batch, *z0.shape[2:]), *params)
+        return (tuple(t.reshape(size, batch, *t.shape[1:]) for t in outputs), (0, 0, 0, 0))
 
 
 class _ClosureGate(torch.autograd.Function):
@@ -300,11 +318,12 @@ class _ClosureGate(torch.autograd.Function):
                 return spec.jac(z_leaf.detach()).transpose(1, 2)
             return _graph_jacobian(fz, z_leaf).transpose(1, 2)
 
-        rhs = _zero_unconverged(ctx.record, grad_z.detach())
+        converged = ctx.record.solution.converged
+        rhs = _zero_unconverged(converged, grad_z.detach())
         problem = LinearProblem(matvec, rhs, matrix=matrix, forward_solver=spec.forward_solver)
         sol = spec.linear_solver.solve(problem)
         _report_linear(spec, sol)
-        u = _mask_unconverged(ctx.record, sol.value)
+        u = _mask_unconverged(converged, sol.value)
         return None, None, u, None, None
 
 

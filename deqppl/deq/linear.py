@@ -103,7 +103,15 @@ class LinearProblem:
 
     def result(self, u: torch.Tensor, *, solver: str, num_steps: int, wall_time: float,
                rtol: float, atol: float, mu: torch.Tensor | None = None) -> Solution:
-        """The `Solution` of a linear solve ending at ``u``, judged with one more product."""
+        """The `Solution` of a linear solve ending at ``u``, judged with one more product.
+
+        A sample with ``g = 0`` has the exact solution ``u = 0``, whatever ``M`` (even a
+        singular ``I - M``, as for a sample whose derivative is masked out), and gets it.
+        """
+        zero = (self.rhs == 0).all(1)
+        if bool(zero.any()):
+            u = torch.where(zero[:, None], torch.zeros_like(u), u)
+            mu = None if mu is None else torch.where(zero[:, None], torch.zeros_like(mu), mu)
         fu = (self.matvec(u) if mu is None else mu) + self.rhs
         res = torch.linalg.vector_norm(fu - u, dim=1)
         fnorm = torch.linalg.vector_norm(fu, dim=1)
