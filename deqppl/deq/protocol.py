@@ -408,10 +408,12 @@ class _Monitor:
             return Status.CONVERGED
         if bool(self.nonfinite.any()):
             return Status.NONFINITE
-        if bool((self.diverged | (~self.converged & (self.last_res > self.first_res))).any()):
+        if bool(self.diverged.any()):
             return Status.DIVERGED
         if bool(self.stagnated.any()):
             return Status.STAGNATED
+        if bool((~self.converged & (self.last_res > self.first_res)).any()):
+            return Status.DIVERGED
         return Status.MAX_STEPS_REACHED
 
 
