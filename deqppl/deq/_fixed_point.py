@@ -138,7 +138,8 @@ def fixed_point(
         (over the flattened event dimensions), ``rel_residual``, ``converged`` mask, ``status``,
         step and evaluation counts, wall time and ``adjoint_log``. A sample converges when
         $\\lVert f(z)-z\\rVert_2 \\le \\text{atol} + \\text{rtol}\\lVert f(z)\\rVert_2$. Under
-        `torch.func.vmap` the diagnostics describe the folded batch of ``V * B`` samples.
+        `torch.func.vmap` the per-sample fields are batched like ``value``; the counts and the
+        status describe the one solve of all ``V * B`` samples that vmap folds into.
 
     Raises
     ------
@@ -196,6 +197,7 @@ def fixed_point(
 
     implicit = isinstance(adjoint, ImplicitAdjoint)
     closure = False
+    fz0 = None
     if (implicit and torch.is_grad_enabled()) or _in_functorch_transform():
         # One evaluation of f with the explicit arguments detached tells whether f closes over
         # tensors that autograd (or a torch.func transform) tracks.
@@ -212,6 +214,8 @@ def fixed_point(
             raise TypeError(
                 "inside a torch.func transform, f must not close over tensors that require "
                 "grad; pass them through fixed_point(f, z0, args=(...)).")
+        if not _in_functorch_transform():
+            fz0 = probe.detach()  # the solve's first evaluation: not repeated
 
     record = _Record()
     log = AdjointLog() if implicit else None
@@ -220,7 +224,7 @@ def fixed_point(
         f=f_flat, jac=jac_flat, solver=solver,
         linear_solver=None if closure else linear_solver,
         throw=bool(throw), adjoint_throw=adjoint.throw if implicit else True,
-        trace=bool(trace), record=record, log=log, hint=solver._hint())
+        trace=bool(trace), record=record, log=log, hint=solver._hint(), fz0=fz0)
     z_star, residual, rel_residual, converged = _FixedPoint.apply(spec, z0_flat, *tensors)
     if closure:
         with torch.enable_grad():

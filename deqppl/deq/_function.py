@@ -51,6 +51,7 @@ class _SolveSpec:
     record: _Record
     log: AdjointLog | None
     hint: str
+    fz0: torch.Tensor | None = None  # f(z0), already evaluated by the caller (plain tensors)
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,7 +218,8 @@ class _FixedPoint(torch.autograd.Function):
             params = tuple(p.detach() for p in params)
             jac = None if spec.jac is None else (lambda z: spec.jac(z, *params))
             problem = FixedPointProblem(lambda z: spec.f(z, *params), jac)
-            sol = run_solver(spec.solver, problem, z0.detach(), trace=spec.trace)
+            sol = run_solver(spec.solver, problem, z0.detach(), trace=spec.trace,
+                             fz0=spec.fz0)
         spec.record.solution = sol
         if spec.throw and not bool(sol.converged.all()):
             hint = spec.hint
@@ -280,7 +282,8 @@ class _FixedPoint(torch.autograd.Function):
         param_dims = in_dims[2:]
         folded = dataclasses.replace(
             spec, f=_folded_map(spec.f, size, batch, param_dims),
-            jac=None if spec.jac is None else _folded_map(spec.jac, size, batch, param_dims))
+            jac=None if spec.jac is None else _folded_map(spec.jac, size, batch, param_dims),
+            fz0=None)
         outputs = _FixedPoint.apply(folded, z0.reshape(size * batch, *z0.shape[2:]), *params)
         return (tuple(t.reshape(size, batch, *t.shape[1:]) for t in outputs), (0, 0, 0, 0))
 

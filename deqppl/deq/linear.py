@@ -237,11 +237,8 @@ class FixedPointLinearSolver(AbstractLinearSolver):
                         max_steps=max(200, forward_steps))
 
     def _hint(self) -> str:
-        return ("The linear problem u = M u + g converges only if the forward fixed point is "
-                "stable enough; " + self._solver_for_hint())
-
-    def _solver_for_hint(self) -> str:
-        return "try GMRES() or DirectLinearSolver()."
+        return ("A fixed-point solver needs u -> M u + g to be tamed by its safeguards; try "
+                "GMRES() or DirectLinearSolver().")
 
     def solve(self, problem, *, init=None):
         solver = self._solver_for(problem)

@@ -418,7 +418,7 @@ class _Monitor:
 
 
 def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Tensor, *,
-               trace: bool = False) -> Solution:
+               trace: bool = False, fz0: torch.Tensor | None = None) -> Solution:
     """Run ``solver`` on a flattened problem: the one driver loop shared by every solver.
 
     Each iteration: observe ``(z, f(z))`` (per-sample stopping rule, best iterate, non-finite
@@ -437,6 +437,9 @@ def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Ten
         ``(B, n)`` starting point.
     trace
         Record the largest residual over the batch after every step.
+    fz0
+        ``f(z0)`` if the caller has already evaluated it (counted as one evaluation all the
+        same), else ``None``.
 
     Returns
     -------
@@ -459,7 +462,11 @@ def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Ten
     with torch.no_grad():
         monitor = _Monitor(rtol=solver.rtol, atol=solver.atol, z0=z0, record_trace=trace,
                            divergence_ratio=solver.divergence_ratio)
-        z, fz, steps = z0, problem(z0), 0
+        if fz0 is None:
+            fz0 = problem(z0)
+        else:
+            problem.num_fevals += 1
+        z, fz, steps = z0, fz0, 0
         state = solver.init(problem, z0, fz)
         while True:
             iterate = monitor.observe(z, fz, steps)

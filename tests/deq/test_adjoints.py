@@ -289,3 +289,22 @@ def test_implicit_adjoint_settings_are_validated():
         ImplicitAdjoint(solver=Anderson(), linear_solver=GMRES())
     with pytest.raises(TypeError, match="AbstractLinearSolver"):
         ImplicitAdjoint(linear_solver=Anderson())
+
+
+def test_forward_solve_runs_on_plain_detached_tensors_inside_transforms():
+    W, u = _tanh_params(seed=14)
+    W, u = W.detach(), u.detach()
+    seen = []
+
+    def f(z, W):
+        seen.append((torch._C._functorch.is_functorch_wrapped_tensor(z), z.requires_grad,
+                     torch.is_grad_enabled()))
+        return torch.tanh(z @ W.T + u)
+
+    _, vjp_fn = torch.func.vjp(lambda W: fixed_point(f, torch.zeros_like(u), args=(W,)).value, W)
+    # the first call is fixed_point's probe of f at the transform's level; then the solve
+    solve_calls = seen[1:]
+    assert len(solve_calls) > 3
+    assert all(call == (False, False, False) for call in solve_calls), set(solve_calls)
+    (grad,) = vjp_fn(torch.ones_like(u))
+    assert torch.isfinite(grad).all()
