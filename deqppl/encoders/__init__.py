@@ -25,6 +25,6 @@ from .supervised import SupervisedFitResult, SupervisedPED, fit_supervised  # no
 __all__ += ["EncoderFitResult", "EncoderFitStatus", "encoder_loss", "fit_encoder"]
 __all__ += ["SupervisedFitResult", "SupervisedPED", "fit_supervised"]
 
-from .auto import AutoDEQ, CurvatureReport, SafeguardedLBFGS, SafeguardedNewton  # noqa: E402
+from .auto import AutoDEQ, CurvatureReport, NotAMinimumError, SafeguardedLBFGS, SafeguardedNewton  # noqa: E402
 
-__all__ += ["AutoDEQ", "CurvatureReport", "SafeguardedLBFGS", "SafeguardedNewton"]
+__all__ += ["AutoDEQ", "CurvatureReport", "NotAMinimumError", "SafeguardedLBFGS", "SafeguardedNewton"]

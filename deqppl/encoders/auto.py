@@ -71,6 +71,7 @@ from .base import AbstractMAPEncoder, default_adjoint, default_rtol
 __all__ = [
     "AutoDEQ",
     "CurvatureReport",
+    "NotAMinimumError",
     "SafeguardedLBFGS",
     "SafeguardedNewton",
     "NEWTON_MAX_DIM",
@@ -330,6 +331,13 @@ class AutoDEQ(AbstractMAPEncoder):
         Raise :class:`~deqppl.deq.ConvergenceError` when a row did not converge.
     seed
         Seed of the initial globals when ``values`` is ``None``.
+    check_minimum
+        After a descent solve, form the Hessians at $u^*$ and put a :class:`CurvatureReport`
+        (each row's smallest eigenvalue, whether it is a strict minimum) in
+        ``Solution.solver_info``; with ``throw``, a converged row that is not a strict minimum
+        raises :class:`NotAMinimumError`. ``None`` (default): with :class:`SafeguardedNewton`
+        only, where one more batched Hessian is cheap; for the L-BFGS path (large $D$) it
+        costs $D$ backward passes, so it is asked for explicitly (or call :meth:`curvature`).
 
     Raises
     ------
@@ -375,10 +383,14 @@ class AutoDEQ(AbstractMAPEncoder):
         adjoint: AbstractAdjoint | None = None,
         throw: bool = True,
         seed: int = 0,
+        check_minimum: bool | None = None,
     ) -> None:
         descent = isinstance(solver, (SafeguardedNewton, SafeguardedLBFGS))
         super().__init__(model, solver=None if descent else solver, adjoint=adjoint, throw=throw)
         self.solver = solver
+        if check_minimum is not None and not isinstance(check_minimum, bool):
+            raise TypeError(f"check_minimum must be True, False or None, got {check_minimum!r}")
+        self.check_minimum = check_minimum
         name = model.describe() if hasattr(model, "describe") else type(model).__name__
         plate = getattr(model, "plate_name", None)
         if plate is None or getattr(model, "locals_coupled", False):
@@ -667,6 +679,14 @@ class AutoDEQ(AbstractMAPEncoder):
             jacobian=lambda z: self.layer_jacobian(z, data),
             throw=False,
         )
+        report = None
+        check = self.check_minimum
+        if check is None:
+            check = isinstance(solver, SafeguardedNewton)
+        if check:
+            with torch.no_grad():
+                report = _curvature(self.hessian(sol.value.detach(), data))
+            counts["hessians"] += 1
         sol = dataclasses.replace(
             sol,
             num_steps=counts["steps"] + sol.num_steps,
@@ -674,7 +694,12 @@ class AutoDEQ(AbstractMAPEncoder):
             num_jac_evals=counts["hessians"] + sol.num_jac_evals,
             wall_time=time.perf_counter() - start,
             solver=type(solver).__name__,
+            solver_info=report,
         )
+        if throw and report is not None:
+            bad = sol.converged & ~report.is_minimum
+            if bool(bad.any()):
+                raise NotAMinimumError(sol, report)
         if throw and not bool(sol.converged.all()):
             raise ConvergenceError(
                 sol,
@@ -706,6 +731,30 @@ class AutoDEQ(AbstractMAPEncoder):
         z = self._solution(data, z)
         H = self.hessian(z, data)
         return _curvature(H)
+
+
+class NotAMinimumError(RuntimeError):
+    """A row's solve met the stopping rule at a point whose Hessian is not positive definite.
+
+    Attributes
+    ----------
+    solution
+        The :class:`~deqppl.deq.Solution` (its ``solver_info`` is the report).
+    report
+        The :class:`CurvatureReport`.
+    """
+
+    def __init__(self, solution: Solution, report: CurvatureReport) -> None:
+        self.solution, self.report = solution, report
+        bad = torch.nonzero(solution.converged & ~report.is_minimum).squeeze(-1)
+        row = int(bad[0])
+        super().__init__(
+            f"{bad.numel()} of {report.is_minimum.numel()} rows are stationary points that are not "
+            f"strict local minima of their negative log posterior (first: row {row}, smallest "
+            f"Hessian eigenvalue {float(report.min_eigenvalue[row]):.3g}): their 'MAP' is a "
+            f"saddle or a maximum. Start elsewhere (z0) or pass throw=False and inspect "
+            f"Solution.solver_info."
+        )
 
 
 def _curvature(H: torch.Tensor) -> CurvatureReport:

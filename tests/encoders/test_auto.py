@@ -17,6 +17,7 @@ from deqppl.deq import Anderson, ConvergenceError, Newton
 from deqppl.encoders import (
     AutoDEQ,
     DeepPEDEncoder,
+    NotAMinimumError,
     PEDEncoder,
     SafeguardedLBFGS,
     SafeguardedNewton,
@@ -335,6 +336,11 @@ def test_stationary_point_that_is_not_a_minimum_is_reported():
     report = enc.curvature(y, start)
     torch.testing.assert_close(report.min_eigenvalue, 1.0 - 8.0 * y)
     assert report.is_minimum.tolist() == [False, True] and report.num_not_minimum == 1
+    # a solve started exactly there meets the stopping rule at once, and says so
+    with pytest.raises(NotAMinimumError, match=r"1 of 2 rows .* row 0, smallest Hessian eigenvalue -15"):
+        enc.solve(y, z0=start)
+    sol = enc.solve(y, z0=start, throw=False)
+    assert bool(sol.converged.all()) and sol.solver_info.is_minimum.tolist() == [False, True]
     # the safeguarded Newton started off the maximum descends to a minimum
     sites, sol = enc.sites(y, z0=torch.full((2, 1), 1e-3, dtype=F64))
     assert bool(sol.converged.all())
