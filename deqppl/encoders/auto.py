@@ -670,13 +670,25 @@ class AutoDEQ(AbstractMAPEncoder):
         adjoint = adjoint or self.adjoint or default_adjoint(dtype)
         # The check: zero steps where the descent met the rule; one residual-Newton step (with
         # the exact Jacobian I - H) for a row it left unconverged.
+        # The globals go in as explicit arguments, so that torch.func transforms (grad, jacrev,
+        # vmap) of a downstream loss reach them through the implicit adjoint.
         check = Newton(rtol=rtol, atol=float(solver.atol), max_steps=1)
+
+        def layer(z, params):
+            with pyro.validation_enabled(False):
+                return z - self._grad_fn(data, layout, params)(z)[0]
+
+        def jacobian(z, params):
+            H = self._linearize(z, data, layout, params)[2]()
+            return torch.eye(H.shape[-1], dtype=H.dtype, device=H.device) - H
+
         sol = fixed_point(
-            lambda z: self.layer(z, data),
+            layer,
             u,
+            args=(self._globals(detach=False),),
             solver=check,
             adjoint=adjoint,
-            jacobian=lambda z: self.layer_jacobian(z, data),
+            jacobian=jacobian,
             throw=False,
         )
         report = None
