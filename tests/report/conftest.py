@@ -66,3 +66,14 @@ def digits_models():
     return compare_models(
         models, y[train[:60]], y[held], num_draws=20, method=LBFGSMethod(max_steps=50), progress=False
     )
+
+
+@pytest.fixture(scope="session")
+def digits_report(digits_comparison, digits_models, tmp_path_factory):
+    """Paths of the report of ``digits_comparison`` with ``digits_models`` (in a tmp folder)."""
+    from deqppl.report import write_report
+
+    out = tmp_path_factory.mktemp("digits-report")
+    return write_report(
+        digits_comparison, out, model_comparison=digits_models, title="Tiny <test> & report"
+    )

@@ -160,10 +160,8 @@ def method_table_cells(parser: StrictParser, methods: list[str]) -> dict[tuple[s
 
 
 @pytest.fixture(scope="module")
-def digits_page(digits_comparison, digits_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits-report")
-    paths = write_report(digits_comparison, out, model_comparison=digits_models, title="Tiny <test> & report")
-    return paths, check_page(paths["html"].read_text(encoding="utf-8"))
+def digits_page(digits_report):
+    return digits_report, check_page(digits_report["html"].read_text(encoding="utf-8"))
 
 
 def test_page_has_every_figure(digits_page):
