@@ -10,7 +10,6 @@ from deqppl.report.glossary import METRICS, MODEL_METRICS, Group, MetricInfo, de
 from deqppl.report.plots import (
     figure_png,
     key_figure,
-    latent_matrix,
     plot_latent_space,
     plot_latents,
     plot_model_comparison,
@@ -18,7 +17,13 @@ from deqppl.report.plots import (
     plot_timing,
     plot_traces,
 )
-from deqppl.report.reconstruct import method_values, observation_mean
+from deqppl.report.reconstruct import (
+    Reconstruction,
+    latent_matrix,
+    method_values,
+    observation_mean,
+    reconstruct,
+)
 from deqppl.report.tables import (
     format_table,
     format_value,
@@ -35,6 +40,7 @@ __all__ = [
     "Group",
     "MetricInfo",
     "Number",
+    "Reconstruction",
     "arviz_adapter",
     "describe_metric",
     "finding",
@@ -46,6 +52,7 @@ __all__ = [
     "observation_mean",
     "plot_latent_space",
     "plot_reconstructions",
+    "reconstruct",
     "stage_means",
     "load_netcdf",
     "loo",

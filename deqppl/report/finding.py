@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from deqppl.report.plots import latent_matrix
+from deqppl.report.reconstruct import latent_matrix
 from deqppl.report.tables import format_value, stage_means
 
 __all__ = ["FINDING_DIGITS", "Number", "finding", "finding_html", "finding_markdown"]

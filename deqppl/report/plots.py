@@ -7,6 +7,7 @@ bytes with the Agg renderer, so nothing here needs a display.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 
 import matplotlib
@@ -15,10 +16,13 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from deqppl.report.reconstruct import latent_matrix, reconstruct
+
 __all__ = [
+    "MIN_IMAGE_SIDE",
     "figure_png",
+    "image_shape_of",
     "key_figure",
-    "latent_matrix",
     "plot_latent_space",
     "plot_latents",
     "plot_model_comparison",
@@ -58,33 +62,6 @@ def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=np.float64)
-
-
-def latent_matrix(latents: object) -> np.ndarray:
-    """One method's held-out latents as an ``(n, k)`` float64 array.
-
-    ``latents`` is an ``(n, l)`` tensor, or a mapping latent site -> tensor whose leading
-    dimension is the row (sites are flattened per row and concatenated in the mapping's order).
-
-    Examples
-    --------
-    >>> latent_matrix({"z1": torch.zeros(4, 2), "z2": torch.ones(4, 3)}).shape
-    (4, 5)
-    """
-    if isinstance(latents, Mapping):
-        parts = [latent_matrix(v) for v in latents.values()]
-        rows = {p.shape[0] for p in parts}
-        if len(rows) != 1:
-            raise ValueError(
-                f"latent sites {list(latents)} have different numbers of rows {sorted(rows)}"
-            )
-        return np.concatenate(parts, axis=1)
-    x = latents.detach().cpu().double().numpy() if isinstance(latents, torch.Tensor) else (
-        np.asarray(latents, dtype=np.float64)
-    )
-    if x.ndim == 1:
-        return x[:, None]
-    return x.reshape(x.shape[0], -1)
 
 
 def _draw_traces(axes, traces: Mapping[str, object]) -> None:
@@ -305,9 +282,14 @@ def plot_latent_space(
     ref = _as_numpy(latents[reference])
     if lab.shape[0] != ref.shape[0]:
         raise ValueError(f"labels have {lab.shape[0]} entries for {ref.shape[0]} held-out rows")
-    centre, axes_map, names = _projection(ref)
     methods = _methods(latents)
     fig = Figure(figsize=(3.3 * len(methods) + 1.2, 3.4), layout="constrained")
+    _draw_latent_space(fig, latents, lab, reference, methods)
+    return fig
+
+
+def _draw_latent_space(fig, latents, lab: np.ndarray, reference: str, methods: list[str]) -> None:
+    centre, axes_map, names = _projection(_as_numpy(latents[reference]))
     axes = np.atleast_1d(fig.subplots(1, len(methods), sharex=True, sharey=True))
     classes = np.unique(lab)
     cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
@@ -324,7 +306,6 @@ def plot_latent_space(
     handles, texts = axes[0].get_legend_handles_labels()
     fig.legend(handles, texts, title="label", loc="outside right center", fontsize=7)
     fig.suptitle("Held-out latents coloured by label", fontsize=10)
-    return fig
 
 
 def plot_reconstructions(
@@ -361,9 +342,20 @@ def plot_reconstructions(
         If ``image_shape`` does not multiply to ``d``.
     """
     y = _as_numpy(original)
+    shown = min(num_rows, y.shape[0])
+    num_panels = len(means) + 1
+    if image_shape is not None:
+        size = (0.85 * shown + 1.9, 0.85 * num_panels + 0.6)
+    else:
+        size = (3.3 * min(shown, 4) + 0.6, 3.2)
+    fig = Figure(figsize=size, layout="constrained")
+    _draw_reconstructions(fig, y, means, image_shape, shown, value_label, titles)
+    return fig
+
+
+def _draw_reconstructions(fig, y, means, image_shape, shown, value_label, titles) -> None:
     n, d = y.shape[0], y.reshape(y.shape[0], -1).shape[1]
     y = y.reshape(n, d)
-    shown = min(num_rows, n)
     titles = [f"row {k}" for k in range(n)] if titles is None else [str(t) for t in titles]
     methods = _methods(means)
     rows = [("observed", y)] + [(m, _as_numpy(means[m]).reshape(n, d)) for m in methods]
@@ -372,7 +364,6 @@ def plot_reconstructions(
         if h * w != d:
             raise ValueError(f"image_shape {image_shape} has {h * w} pixels; rows have {d}")
         vmax = float(np.nanmax(y[:shown])) if np.isfinite(y[:shown]).any() else 1.0
-        fig = Figure(figsize=(0.85 * shown + 1.9, 0.85 * len(rows) + 0.6), layout="constrained")
         axes = fig.subplots(len(rows), shown, squeeze=False)
         for r, (name, values) in enumerate(rows):
             for c in range(shown):
@@ -386,9 +377,8 @@ def plot_reconstructions(
                     ax.set_title(titles[c], fontsize=7)
         fig.colorbar(im, ax=axes, shrink=0.8, label=value_label)
         fig.suptitle("Held-out rows and their reconstructions E[y | MAP latents]", fontsize=10)
-        return fig
+        return
     shown = min(shown, 4)
-    fig = Figure(figsize=(3.3 * shown + 0.6, 3.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, shown, sharey=True))
     coords = np.arange(d)
     for c, ax in enumerate(axes):
@@ -400,22 +390,98 @@ def plot_reconstructions(
     axes[0].set_ylabel(value_label)
     axes[0].legend(fontsize=7)
     fig.suptitle("Held-out rows and E[y | MAP latents] of each method", fontsize=10)
-    return fig
 
 
-def key_figure(comparison, *, reference: str = "deq") -> Figure:
-    """The report's headline: convergence, held-out latents (dim 0) and timing side by side.
+#: Smallest side of a square observation drawn as an image when no image shape is given: the
+#: 8x8 digits are the smallest image data in use; smaller square rows are more likely features.
+MIN_IMAGE_SIDE = 8
+
+
+def image_shape_of(
+    num_values: int, *, image_shape: tuple[int, int] | None, detect_images: bool
+) -> tuple[int, int] | None:
+    """The ``(height, width)`` rows of ``num_values`` are drawn with, or None for profiles.
+
+    Raises
+    ------
+    ValueError
+        If ``image_shape`` does not have ``num_values`` pixels.
+
+    Examples
+    --------
+    >>> image_shape_of(64, image_shape=None, detect_images=True), image_shape_of(25, image_shape=None, detect_images=True)
+    ((8, 8), None)
+    """
+    if image_shape is not None:
+        h, w = (int(v) for v in image_shape)
+        if h < 1 or w < 1 or h * w != num_values:
+            raise ValueError(
+                f"image_shape {tuple(image_shape)} has {h * w} pixels; the observations have "
+                f"{num_values} values per row"
+            )
+        return h, w
+    side = math.isqrt(num_values)
+    if detect_images and side * side == num_values and side >= MIN_IMAGE_SIDE:
+        return side, side
+    return None
+
+
+def key_figure(
+    comparison,
+    *,
+    reference: str = "deq",
+    image_shape: tuple[int, int] | None = None,
+    detect_images: bool = True,
+    num_reconstructed: int = 6,
+) -> Figure:
+    """The report's main panel: what a reader should see first.
+
+    Top row: convergence of the joint fits, held-out latents of every method against the
+    reference method's (dim 0), wall times with ratios to ``reference``. Bottom row, when the
+    comparison carries labels or its model and held-out data: ``reference``'s held-out latents
+    coloured by label, and held-out rows next to each method's reconstruction.
 
     Parameters
     ----------
     comparison
         A :class:`deqppl.harness.Comparison`.
+    reference
+        Method timings are divided by, and whose latent space is drawn (default ``"deq"``).
+    image_shape, detect_images, num_reconstructed
+        As in :func:`deqppl.report.write_report`.
     """
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
-    axes = fig.subplots(1, 3)
+    latents = comparison.latents
+    latent_reference = getattr(comparison, "reference", "") or reference
+    if latent_reference not in latents:
+        latent_reference = reference
+    labels = getattr(comparison, "heldout_labels", None)
+    space = labels is not None and (reference in latents or latent_reference in latents)
+    recon = reconstruct(comparison)
+    bottom_row = space or recon is not None
+    fig = Figure(figsize=(15, 8.6 if bottom_row else 4.2), layout="constrained")
+    if bottom_row:
+        top, bottom = fig.subfigures(2, 1, height_ratios=[1.0, 1.05])
+    else:
+        top = fig
+    axes = top.subplots(1, 3)
     _draw_traces(axes[0], comparison.traces)
-    if reference in comparison.latents:
-        _draw_latents(axes[1], comparison.latents, reference, 0)
+    if latent_reference in latents:
+        _draw_latents(axes[1], latents, latent_reference, 0)
     _draw_timing(axes[2], comparison.table, reference)
-    fig.suptitle(f"MAP by DEQ vs SVI vs L-BFGS\n{comparison.model_name}", fontsize=10)
+    top.suptitle(f"MAP by DEQ vs SVI vs L-BFGS\n{comparison.model_name}", fontsize=10)
+    if bottom_row:
+        left, right = bottom.subfigures(1, 2, width_ratios=[1.0, 1.6])
+        if space:
+            shown = reference if reference in latents else latent_reference
+            lab = _as_numpy(labels).astype(np.int64).ravel()
+            _draw_latent_space(left, {shown: latents[shown]}, lab, shown, [shown])
+        if recon is not None:
+            y = _as_numpy(recon.original)
+            d = y.reshape(y.shape[0], -1).shape[1]
+            shape = image_shape_of(d, image_shape=image_shape, detect_images=detect_images)
+            titles = None if labels is None else [f"label {int(v)}" for v in labels.tolist()]
+            _draw_reconstructions(
+                right, y, recon.means, shape, min(num_reconstructed, y.shape[0]),
+                f"{recon.site} and E[{recon.site} | latents] [data units]", titles,
+            )
     return fig

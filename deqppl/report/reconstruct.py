@@ -8,11 +8,40 @@ model of the protocol (data names, local and global sites) is reconstructed with
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+import numpy as np
 import pyro
 import torch
 
-__all__ = ["method_values", "observation_mean"]
+__all__ = ["Reconstruction", "latent_matrix", "method_values", "observation_mean", "reconstruct"]
+
+
+def latent_matrix(latents: object) -> np.ndarray:
+    """One method's held-out latents as an ``(n, k)`` float64 array.
+
+    ``latents`` is an ``(n, l)`` tensor, or a mapping latent site -> tensor whose leading
+    dimension is the row (sites are flattened per row and concatenated in the mapping's order).
+
+    Examples
+    --------
+    >>> latent_matrix({"z1": torch.zeros(4, 2), "z2": torch.ones(4, 3)}).shape
+    (4, 5)
+    """
+    if isinstance(latents, Mapping):
+        parts = [latent_matrix(v) for v in latents.values()]
+        rows = {p.shape[0] for p in parts}
+        if len(rows) != 1:
+            raise ValueError(
+                f"latent sites {list(latents)} have different numbers of rows {sorted(rows)}"
+            )
+        return np.concatenate(parts, axis=1)
+    x = latents.detach().cpu().double().numpy() if isinstance(latents, torch.Tensor) else (
+        np.asarray(latents, dtype=np.float64)
+    )
+    if x.ndim == 1:
+        return x[:, None]
+    return x.reshape(x.shape[0], -1)
 
 
 def method_values(model: object, latents: object) -> dict[str, torch.Tensor]:
@@ -111,3 +140,56 @@ def observation_mean(
             f"observations in data (got {sorted(data)})"
         )
     return means
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Reconstruction:
+    """Held-out observations and their means given each method's latents.
+
+    Attributes
+    ----------
+    site
+        The observation site (and data name) reconstructed.
+    original
+        ``(n, ...)`` observed held-out values of ``site``.
+    means
+        Method name -> mean of ``site`` given that method's latents and the shared globals.
+    """
+
+    site: str
+    original: torch.Tensor
+    means: dict[str, torch.Tensor]
+
+
+def reconstruct(comparison) -> Reconstruction | None:
+    """Each method's reconstruction of the held-out rows of ``comparison``, from the model.
+
+    Conditions ``comparison.model`` on ``comparison.shared_globals`` and each method's
+    held-out latents and reads the observation mean (:func:`observation_mean`); the
+    reconstructed site is the first observed site that is also a data name.
+
+    Returns
+    -------
+    Reconstruction or None
+        None when the comparison does not carry its model, held-out data and shared globals,
+        or when no method has finite latents (the report then names the failure instead).
+    """
+    model = getattr(comparison, "model", None)
+    data = getattr(comparison, "heldout_data", None) or {}
+    shared = getattr(comparison, "shared_globals", None) or {}
+    if model is None or not data or not shared or not comparison.latents:
+        return None
+    means: dict[str, torch.Tensor] = {}
+    site = None
+    for name, latents in comparison.latents.items():
+        if not bool(np.isfinite(latent_matrix(latents)).all()):
+            continue  # a failed method has no reconstruction
+        observed = observation_mean(model, data, {**shared, **method_values(model, latents)})
+        if site is None:
+            site = next((s for s in observed if s in data), None)
+            if site is None:
+                return None
+        means[name] = observed[site]
+    if site is None:
+        return None
+    return Reconstruction(site=site, original=data[site], means=means)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from deqppl.report.finding import finding, finding_html, finding_markdown
 from deqppl.report.glossary import METRICS, MODEL_METRICS, MetricInfo, describe_metric
 from deqppl.report.plots import (
     figure_png,
-    latent_matrix,
+    image_shape_of,
     plot_latent_space,
     plot_latents,
     plot_model_comparison,
@@ -28,7 +27,7 @@ from deqppl.report.plots import (
     plot_timing,
     plot_traces,
 )
-from deqppl.report.reconstruct import method_values, observation_mean
+from deqppl.report.reconstruct import reconstruct
 from deqppl.report.tables import format_value, method_tables, table_html, table_markdown
 
 __all__ = ["model_comparison_frame", "write_report"]
@@ -42,10 +41,6 @@ _SCORES = (
 )
 #: Further columns shown in the model-comparison diagnostics table when present.
 _DIAGNOSTICS = ("p_loo", "pareto_k_max", "fit_converged", "fit_wall_time")
-
-#: Smallest side of a square observation drawn as an image when no image shape is given: the
-#: 8x8 digits are the smallest image data in use; smaller square rows are more likely features.
-_MIN_IMAGE_SIDE = 8
 
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 62em; margin: 2em auto; padding: 0 1em;
@@ -126,55 +121,31 @@ def _summary_frame(comparison) -> pd.DataFrame:
     return summary
 
 
-def _image_shape(num_values: int, image_shape, detect_images: bool) -> tuple[int, int] | None:
-    if image_shape is not None:
-        h, w = (int(v) for v in image_shape)
-        if h < 1 or w < 1 or h * w != num_values:
-            raise ValueError(
-                f"image_shape {tuple(image_shape)} has {h * w} pixels; the observations have "
-                f"{num_values} values per row"
-            )
-        return h, w
-    side = math.isqrt(num_values)
-    if detect_images and side * side == num_values and side >= _MIN_IMAGE_SIDE:
-        return side, side
-    return None
-
-
 def _reconstructions(comparison, image_shape, detect_images: bool, num_rows: int):
     """The reconstruction figure, or None when the comparison lacks the model or its data."""
-    model = getattr(comparison, "model", None)
-    data = getattr(comparison, "heldout_data", None) or {}
-    shared = getattr(comparison, "shared_globals", None) or {}
-    if model is None or not data or not shared or not comparison.latents:
+    recon = reconstruct(comparison)
+    if recon is None:
         return None
-    means = {}
-    site = None
-    for name, latents in comparison.latents.items():
-        if not bool(np.isfinite(latent_matrix(latents)).all()):
-            continue  # a failed method has no reconstruction; the finding names the failure
-        values = {**shared, **method_values(model, latents)}
-        sites = observation_mean(model, data, values)
-        site = next((s for s in sites if s in data), None) if site is None else site
-        if site is None or site not in sites:
-            return None
-        means[name] = sites[site]
-    if not means:
-        return None
-    original = data[site]
+    original, site = recon.original, recon.site
     d = int(np.prod(tuple(original.shape[1:]))) if original.dim() > 1 else 1
-    shape = _image_shape(d, image_shape, detect_images)
+    shape = image_shape_of(d, image_shape=image_shape, detect_images=detect_images)
     caption = (
         f"Held-out rows (top) and the mean of the observation site {site!r} of the model "
         "conditioned on each method's MAP latents and the shared globals"
     )
-    labels = getattr(comparison, "heldout_labels", None)
-    titles = None if labels is None else [f"row {k}: label {int(v)}" for k, v in enumerate(labels.tolist())]
+    titles = _row_titles(comparison)
     fig = plot_reconstructions(
-        original, means, image_shape=shape, num_rows=num_rows,
+        original, recon.means, image_shape=shape, num_rows=num_rows,
         value_label=f"{site} and E[{site} | latents] [data units]", titles=titles,
     )
     return caption, fig
+
+
+def _row_titles(comparison) -> list[str] | None:
+    labels = getattr(comparison, "heldout_labels", None)
+    if labels is None:
+        return None
+    return [f"row {k}: label {int(v)}" for k, v in enumerate(labels.tolist())]
 
 
 def _glossary_rows(names: list[str], table: dict[str, MetricInfo]) -> pd.DataFrame:
