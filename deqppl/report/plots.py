@@ -84,7 +84,7 @@ def _draw_traces(axes, traces: Mapping[str, object]) -> None:
         axes.set_yscale("log")
         axes.set_xscale("log")
         axes.legend(fontsize=8)
-    axes.set_xlabel("step of the joint fit (log scale)")
+    axes.set_xlabel("step of the joint fit [iterations] (log scale)")
     axes.set_ylabel("loss − its minimum [nats] (log scale)")
     axes.set_title("Convergence of the joint fits")
 
@@ -176,6 +176,7 @@ def _draw_timing(axes, table: pd.DataFrame, reference: str) -> None:
                     ha="center", va="bottom", fontsize=7,
                 )
     axes.set_xticks(x, list(wide.index))
+    axes.set_xlabel("method")
     if (wide.to_numpy() > 0).any():
         axes.set_yscale("log")
     axes.set_ylabel("wall time [s] (log scale)")
@@ -236,6 +237,7 @@ def plot_model_comparison(frame: pd.DataFrame, *, scores: list[tuple[str, str | 
             ax.errorbar(frame[value].to_numpy(dtype=float), y, xerr=err, fmt="o", capsize=4)
             ax.set_xlabel(f"{value} [nats]")
             ax.set_yticks(y, [str(i) for i in frame.index])
+            ax.set_ylabel("model")
         ax.set_title(value, fontsize=9)
     fig.suptitle("Model comparison on held-out rows (± 1 se; higher is better)", fontsize=10)
     return fig
