@@ -136,11 +136,11 @@ def finding(
             parts.append(" ")
         parts.append("held-out rows ")
         dz = [(m, num(m, "heldout", "max_abs_dz")) for m in others]
-        dz = [[f"{m} ", x] for m, x in dz if x is not None]
+        dz = [[x, f" for {m}"] for m, x in dz if x is not None]
         if dz:
-            parts += [f"agree with {reference}'s (the reference) to max |Δz| = "]
+            parts += [f"agree with {reference}'s (the reference): max |Δz| = "]
             parts += _join(dz)
-            parts.append(" latent units")
+            parts.append(" (latent units)")
         else:
             parts.append(f"were inferred by {reference} only")
         gaps = [(m, num(m, "heldout", "log_joint_gap")) for m in compared]
@@ -160,7 +160,7 @@ def finding(
             items = [[f"{m} ", x, "×"] for m in compared if m != time_reference
                      for x in [num(m, stage, "time_ratio_vs_deq")] if x is not None]
             if items:
-                parts.append("; ")
+                parts.append(", ")
                 parts += _join(items)
                 parts.append(" as long")
             parts.append(". ")
@@ -223,14 +223,14 @@ def finding(
     else:
         parts.append("No method returned a non-finite result. ")
     # 5. Downstream accuracy.
-    acc = [[f"{m} ", x] for m in compared for x in [num(m, "heldout", "accuracy")] if x is not None]
+    acc = [[x, f" ({m})"] for m in compared for x in [num(m, "heldout", "accuracy")] if x is not None]
     if acc:
         parts.append("A logistic regression on the latents classifies the held-out rows with accuracy ")
         parts += _join(acc)
         for m in baselines:
             x = num(m, "heldout", "accuracy")
             if x is not None:
-                parts += [f" ({m} baseline: ", x, ")"]
+                parts += [f"; the {m} baseline reaches ", x]
         parts.append(". ")
     # 6. Model comparison.
     if model_comparison is not None and len(model_comparison):
