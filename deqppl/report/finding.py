@@ -246,7 +246,12 @@ def finding(
             if se is not None and se in model_comparison.columns and pd.notna(model_comparison.loc[best, se]):
                 parts += [" ± ", Number(value=float(model_comparison.loc[best, se]), source="models",
                                         key=str(best), metric=se)]
-            parts.append(" nats. ")
+            parts.append(" nats")
+            if "family" in model_comparison.columns and model_comparison["family"].nunique() > 1:
+                # A density and a probability mass differ in base measure (model comparison
+                # section of the report): say so where the ranking is stated.
+                parts.append(" (families of different supports are not comparable)")
+            parts.append(". ")
             break
     return parts
 
