@@ -349,7 +349,7 @@ def plot_reconstructions(
     if image_shape is not None:
         size = (0.85 * shown + 1.9, 0.85 * num_panels + 0.6)
     else:
-        size = (3.3 * min(shown, 4) + 0.6, 3.2)
+        size = (9.0, 3.0 * ((min(shown, 4) + 1) // 2) + 0.6)
     fig = Figure(figsize=size, layout="constrained")
     _draw_reconstructions(fig, y, means, image_shape, shown, value_label, titles)
     return fig
@@ -381,16 +381,23 @@ def _draw_reconstructions(fig, y, means, image_shape, shown, value_label, titles
         fig.suptitle("Held-out rows and their reconstructions E[y | MAP latents]", fontsize=10)
         return
     shown = min(shown, 4)
-    axes = np.atleast_1d(fig.subplots(1, shown, sharey=True))
+    ncols = min(shown, 2)
+    grid = fig.subplots((shown + ncols - 1) // ncols, ncols, sharey=True, squeeze=False)
     coords = np.arange(d)
-    for c, ax in enumerate(axes):
+    # Methods that found the same MAP draw on top of each other: distinct dashes keep each visible.
+    styles = ("-", "--", ":", "-.")
+    for c, ax in enumerate(grid.ravel()):
+        if c >= shown:
+            ax.set_axis_off()
+            continue
         ax.plot(coords, y[c], "ko", ms=3, label="observed")
-        for name, values in rows[1:]:
-            ax.plot(coords, values[c], lw=1.2, label=f"{name} mean")
+        for k, (name, values) in enumerate(rows[1:]):
+            ax.plot(coords, values[c], lw=1.4, ls=styles[k % len(styles)], label=f"{name} mean")
         ax.set_title(titles[c], fontsize=9)
         ax.set_xlabel("observation coordinate (index)")
-    axes[0].set_ylabel(value_label)
-    axes[0].legend(fontsize=7)
+        if c % ncols == 0:
+            ax.set_ylabel(value_label)
+    grid[0, 0].legend(fontsize=7)
     fig.suptitle("Held-out rows and E[y | MAP latents] of each method", fontsize=10)
 
 

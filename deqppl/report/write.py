@@ -129,8 +129,9 @@ def _reconstructions(comparison, image_shape, detect_images: bool, num_rows: int
     original, site = recon.original, recon.site
     d = int(np.prod(tuple(original.shape[1:]))) if original.dim() > 1 else 1
     shape = image_shape_of(d, image_shape=image_shape, detect_images=detect_images)
+    where = "top row" if shape is not None else "dots"
     caption = (
-        f"Held-out rows (top) and the mean of the observation site {site!r} of the model "
+        f"Held-out rows ({where}) and the mean of the observation site {site!r} of the model "
         "conditioned on each method's MAP latents and the shared globals"
     )
     titles = _row_titles(comparison)
