@@ -18,6 +18,9 @@ import subprocess
 
 import pytest
 
+# Chromium start-up takes seconds: slow, and still run in CI.
+pytestmark = pytest.mark.slow
+
 #: A typical laptop browser window, CSS pixels.
 VIEWPORT = (1280, 900)
 #: Seconds allowed for one Chromium run (start-up dominates; the page renders in well under 1 s).
