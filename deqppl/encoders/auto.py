@@ -612,9 +612,20 @@ class AutoDEQ(AbstractMAPEncoder):
         ref = next(iter(data.values()))
         return torch.zeros(n, D, dtype=self._dtype_now(data), device=ref.device)
 
-    def to_sites(self, z: torch.Tensor, data: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The stacked unconstrained $u$ as the model's local sites (constrained values)."""
-        return self._constrained(z, self._layout(data))
+    def to_sites(self, z: torch.Tensor, data: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The stacked unconstrained $u$ as the model's local sites (constrained values).
+
+        ``data`` fixes the layout; it may be left out once the encoder has seen data of a
+        single shape (callers written before ``to_sites(z, data)``).
+        """
+        if data is not None:
+            return self._constrained(z, self._layout(data))
+        if len(self._layouts) != 1:
+            raise ValueError(
+                f"to_sites(z) without data needs an encoder that has seen data of exactly one "
+                f"shape (it has seen {len(self._layouts)}); pass to_sites(z, data)"
+            )
+        return self._constrained(z, next(iter(self._layouts.values())))
 
     def default_solver(self, dtype: torch.dtype) -> SafeguardedNewton | SafeguardedLBFGS:  # type: ignore[override]
         """:class:`SafeguardedNewton` (the dimension is checked in :meth:`solve`)."""
