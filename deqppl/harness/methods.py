@@ -35,6 +35,7 @@ from deqppl.deq import AbstractSolver, NoAdjoint, fixed_point
 from deqppl.encoders import PEDEncoder
 from deqppl.encoders.fit import fit_encoder
 from deqppl.inference import fit_map, log_joint
+from deqppl.optim import LBFGS, SVI
 
 __all__ = [
     "AbstractMethod",
@@ -397,14 +398,15 @@ class SVIMethod(_AbstractFitMapMethod):
         return fit_map(
             model,
             {"y": y},
-            method="svi",
+            optimizer=SVI(
+                lr=self.lr,
+                max_steps=SVI().max_steps if self.max_steps is None else self.max_steps,
+                subsample_size=self.subsample_size if fixed is None else None,
+                rtol=self.rtol,
+                gtol=self.gtol,
+                xtol=self.xtol,
+            ),
             fixed=fixed,
-            lr=self.lr,
-            max_steps=self.max_steps,
-            subsample_size=self.subsample_size if fixed is None else None,
-            rtol=self.rtol,
-            gtol=self.gtol,
-            xtol=self.xtol,
             seed=seed,
             progress=progress,
         )
@@ -446,12 +448,13 @@ class LBFGSMethod(_AbstractFitMapMethod):
         return fit_map(
             model,
             {"y": y},
-            method="lbfgs",
+            optimizer=LBFGS(
+                max_steps=LBFGS().max_steps if self.max_steps is None else self.max_steps,
+                rtol=0.0 if self.rtol is None else self.rtol,
+                gtol=self.gtol,
+                xtol=self.xtol,
+            ),
             fixed=fixed,
-            max_steps=self.max_steps,
-            rtol=self.rtol,
-            gtol=self.gtol,
-            xtol=self.xtol,
             seed=seed,
             progress=progress,
         )
