@@ -35,7 +35,7 @@ from deqppl.deq import AbstractSolver, NoAdjoint, fixed_point
 from deqppl.encoders import PEDEncoder
 from deqppl.encoders.fit import fit_encoder
 from deqppl.inference import fit_map, log_joint
-from deqppl.optim import LBFGS, SVI
+from deqppl.optim import LBFGS, SVI, Adam
 
 __all__ = [
     "AbstractMethod",
@@ -252,14 +252,15 @@ class DEQMethod(AbstractMethod):
         fit = fit_encoder(
             encoder,
             y,
-            num_epochs=self.num_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            rtol=self.rtol,
+            optimizer=(
+                LBFGS(max_steps=self.num_epochs, rtol=0.0 if self.rtol is None else self.rtol)
+                if self.optimizer == "lbfgs"
+                else Adam(num_epochs=self.num_epochs, batch_size=self.batch_size, lr=self.lr,
+                          rtol=Adam().rtol if self.rtol is None else self.rtol)
+            ),
             seed=seed,
             progress=progress,
             warm_start=self.warm_start,
-            optimizer=self.optimizer,
         )
         sol = self._solve(encoder, y)
         values = {**encoder.values(), "z": sol.value.detach()}
@@ -271,7 +272,7 @@ class DEQMethod(AbstractMethod):
             values=values,
             log_joint=total,
             wall_time=time.perf_counter() - start,
-            num_steps=int(fit.num_epochs),
+            num_steps=int(fit.num_steps),
             num_grad_evals=int(fit.num_solves),
             status=_status_name(fit.status),
             converged=bool(fit.converged) and bool(sol.converged.all()),
@@ -368,8 +369,8 @@ class SVIMethod(_AbstractFitMapMethod):
     name
         Row name in the comparison.
     lr, max_steps, subsample_size, rtol, gtol, xtol
-        Settings of ``fit_map(method="svi")``; ``None`` means its default (20 000 steps,
-        full batch, dtype-aware tolerances).
+        Settings of :class:`~deqppl.optim.SVI` for ``fit_map``; ``None`` means its default
+        (20 000 steps, full batch, dtype-aware tolerances).
 
     Notes
     -----
@@ -421,8 +422,8 @@ class LBFGSMethod(_AbstractFitMapMethod):
     name
         Row name in the comparison.
     max_steps, rtol, gtol, xtol
-        Settings of ``fit_map(method="lbfgs")``; ``None`` means its default (500 iterations,
-        dtype-aware tolerances).
+        Settings of :class:`~deqppl.optim.LBFGS` for ``fit_map``; ``None`` means its default
+        (1000 iterations, gradient rule with dtype-aware ``gtol``, no loss-change rule).
 
     Notes
     -----
