@@ -423,7 +423,7 @@ class LBFGSMethod(_AbstractFitMapMethod):
         Row name in the comparison.
     max_steps, rtol, gtol, xtol
         Settings of :class:`~deqppl.optim.LBFGS` for ``fit_map``; ``None`` means its default
-        (1000 iterations, gradient rule with dtype-aware ``gtol``, no loss-change rule).
+        (5000 iterations, gradient rule with dtype-aware ``gtol``, no loss-change rule).
 
     Notes
     -----
