@@ -383,7 +383,7 @@ class SVIMethod(_AbstractFitMapMethod):
     """
 
     name: str = "svi"
-    lr: float = 0.05
+    lr: float = SVI().lr  # the tuned default of deqppl.optim.SVI (docs/svi_tuning.md)
     max_steps: int | None = None
     subsample_size: int | None = None
     rtol: float | None = None
