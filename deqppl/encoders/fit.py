@@ -315,11 +315,11 @@ class _ProfiledObjective:
         nan = (math.nan, torch.full_like(x, math.nan))
         with torch.no_grad():
             self.num_solves += 1
-            sol = enc.solve(y, z0=self.z if self.warm_start else None, throw=False)
+            sol = enc.solve({"y": y}, z0=self.z if self.warm_start else None, throw=False, validated=True)
             if not bool(sol.converged.all()) and self.z is not None and self.warm_start:
                 # a far trial point: retry from the initial guess
                 self.num_solves += 1
-                sol = enc.solve(y, throw=False)
+                sol = enc.solve({"y": y}, throw=False, validated=True)
         if not bool(sol.converged.all()):
             # An unsolved fixed point has no profiled loss: the line search backs off.
             return nan
@@ -350,7 +350,7 @@ class _AdamStepper(AbstractStepper):
     def _solve(self, rows: torch.Tensor, z0: torch.Tensor | None) -> torch.Tensor:
         self.num_solves += 1
         with torch.no_grad():
-            return self.encoder.solve(rows, z0=z0).value
+            return self.encoder.solve({"y": rows}, z0=z0, validated=True).value
 
     def _full(self) -> float:
         z = self._solve(self.y, self.cache if self.warm_start else None)
