@@ -25,6 +25,13 @@ from .supervised import SupervisedFitResult, SupervisedPED, fit_supervised  # no
 __all__ += ["EncoderFitResult", "encoder_loss", "fit_encoder"]
 __all__ += ["SupervisedFitResult", "SupervisedPED", "fit_supervised"]
 
-from .auto import AutoDEQ, CurvatureReport, NotAMinimumError, SafeguardedLBFGS, SafeguardedNewton  # noqa: E402
+from .auto import (  # noqa: E402
+    AutoDEQ,
+    CurvatureReport,
+    NotAMinimumError,
+    SafeguardedLBFGS,
+    SafeguardedNewton,
+    fit_autodeq,
+)
 
-__all__ += ["AutoDEQ", "CurvatureReport", "NotAMinimumError", "SafeguardedLBFGS", "SafeguardedNewton"]
+__all__ += ["AutoDEQ", "CurvatureReport", "NotAMinimumError", "SafeguardedLBFGS", "SafeguardedNewton", "fit_autodeq"]
