@@ -96,6 +96,8 @@ def test_expfam_pca_fixed_point_equals_ped(case):
     with torch.no_grad():
         torch.testing.assert_close(auto.layer(u, data) - u, lam * (ped.layer(u, data) - u))
         torch.testing.assert_close(auto.hessian(u, data), ped.hessian(u, data))
+    if nl.is_identity:  # strictly convex: the Laplace approximations agree too
+        torch.testing.assert_close(auto.laplace(y, z_auto).precision, ped.laplace(y, z_ped).precision)
 
 
 @pytest.mark.parametrize(
