@@ -1,16 +1,22 @@
 r"""Inference methods as objects: the rows of a comparison.
 
-Every method answers the same two questions about an
-:class:`~deqppl.models.ExpFamPCA`-like model (SPEC §2):
+Every method answers the same two questions about any model of the protocol (its Pyro
+program, ``data_names``, ``local_sites``, ``global_sites``; docs/CONVENTIONS.md):
 
-* ``fit_globals``: the joint MAP of the globals $(W, B)$ (and the training latents) on the
-  training rows;
-* ``infer_locals``: the conditional MAP $z^*(y; W, B)$ of the latents of new rows with the
-  globals held fixed, the quantity a DEQ encoder amortises (SPEC §2.2).
+* ``fit_globals(model, data)``: the joint MAP of every latent site on the training data (the
+  globals and the training data's locals);
+* ``infer_locals(model, data, globals)``: the conditional MAP of the local sites of ``data``
+  with the globals held fixed, the quantity a DEQ encoder amortises (SPEC §2.2).
 
-Both return a :class:`StageResult`. A method is a small frozen dataclass whose fields are its
-settings; :data:`METHODS` maps names to classes and :func:`method` looks a name up (the CLI
-edge). A new capability adds a class and a row.
+``data`` is the model's data mapping (e.g. ``{"y": y}`` or ``{"x": x, "y": y}``), already
+checked by ``model.validate``: the comparison validates once at its entry and passes the
+validated tensors inward, so methods do not validate again. Both stages return a
+:class:`StageResult` whose ``values`` are keyed by the model's site names.
+
+A method is a small frozen dataclass whose fields are its settings; :data:`METHODS` maps names
+to classes and :func:`method` looks a name up (the CLI edge). A new capability adds a class
+and a row. :class:`DEQMethod` takes the encoder class it fits, so one class serves every
+encoder of the protocol (``PEDEncoder``, ``DeepPEDEncoder``, a kernel-GLM DEQ).
 
 Examples
 --------
@@ -31,9 +37,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deqppl.deq import AbstractSolver, NoAdjoint, fixed_point
+from deqppl.deq import AbstractSolver
+from deqppl.deq.diagnostics import spectral_radius
 from deqppl.encoders import PEDEncoder
 from deqppl.encoders.fit import fit_encoder
+from deqppl.harness.sites import data_dtype, local_log_joint
 from deqppl.inference import fit_map, log_joint
 
 __all__ = [
@@ -54,14 +62,14 @@ class StageResult:
     Attributes
     ----------
     values
-        Site name -> value: ``"W"``, ``"B"`` and ``"z"`` (``(n, latent_dim)``) after
-        ``fit_globals``; ``"z"`` only after ``infer_locals``.
+        Site name -> value: every latent site of the model (globals and the training data's
+        locals) after ``fit_globals``; the local sites only after ``infer_locals``.
     log_joint
-        ``fit_globals``: the full log joint $\\log p(y, z, W, B)$ of the training rows.
-        ``infer_locals``: $\\log p(y, z \\mid W, B) = \\sum_s \\log p(y_s, z_s\\mid W, B)$, the
-        part that depends on the latents (the prior of the fixed globals is left out).
+        ``fit_globals``: the full log joint of the training data and every latent site.
+        ``infer_locals``: $\\log p(\\text{data}, \\text{locals}\\mid\\text{globals})$, the part
+        that depends on the locals (the prior of the fixed globals is left out).
     wall_time
-        Seconds spent.
+        Seconds spent inferring (post-fit diagnostics excluded; see ``extra``).
     num_steps
         Optimiser steps, solver iterations or training epochs (see the method).
     num_grad_evals
@@ -74,10 +82,11 @@ class StageResult:
         ``(n,)`` bool mask for per-sample solvers (the DEQ's forward solve), else ``None``.
     trace
         1-D tensor: the loss per step (optimisers, encoder training) or the largest residual per
-        solver step (the DEQ's forward solve).
+        solver step (the DEQ's forward solve), where recorded.
     extra
         Further float diagnostics, e.g. ``spectral_radius`` (median over a subsample of rows
-        of the spectral radius of the layer Jacobian at $z^*$) and ``spectral_radius_max``.
+        of the spectral radius of the layer Jacobian at $z^*$), ``spectral_radius_max`` and
+        ``diagnostics_wall_time`` (seconds spent on them, not part of ``wall_time``).
     """
 
     values: dict[str, torch.Tensor]
@@ -104,11 +113,6 @@ def _status_name(status: object) -> str:
     return str(status.value) if isinstance(status, enum.Enum) else str(status)
 
 
-def _local_log_joint(model, y: torch.Tensor, values: Mapping[str, torch.Tensor]) -> float:
-    with torch.no_grad():
-        return float(log_joint(model, {"y": y}, values, per_datum=True).sum())
-
-
 def _check_globals(model, globals_: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     missing = [name for name in model.global_sites if name not in globals_]
     if missing:
@@ -123,9 +127,10 @@ class AbstractMethod:
     """Base of the comparison's methods; never instantiated.
 
     A concrete method is a frozen dataclass with a ``name`` field and the two stages
-    ``fit_globals(model, y, *, seed, progress)`` and
-    ``infer_locals(model, y, globals, *, seed, progress)``, each returning a
-    :class:`StageResult`.
+    ``fit_globals(model, data, *, seed, progress)`` and
+    ``infer_locals(model, data, globals, *, seed, progress)``, each returning a
+    :class:`StageResult`. ``data`` is validated (``model.validate``'s output) and is not
+    validated again.
     """
 
     name: str
@@ -135,13 +140,15 @@ class AbstractMethod:
             raise TypeError("AbstractMethod is abstract; use DEQMethod, SVIMethod or LBFGSMethod")
         return super().__new__(cls)
 
-    def fit_globals(self, model, y: torch.Tensor, *, seed: int, progress: bool) -> StageResult:
+    def fit_globals(
+        self, model, data: Mapping[str, torch.Tensor], *, seed: int, progress: bool
+    ) -> StageResult:
         raise NotImplementedError
 
     def infer_locals(
         self,
         model,
-        y: torch.Tensor,
+        data: Mapping[str, torch.Tensor],
         globals: Mapping[str, torch.Tensor],
         *,
         seed: int,
@@ -156,46 +163,127 @@ def _check_name(name: object) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# DEQ: PED encoder (SPEC §2.2), globals by joint MAP through the fixed point (SPEC §2.4)
+# DEQ: an encoder of the protocol (SPEC §2.2, §3), globals by joint MAP through the fixed point
 # --------------------------------------------------------------------------------------------
+def _encoder_input(model, data: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    # Today's encoders solve for one observation tensor (the model's only data name).
+    if len(model.data_names) != 1:
+        raise TypeError(
+            f"DEQMethod's encoders take one data tensor; {type(model).__name__} has the data "
+            f"names {list(model.data_names)}"
+        )
+    return data[model.data_names[0]]
+
+
+def _to_sites(encoder, model, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The model's local sites from the encoder's fixed point ``z``."""
+    to_sites = getattr(encoder, "to_sites", None)
+    if callable(to_sites):
+        return {k: v.detach() for k, v in to_sites(z).items()}
+    split = getattr(encoder, "split", None)
+    parts = split(z) if callable(split) else [z]
+    return {name: part.detach() for name, part in zip(model.local_sites, parts, strict=True)}
+
+
+def _fit_profiled(encoder, model, y: torch.Tensor, *, max_steps: int, progress: bool):
+    """Profiled L-BFGS on the globals of any encoder whose parameters are named by the model's
+    global sites (until ``fit_encoder`` takes every encoder of the protocol)."""
+    from deqppl._progress import progress as _progress
+
+    start = time.perf_counter()
+    params = [getattr(encoder, name) for name in model.global_sites]
+    opt = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=1, max_eval=26, history_size=20,
+        tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe",
+    )
+    state: dict[str, object] = {"z": None, "solves": 0}
+    big = torch.finfo(y.dtype).max ** 0.3  # as fit_encoder: a failed trial point backtracks
+    data = {model.data_names[0]: y}
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        state["solves"] += 1
+        with torch.no_grad():
+            sol = encoder.solve(y, throw=False)
+        z = sol.value.detach()
+        values = {**{n: getattr(encoder, n) for n in model.global_sites}, **_to_sites(encoder, model, z)}
+        loss = -log_joint(model, data, values)
+        ok = bool(sol.converged.all()) and bool(torch.isfinite(loss))
+        if ok:
+            loss.backward()
+            ok = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        if not ok:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            return torch.tensor(big, dtype=y.dtype)
+        return loss.detach()
+
+    loss = float(closure())
+    trace = [loss]
+    status, steps = "max_steps", 0
+    gtol = math.sqrt(torch.finfo(y.dtype).eps)
+    for step in _progress(range(max_steps), enable=progress, desc="fit encoder (L-BFGS)"):
+        opt.step(closure)
+        steps = step + 1
+        new_loss = float(closure())
+        trace.append(new_loss)
+        if not math.isfinite(new_loss) or new_loss >= big:
+            status = "nonfinite"
+            break
+        gmax = max(float(p.grad.abs().max()) for p in params)
+        if abs(new_loss - loss) <= 10 * torch.finfo(y.dtype).eps * abs(new_loss) or gmax <= gtol * max(
+            1.0, abs(new_loss) / y.numel()
+        ):
+            status = "converged"
+            break
+        loss = new_loss
+    return status, steps, int(state["solves"]), torch.tensor(trace, dtype=torch.float64), time.perf_counter() - start
+
+
 @dataclass(frozen=True, kw_only=True)
 class DEQMethod(AbstractMethod):
-    """The PED encoder: the latents are the fixed point of its layer (SPEC eq. 6).
+    """A DEQ encoder: the latents are the fixed point of its layer (SPEC eq. 6, §3).
 
     Parameters
     ----------
     name
         Row name in the comparison.
+    encoder
+        The encoder class of the protocol to fit and solve: :class:`~deqppl.encoders.PEDEncoder`
+        (default, exponential-family PCA), :class:`~deqppl.encoders.DeepPEDEncoder`
+        (hierarchical latents), or any class with the same constructor
+        ``(model, *, solver, throw, seed)``, ``from_values(model, values)``, ``values()``,
+        ``solve`` and a map from its fixed point to the model's local sites.
     solver
-        Forward solver of the fixed point; ``None`` is
-        :func:`~deqppl.encoders.default_solver` (Newton with the exact Jacobian for
-        ``latent_dim <= 64``, relative residual 1e-8 in float64).
+        Forward solver of the fixed point; ``None`` is the encoder's default solver.
     optimizer, num_epochs, batch_size, lr, rtol, warm_start
-        Settings of :func:`~deqppl.encoders.fit.fit_encoder`. The default ``"lbfgs"``
-        minimises the profiled objective $\\min_z L(W, B, z)$ full-batch (each evaluation one
-        warm-started solve; it reached the joint L-BFGS optimum's log joint to all printed
-        digits on simulated Bernoulli and Poisson PCA, where Adam on minibatches stopped
-        ~1% short); ``"adam"`` takes minibatch steps for data too large for one batch.
-        ``num_epochs`` caps the L-BFGS iterations or Adam epochs.
+        Settings of the joint fit (:func:`~deqppl.encoders.fit.fit_encoder`). The default
+        ``"lbfgs"`` minimises the profiled objective $\\min_z L(W, B, z)$ full-batch (each
+        evaluation one solve); ``"adam"`` takes minibatch steps for data too large for one
+        batch. ``num_epochs`` caps the L-BFGS iterations or Adam epochs.
     num_spectral
         Rows (a seeded subsample) on which the spectral radius of the layer Jacobian at $z^*$
         is estimated; 0 skips it.
 
     Notes
     -----
-    ``fit_globals``: ``num_steps`` counts epochs, ``num_grad_evals`` the fixed-point solves
-    (one per minibatch, each followed by one gradient of the minibatch objective, and one
-    full-data solve per epoch). ``infer_locals``: one forward solve from the encoder's
-    initial guess; ``num_steps`` solver iterations, ``num_grad_evals`` evaluations of the
-    layer (the map whose root is $\\nabla_z F = 0$).
+    ``fit_globals``: ``num_steps`` counts epochs or L-BFGS iterations, ``num_grad_evals`` the
+    fixed-point solves. Its ``wall_time`` is the fit alone; the final solve for the training
+    latents, their log joint and the spectral radii are timed as ``diagnostics_wall_time``.
+    ``infer_locals``: one forward solve from the encoder's initial guess; ``num_steps`` solver
+    iterations, ``num_grad_evals`` evaluations of the layer.
 
     Examples
     --------
     >>> DEQMethod(num_epochs=50).num_epochs
     50
+    >>> from deqppl.encoders import DeepPEDEncoder
+    >>> DEQMethod(name="deep", encoder=DeepPEDEncoder).encoder.__name__
+    'DeepPEDEncoder'
     """
 
     name: str = "deq"
+    encoder: type = PEDEncoder
     solver: AbstractSolver | None = None
     optimizer: str = "lbfgs"
     num_epochs: int = 500
@@ -207,6 +295,11 @@ class DEQMethod(AbstractMethod):
 
     def __post_init__(self) -> None:
         _check_name(self.name)
+        if not (isinstance(self.encoder, type) and callable(getattr(self.encoder, "from_values", None))):
+            raise TypeError(
+                f"encoder must be an encoder class with from_values (e.g. PEDEncoder, "
+                f"DeepPEDEncoder), got {self.encoder!r}"
+            )
         for attr in ("num_epochs", "batch_size"):
             value = getattr(self, attr)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -220,84 +313,105 @@ class DEQMethod(AbstractMethod):
         if isinstance(self.num_spectral, bool) or not isinstance(self.num_spectral, int) or self.num_spectral < 0:
             raise ValueError(f"num_spectral must be a non-negative integer, got {self.num_spectral!r}")
 
-    def _solve(self, encoder: PEDEncoder, y: torch.Tensor):
-        y = encoder._check_y(y)
-        solver = self.solver or encoder.default_solver(y.dtype)
+    def _solve(self, encoder, y: torch.Tensor):
         with torch.no_grad():
-            return fixed_point(
-                lambda z: encoder.layer(z, y),
-                encoder.initial_guess(y),
-                solver=solver,
-                adjoint=NoAdjoint(),
-                jacobian=lambda z: encoder.layer_jacobian(z, y),
-                throw=False,
-                trace=True,
-            )
+            return encoder.solve(y, throw=False)
 
-    def _spectral(self, encoder: PEDEncoder, y: torch.Tensor, z: torch.Tensor, seed: int) -> dict[str, float]:
+    def _diagnostics(self, encoder, y: torch.Tensor, z: torch.Tensor, seed: int) -> dict[str, float]:
         if self.num_spectral == 0 or y.shape[0] == 0:
             return {}
         gen = torch.Generator().manual_seed(seed)
         rows = torch.randperm(y.shape[0], generator=gen)[: self.num_spectral]
-        radius = encoder.spectral_radius(y[rows], z[rows])
+        hook = getattr(encoder, "spectral_radius", None)
+        if callable(hook):
+            radius = hook(y[rows], z[rows])
+        elif callable(getattr(encoder, "layer", None)):
+            y_rows = y[rows]
+            with torch.no_grad():
+                radius = spectral_radius(lambda u: encoder.layer(u, y_rows), z[rows].detach())
+        else:
+            return {}
         return {
             "spectral_radius": float(radius.median()),
             "spectral_radius_max": float(radius.max()),
         }
 
-    def fit_globals(self, model, y: torch.Tensor, *, seed: int, progress: bool) -> StageResult:
-        start = time.perf_counter()
-        encoder = PEDEncoder(model, solver=self.solver, throw=False, seed=seed).to(y.dtype)
-        fit = fit_encoder(
-            encoder,
-            y,
-            num_epochs=self.num_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            rtol=self.rtol,
-            seed=seed,
-            progress=progress,
-            warm_start=self.warm_start,
-            optimizer=self.optimizer,
+    def _fit(self, encoder, model, y, seed, progress):
+        if isinstance(encoder, PEDEncoder):
+            fit = fit_encoder(
+                encoder,
+                y,
+                num_epochs=self.num_epochs,
+                batch_size=self.batch_size,
+                lr=self.lr,
+                rtol=self.rtol,
+                seed=seed,
+                progress=progress,
+                warm_start=self.warm_start,
+                optimizer=self.optimizer,
+            )
+            return (
+                _status_name(fit.status), fit.converged, int(fit.num_epochs), int(fit.num_solves),
+                fit.loss_trace.detach().clone(),
+            )
+        status, steps, solves, trace, _ = _fit_profiled(
+            encoder, model, y, max_steps=self.num_epochs, progress=progress
         )
+        return status, status == "converged", steps, solves, trace
+
+    def fit_globals(
+        self, model, data: Mapping[str, torch.Tensor], *, seed: int, progress: bool
+    ) -> StageResult:
+        y = _encoder_input(model, data)
+        start = time.perf_counter()
+        encoder = self.encoder(model, solver=self.solver, throw=False, seed=seed).to(data_dtype(data))
+        status, fit_converged, num_steps, num_solves, trace = self._fit(encoder, model, y, seed, progress)
+        wall_time = time.perf_counter() - start
+        # Diagnostics, timed apart: the training latents at the fitted globals, their log joint
+        # and the spectral radii are not part of the fit's cost.
+        start = time.perf_counter()
         sol = self._solve(encoder, y)
-        values = {**encoder.values(), "z": sol.value.detach()}
+        values = {**encoder.values(), **_to_sites(encoder, model, sol.value)}
         with torch.no_grad():
-            total = float(log_joint(model, {"y": y}, values))
-        extra = self._spectral(encoder, y, values["z"], seed)
+            total = float(log_joint(model, data, values))
+        extra = self._diagnostics(encoder, y, sol.value.detach(), seed)
         extra["fraction_converged"] = float(sol.converged.double().mean())
+        extra["diagnostics_wall_time"] = time.perf_counter() - start
         return StageResult(
             values=values,
             log_joint=total,
-            wall_time=time.perf_counter() - start,
-            num_steps=int(fit.num_epochs),
-            num_grad_evals=int(fit.num_solves),
-            status=_status_name(fit.status),
-            converged=bool(fit.converged) and bool(sol.converged.all()),
+            wall_time=wall_time,
+            num_steps=num_steps,
+            num_grad_evals=num_solves,
+            status=status,
+            converged=bool(fit_converged) and bool(sol.converged.all()),
             per_sample_converged=sol.converged.detach().clone(),
-            trace=fit.loss_trace.detach().clone(),
+            trace=trace,
             extra=extra,
         )
 
     def infer_locals(
         self,
         model,
-        y: torch.Tensor,
+        data: Mapping[str, torch.Tensor],
         globals: Mapping[str, torch.Tensor],
         *,
         seed: int,
         progress: bool,
     ) -> StageResult:
+        y = _encoder_input(model, data)
         start = time.perf_counter()
-        encoder = PEDEncoder.from_values(model, _check_globals(model, globals), solver=self.solver, throw=False)
+        encoder = self.encoder.from_values(model, _check_globals(model, globals), solver=self.solver, throw=False)
         sol = self._solve(encoder, y)
-        wall_time = time.perf_counter() - start  # diagnostics below are not part of the cost
-        z = sol.value.detach()
-        extra = self._spectral(encoder, y, z, seed)
+        wall_time = time.perf_counter() - start
+        start = time.perf_counter()
+        locals_ = _to_sites(encoder, model, sol.value)
+        extra = self._diagnostics(encoder, y, sol.value.detach(), seed)
         extra["fraction_converged"] = float(sol.converged.double().mean())
+        extra["diagnostics_wall_time"] = time.perf_counter() - start
         return StageResult(
-            values={"z": z},
-            log_joint=_local_log_joint(model, y, {**globals, "z": z}),
+            values=locals_,
+            log_joint=local_log_joint(model, data, {**globals, **locals_}),
             wall_time=wall_time,
             num_steps=int(sol.num_steps),
             num_grad_evals=int(sol.num_fevals),
@@ -312,10 +426,10 @@ class DEQMethod(AbstractMethod):
 # --------------------------------------------------------------------------------------------
 # Optimisers on the Pyro log joint (deqppl.inference.fit_map)
 # --------------------------------------------------------------------------------------------
-def _from_map(model, y, fit, *, local: bool, wall_time: float) -> StageResult:
+def _from_map(model, data, fit, *, local: bool, wall_time: float) -> StageResult:
     if local:
-        values = {"z": fit.values["z"]}
-        value = _local_log_joint(model, y, fit.values)
+        values = {name: fit.values[name] for name in model.local_sites}
+        value = local_log_joint(model, data, fit.values)
     else:
         values = dict(fit.values)
         value = float(fit.log_joint)
@@ -337,25 +451,27 @@ class _AbstractFitMapMethod(AbstractMethod):
     """Both stages by :func:`~deqppl.inference.fit_map`; subclasses say how (``_fit``)."""
 
     @abc.abstractmethod
-    def _fit(self, model, y, fixed, seed, progress): ...
+    def _fit(self, model, data, fixed, seed, progress): ...
 
-    def fit_globals(self, model, y: torch.Tensor, *, seed: int, progress: bool) -> StageResult:
+    def fit_globals(
+        self, model, data: Mapping[str, torch.Tensor], *, seed: int, progress: bool
+    ) -> StageResult:
         start = time.perf_counter()
-        fit = self._fit(model, y, None, seed, progress)
-        return _from_map(model, y, fit, local=False, wall_time=time.perf_counter() - start)
+        fit = self._fit(model, data, None, seed, progress)
+        return _from_map(model, data, fit, local=False, wall_time=time.perf_counter() - start)
 
     def infer_locals(
         self,
         model,
-        y: torch.Tensor,
+        data: Mapping[str, torch.Tensor],
         globals: Mapping[str, torch.Tensor],
         *,
         seed: int,
         progress: bool,
     ) -> StageResult:
         start = time.perf_counter()
-        fit = self._fit(model, y, _check_globals(model, globals), seed, progress)
-        return _from_map(model, y, fit, local=True, wall_time=time.perf_counter() - start)
+        fit = self._fit(model, data, _check_globals(model, globals), seed, progress)
+        return _from_map(model, data, fit, local=True, wall_time=time.perf_counter() - start)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,10 +509,10 @@ class SVIMethod(_AbstractFitMapMethod):
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive and finite, got {self.lr}")
 
-    def _fit(self, model, y, fixed, seed, progress):
+    def _fit(self, model, data, fixed, seed, progress):
         return fit_map(
             model,
-            {"y": y},
+            data,
             method="svi",
             fixed=fixed,
             lr=self.lr,
@@ -442,10 +558,10 @@ class LBFGSMethod(_AbstractFitMapMethod):
     def __post_init__(self) -> None:
         _check_name(self.name)
 
-    def _fit(self, model, y, fixed, seed, progress):
+    def _fit(self, model, data, fixed, seed, progress):
         return fit_map(
             model,
-            {"y": y},
+            data,
             method="lbfgs",
             fixed=fixed,
             max_steps=self.max_steps,

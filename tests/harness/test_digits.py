@@ -22,7 +22,7 @@ def test_digits_deq_latents_match_svi_and_lbfgs(latent_dim):
         SVIMethod(max_steps=4000, lr=0.05),
         LBFGSMethod(),
     ]
-    result = compare(model, y, methods=methods, labels=labels, progress=False)
+    result = compare(model, {"y": y}, methods=methods, labels=labels, progress=False)
     s = result.summary
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(f"\n{result.model_name}, shared globals from {result.globals_source[0]}\n{s.T}")
