@@ -274,14 +274,14 @@ import dataclasses
 from deqppl.harness import DEQMethod, LBFGSMethod, SVIMethod, compare
 
 methods = [DEQMethod(num_epochs=30 if SMALL else 200), SVIMethod(max_steps=2000 if SMALL else None), LBFGSMethod()]
-comparison = compare(truth, y, methods=methods, heldout=y_new, progress=False)
+comparison = compare(truth, {"y": y}, methods=methods, heldout={"y": y_new}, progress=False)
 comparison.summary'''),
     ("md", "## Models: which latent dimension?"),
     ("code", '''\
 from deqppl.harness import compare_models
 
 candidates = {f"pca_l{l}": dataclasses.replace(truth, latent_dim=l) for l in (1, 2, 4)}
-models = compare_models(candidates, y, y_new, num_draws=50 if SMALL else 200, progress=False)
+models = compare_models(candidates, {"y": y}, {"y": y_new}, num_draws=50 if SMALL else 200, progress=False)
 models.table[["model", "heldout_log_lik", "heldout_log_lik_se", "elpd_loo", "elpd_loo_se"]]'''),
     ("md", """\
 ## ArviZ: PSIS-LOO and `az.compare`

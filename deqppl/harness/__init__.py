@@ -2,7 +2,7 @@
 a resumable run store, and model comparison across the zoo with ArviZ."""
 
 from deqppl.harness.accuracy import CertifiedBound, certified_bound
-from deqppl.harness.compare import COLUMNS, Comparison, compare, describe_model
+from deqppl.harness.compare import COLUMNS, TIMING_METRICS, Comparison, compare, describe_model
 from deqppl.harness.methods import (
     METHODS,
     AbstractMethod,
@@ -19,6 +19,7 @@ from deqppl.harness.validated import ValidatedData, validated
 __all__ = [
     "COLUMNS",
     "METHODS",
+    "TIMING_METRICS",
     "AbstractMethod",
     "CertifiedBound",
     "Comparison",

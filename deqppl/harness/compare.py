@@ -92,10 +92,12 @@ from deqppl.harness.sites import (
 from deqppl.harness.store import RunStore, Unit
 from deqppl.harness.validated import validated
 
-__all__ = ["COLUMNS", "Comparison", "compare", "describe_model"]
+__all__ = ["COLUMNS", "TIMING_METRICS", "Comparison", "compare", "describe_model"]
 
 #: Columns of :attr:`Comparison.table`.
 COLUMNS = ["model", "method", "seed", "stage", "metric", "value"]
+#: Metrics that measure time: they legitimately differ between two runs of the same comparison.
+TIMING_METRICS = ("wall_time", "time_ratio_vs_deq", "diagnostics_wall_time")
 STAGES = ("fit", "heldout")
 #: Fraction of rows held out when ``heldout`` is not given.
 HELDOUT_FRACTION = 0.2

@@ -16,6 +16,7 @@ from deqppl.harness import (
     LBFGSMethod,
     RunStore,
     SVIMethod,
+    TIMING_METRICS,
     compare,
     method,
 )
@@ -174,7 +175,7 @@ class CountingMethod(AbstractMethod):
         return self.inner.infer_locals(model, data, globals, seed=seed, progress=progress)
 
 
-_TIMING = {"wall_time", "time_ratio_vs_deq"}
+_TIMING = set(TIMING_METRICS)
 
 
 def _untimed(table):
