@@ -77,7 +77,7 @@ HIERARCHICAL_WIDTHS = (8, 3)
 SIMULATE_DEFAULTS = {"n": 200, "d": 10, "l": 2}
 #: ``--small``: at most this many rows, and fewer optimiser steps per method (a smoke run).
 SMALL_ROWS = 240
-SMALL_SETTINGS = {"deq": {"num_epochs": 20}, "svi": {"max_steps": 1000}, "lbfgs": {"max_steps": 100}}
+SMALL_STEPS = {"deq": 20, "svi": 1000, "lbfgs": 100}
 #: The zoo models by ``--model`` name.
 MODELS = ("pca", "hierarchical", "kglm")
 #: Built-in data sets per model (besides ``simulate:...`` and files).
@@ -174,11 +174,8 @@ def _methods(settings: dict) -> list:
                     f"valid methods for it are: {', '.join(valid)}"
                 )
             m = dataclasses.replace(m, encoder=encoder)
-        if settings["small"]:
-            fields = {f.name for f in dataclasses.fields(m)}
-            m = dataclasses.replace(
-                m, **{k: v for k, v in SMALL_SETTINGS.get(name, {}).items() if k in fields}
-            )
+        if settings["small"] and name in SMALL_STEPS:
+            m = dataclasses.replace(m, optimizer=dataclasses.replace(m.optimizer, max_steps=SMALL_STEPS[name]))
         out.append(m)
     return out
 

@@ -414,7 +414,8 @@ def compare(
     >>> from deqppl.models import ExpFamPCA
     >>> model = ExpFamPCA(family=family("bernoulli"), obs_dim=6, latent_dim=1)
     >>> data = model.simulate(30, seed=0, dtype=torch.float64).data
-    >>> result = compare(model, data, methods=[DEQMethod(num_epochs=20), LBFGSMethod()],
+    >>> from deqppl.optim import LBFGS
+    >>> result = compare(model, data, methods=[DEQMethod(optimizer=LBFGS(max_steps=20)), LBFGSMethod()],
     ...                  progress=False)
     >>> list(result.summary.index), result.globals_source[0] in ("deq", "lbfgs")
     (['deq', 'lbfgs'], True)

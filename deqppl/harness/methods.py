@@ -21,7 +21,7 @@ encoder of the protocol (``PEDEncoder``, ``DeepPEDEncoder``, a kernel-GLM DEQ).
 Examples
 --------
 >>> method("lbfgs")
-LBFGSMethod(name='lbfgs', max_steps=None, rtol=None, gtol=None, xtol=None)
+LBFGSMethod(name='lbfgs', optimizer=LBFGS(max_steps=1000, gtol=None, xtol=None, rtol=0.0, history_size=10, max_linesearch=25, c1=0.0001, c2=0.9))
 >>> sorted(METHODS)
 ['deq', 'lbfgs', 'svi']
 """
@@ -29,6 +29,7 @@ LBFGSMethod(name='lbfgs', max_steps=None, rtol=None, gtol=None, xtol=None)
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 import math
 import time
@@ -43,6 +44,7 @@ from deqppl.encoders import PEDEncoder
 from deqppl.encoders.fit import fit_encoder
 from deqppl.harness.sites import data_dtype, local_log_joint
 from deqppl.inference import fit_map, log_joint
+from deqppl.optim import LBFGS, SVI, Adam
 
 __all__ = [
     "AbstractMethod",
@@ -256,11 +258,13 @@ class DEQMethod(AbstractMethod):
         ``solve`` and a map from its fixed point to the model's local sites.
     solver
         Forward solver of the fixed point; ``None`` is the encoder's default solver.
-    optimizer, num_epochs, batch_size, lr, rtol, warm_start
-        Settings of the joint fit (:func:`~deqppl.encoders.fit.fit_encoder`). The default
-        ``"lbfgs"`` minimises the profiled objective $\\min_z L(W, B, z)$ full-batch (each
-        evaluation one solve); ``"adam"`` takes minibatch steps for data too large for one
-        batch. ``num_epochs`` caps the L-BFGS iterations or Adam epochs.
+    optimizer
+        How the joint fit (:func:`~deqppl.encoders.fit.fit_encoder`) optimises the globals:
+        :class:`~deqppl.optim.LBFGS` (default, at most 500 iterations) minimises the profiled
+        objective $\\min_z L(\\text{globals}, z)$ full-batch (each evaluation one solve);
+        :class:`~deqppl.optim.Adam` takes minibatch steps for data too large for one batch.
+    warm_start
+        Start each solve of the fit from the latents of the previous one.
     num_spectral
         Rows (a seeded subsample) on which the spectral radius of the layer Jacobian at $z^*$
         is estimated; 0 skips it.
@@ -275,7 +279,8 @@ class DEQMethod(AbstractMethod):
 
     Examples
     --------
-    >>> DEQMethod(num_epochs=50).num_epochs
+    >>> from deqppl.optim import LBFGS
+    >>> DEQMethod(optimizer=LBFGS(max_steps=50)).optimizer.max_steps
     50
     >>> from deqppl.encoders import DeepPEDEncoder
     >>> DEQMethod(name="deep", encoder=DeepPEDEncoder).encoder.__name__
@@ -285,11 +290,8 @@ class DEQMethod(AbstractMethod):
     name: str = "deq"
     encoder: type = PEDEncoder
     solver: AbstractSolver | None = None
-    optimizer: str = "lbfgs"
-    num_epochs: int = 500
-    batch_size: int = 128
-    lr: float = 0.02
-    rtol: float | None = None
+    # 500 iterations: the profiled fit converged within them on the digits and the tests.
+    optimizer: LBFGS | Adam = field(default_factory=lambda: LBFGS(max_steps=500))
     warm_start: bool = True
     num_spectral: int = 256
 
@@ -300,16 +302,7 @@ class DEQMethod(AbstractMethod):
                 f"encoder must be an encoder class with from_values (e.g. PEDEncoder, "
                 f"DeepPEDEncoder), got {self.encoder!r}"
             )
-        for attr in ("num_epochs", "batch_size"):
-            value = getattr(self, attr)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{attr} must be a positive integer, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive and finite, got {self.lr}")
-        if self.rtol is not None and not (self.rtol >= 0 and math.isfinite(self.rtol)):
-            raise ValueError(f"rtol must be non-negative and finite, got {self.rtol}")
-        if self.optimizer not in ("lbfgs", "adam"):
-            raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {self.optimizer!r}")
+        _check_optimizer("DEQMethod", self.optimizer, (LBFGS, Adam))
         if isinstance(self.num_spectral, bool) or not isinstance(self.num_spectral, int) or self.num_spectral < 0:
             raise ValueError(f"num_spectral must be a non-negative integer, got {self.num_spectral!r}")
 
@@ -339,23 +332,15 @@ class DEQMethod(AbstractMethod):
     def _fit(self, encoder, model, y, seed, progress):
         if isinstance(encoder, PEDEncoder):
             fit = fit_encoder(
-                encoder,
-                y,
-                num_epochs=self.num_epochs,
-                batch_size=self.batch_size,
-                lr=self.lr,
-                rtol=self.rtol,
-                seed=seed,
-                progress=progress,
+                encoder, y, optimizer=self.optimizer, seed=seed, progress=progress,
                 warm_start=self.warm_start,
-                optimizer=self.optimizer,
             )
             return (
-                _status_name(fit.status), fit.converged, int(fit.num_epochs), int(fit.num_solves),
+                _status_name(fit.status), fit.converged, int(fit.num_steps), int(fit.num_solves),
                 fit.loss_trace.detach().clone(),
             )
         status, steps, solves, trace, _ = _fit_profiled(
-            encoder, model, y, max_steps=self.num_epochs, progress=progress
+            encoder, model, y, max_steps=self.optimizer.max_steps, progress=progress
         )
         return status, status == "converged", steps, solves, trace
 
@@ -474,6 +459,12 @@ class _AbstractFitMapMethod(AbstractMethod):
         return _from_map(model, data, fit, local=True, wall_time=time.perf_counter() - start)
 
 
+def _check_optimizer(owner: str, optimizer: object, allowed: tuple[type, ...]) -> None:
+    if not isinstance(optimizer, allowed):
+        names = " or ".join(f"deqppl.optim.{cls.__name__}(...)" for cls in allowed)
+        raise TypeError(f"{owner}.optimizer must be {names}, got {optimizer!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SVIMethod(_AbstractFitMapMethod):
     """MAP by SVI with Pyro's ``AutoDelta`` guide and Adam (:func:`~deqppl.inference.fit_map`).
@@ -482,9 +473,10 @@ class SVIMethod(_AbstractFitMapMethod):
     ----------
     name
         Row name in the comparison.
-    lr, max_steps, subsample_size, rtol, gtol, xtol
-        Settings of ``fit_map(method="svi")``; ``None`` means its default (20 000 steps,
-        full batch, dtype-aware tolerances).
+    optimizer
+        The :class:`~deqppl.optim.SVI` settings (default: the tuned defaults of
+        ``docs/svi_tuning.md``). Its ``subsample_size`` applies to the joint fit only; the
+        conditional fits of ``infer_locals`` are full batch.
 
     Notes
     -----
@@ -492,51 +484,35 @@ class SVIMethod(_AbstractFitMapMethod):
 
     Examples
     --------
-    >>> SVIMethod(lr=0.1).lr
+    >>> from deqppl.optim import SVI
+    >>> SVIMethod(optimizer=SVI(lr=0.1)).optimizer.lr
     0.1
     """
 
     name: str = "svi"
-    lr: float = 0.05
-    max_steps: int | None = None
-    subsample_size: int | None = None
-    rtol: float | None = None
-    gtol: float | None = None
-    xtol: float | None = None
+    optimizer: SVI = field(default_factory=SVI)
 
     def __post_init__(self) -> None:
         _check_name(self.name)
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+        _check_optimizer("SVIMethod", self.optimizer, (SVI,))
 
     def _fit(self, model, data, fixed, seed, progress):
-        return fit_map(
-            model,
-            data,
-            method="svi",
-            fixed=fixed,
-            lr=self.lr,
-            max_steps=self.max_steps,
-            subsample_size=self.subsample_size if fixed is None else None,
-            rtol=self.rtol,
-            gtol=self.gtol,
-            xtol=self.xtol,
-            seed=seed,
-            progress=progress,
-        )
+        optimizer = self.optimizer
+        if fixed is not None and optimizer.subsample_size is not None:
+            optimizer = dataclasses.replace(optimizer, subsample_size=None)
+        return fit_map(model, data, optimizer=optimizer, fixed=fixed, seed=seed, progress=progress)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LBFGSMethod(_AbstractFitMapMethod):
-    """MAP by full-batch L-BFGS with a strong-Wolfe line search (:func:`~deqppl.inference.fit_map`).
+    """MAP by full-batch L-BFGS stopped on the gradient (:func:`~deqppl.inference.fit_map`).
 
     Parameters
     ----------
     name
         Row name in the comparison.
-    max_steps, rtol, gtol, xtol
-        Settings of ``fit_map(method="lbfgs")``; ``None`` means its default (500 iterations,
-        dtype-aware tolerances).
+    optimizer
+        The :class:`~deqppl.optim.LBFGS` settings (default ``LBFGS()``).
 
     Notes
     -----
@@ -545,32 +521,20 @@ class LBFGSMethod(_AbstractFitMapMethod):
 
     Examples
     --------
-    >>> LBFGSMethod(max_steps=100).max_steps
+    >>> from deqppl.optim import LBFGS
+    >>> LBFGSMethod(optimizer=LBFGS(max_steps=100)).optimizer.max_steps
     100
     """
 
     name: str = "lbfgs"
-    max_steps: int | None = None
-    rtol: float | None = None
-    gtol: float | None = None
-    xtol: float | None = None
+    optimizer: LBFGS = field(default_factory=LBFGS)
 
     def __post_init__(self) -> None:
         _check_name(self.name)
+        _check_optimizer("LBFGSMethod", self.optimizer, (LBFGS,))
 
     def _fit(self, model, data, fixed, seed, progress):
-        return fit_map(
-            model,
-            data,
-            method="lbfgs",
-            fixed=fixed,
-            max_steps=self.max_steps,
-            rtol=self.rtol,
-            gtol=self.gtol,
-            xtol=self.xtol,
-            seed=seed,
-            progress=progress,
-        )
+        return fit_map(model, data, optimizer=self.optimizer, fixed=fixed, seed=seed, progress=progress)
 
 
 #: Name -> method class; ``method(name)`` builds one with default settings.

@@ -8,6 +8,7 @@ import torch
 from dataclasses import dataclass, field
 
 from deqppl.expfam import family
+from deqppl.optim import LBFGS, SVI
 from deqppl.harness import (
     COLUMNS,
     METHODS,
@@ -32,10 +33,10 @@ def poisson_comparison():
     sim = model.simulate(100, seed=1, dtype=F64)
     labels = (sim.truth["z"][:, 0] > 0).long() + (sim.truth["z"][:, 1] > 0).long()
     methods = [
-        DEQMethod(num_epochs=8, batch_size=40),
+        DEQMethod(optimizer=LBFGS(max_steps=8)),
         # Few SVI steps: only the schema is checked for SVI here; the digits test checks its
         # latents at convergence.
-        SVIMethod(max_steps=150, lr=0.05),
+        SVIMethod(optimizer=SVI(max_steps=150, lr=0.05)),
         LBFGSMethod(),
     ]
     result = compare(model, sim.data, methods=methods, labels=labels, progress=False)
@@ -189,7 +190,7 @@ def test_interrupted_comparison_resumes_equal_without_recomputing(tmp_path):
     def methods(interrupt=False):
         return [
             CountingMethod(name="a", inner=LBFGSMethod()),
-            CountingMethod(name="b", inner=LBFGSMethod(max_steps=5), interrupt=interrupt),
+            CountingMethod(name="b", inner=LBFGSMethod(optimizer=LBFGS(max_steps=5)), interrupt=interrupt),
         ]
 
     plain = compare(model, y, methods=methods(), seeds=(0, 1), progress=False)

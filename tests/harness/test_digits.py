@@ -6,6 +6,7 @@ import torch
 
 from deqppl.data import load_digits
 from deqppl.expfam import binomial
+from deqppl.optim import LBFGS, SVI
 from deqppl.harness import DEQMethod, LBFGSMethod, SVIMethod, compare
 from deqppl.models import ExpFamPCA
 
@@ -18,8 +19,8 @@ def test_digits_deq_latents_match_svi_and_lbfgs(latent_dim):
     y, labels = data.y[rows], data.labels[rows]
     model = ExpFamPCA(family=binomial(16), obs_dim=64, latent_dim=latent_dim)
     methods = [
-        DEQMethod(num_epochs=30, batch_size=80),
-        SVIMethod(max_steps=4000, lr=0.05),
+        DEQMethod(optimizer=LBFGS(max_steps=30)),
+        SVIMethod(optimizer=SVI(max_steps=4000, lr=0.05)),
         LBFGSMethod(),
     ]
     result = compare(model, {"y": y}, methods=methods, labels=labels, progress=False)

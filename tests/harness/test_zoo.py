@@ -8,6 +8,7 @@ import torch
 
 from deqppl.encoders import DeepPEDEncoder
 from deqppl.expfam import bernoulli, family, gaussian
+from deqppl.optim import LBFGS, SVI
 from deqppl.harness import COLUMNS, DEQMethod, LBFGSMethod, SVIMethod, compare
 from deqppl.harness.accuracy import certified_bound
 from deqppl.harness.sites import site_layout
@@ -25,7 +26,7 @@ HELD = COMMON | {"certified_bound", "min_hessian_eig", "max_abs_dz", "heldout_lo
 def pca():
     model = ExpFamPCA(family=family("poisson"), obs_dim=8, latent_dim=2, param_scale=0.5)
     data = model.simulate(60, seed=0, dtype=F64).data
-    methods = [DEQMethod(num_epochs=10), SVIMethod(max_steps=100), LBFGSMethod()]
+    methods = [DEQMethod(optimizer=LBFGS(max_steps=10)), SVIMethod(optimizer=SVI(max_steps=100)), LBFGSMethod()]
     return compare(model, data, methods=methods, progress=False)
 
 
@@ -34,8 +35,8 @@ def hierarchical():
     model = HierarchicalExpFamPCA(widths=(6, 3, 2))
     data = model.simulate(60, seed=0, dtype=F64).data
     methods = [
-        DEQMethod(encoder=DeepPEDEncoder, num_epochs=200),
-        SVIMethod(max_steps=200),
+        DEQMethod(encoder=DeepPEDEncoder, optimizer=LBFGS(max_steps=200)),
+        SVIMethod(optimizer=SVI(max_steps=200)),
         LBFGSMethod(),
     ]
     return compare(model, data, methods=methods, progress=False)
@@ -45,7 +46,7 @@ def hierarchical():
 def kglm(request):
     model = KernelGLM(request.param, SquaredExponential(lengthscale=1.0), lam=1.0)
     data = model.simulate(50, seed=0, dtype=F64).data
-    return model, data, compare(model, data, methods=[SVIMethod(max_steps=300), LBFGSMethod()], progress=False)
+    return model, data, compare(model, data, methods=[SVIMethod(optimizer=SVI(max_steps=300)), LBFGSMethod()], progress=False)
 
 
 def _metrics(result, stage):
