@@ -259,3 +259,20 @@ def test_kglm_on_a_user_csv(capsys, tmp_path):
         "--out", str(tmp_path / "o3"),
     )
     assert code == 2 and "--y-column" in err
+
+
+def test_one_validation_per_cli_run(capsys, tmp_path, monkeypatch):
+    from deqppl.models import ExpFamPCA
+
+    calls = []
+    original = ExpFamPCA.validate
+
+    def counting(self, data):
+        calls.append(1)
+        return original(self, data)
+
+    monkeypatch.setattr(ExpFamPCA, "validate", counting)
+    argv = ["compare", "--data", "simulate:poisson,n=30,d=4,l=1", "--methods", "deq,svi,lbfgs", "--small",
+            "--no-progress", "--out", str(tmp_path / "o")]
+    assert run_cli(capsys, *argv)[0] == 0
+    assert len(calls) == 1

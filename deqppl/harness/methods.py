@@ -39,10 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from deqppl.deq import AbstractSolver
-from deqppl.deq.diagnostics import spectral_radius
-from deqppl.encoders import PEDEncoder
-from deqppl.encoders.fit import fit_encoder
-from deqppl.harness.sites import data_dtype, local_log_joint
+from deqppl.encoders import AbstractMAPEncoder, PEDEncoder, fit_encoder
+from deqppl.harness.sites import data_dtype, local_log_joint, take_rows
 from deqppl.inference import fit_map, log_joint
 from deqppl.optim import LBFGS, SVI, Adam
 
@@ -167,79 +165,8 @@ def _check_name(name: object) -> None:
 # --------------------------------------------------------------------------------------------
 # DEQ: an encoder of the protocol (SPEC §2.2, §3), globals by joint MAP through the fixed point
 # --------------------------------------------------------------------------------------------
-def _encoder_input(model, data: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    # Today's encoders solve for one observation tensor (the model's only data name).
-    if len(model.data_names) != 1:
-        raise TypeError(
-            f"DEQMethod's encoders take one data tensor; {type(model).__name__} has the data "
-            f"names {list(model.data_names)}"
-        )
-    return data[model.data_names[0]]
-
-
-def _to_sites(encoder, model, z: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The model's local sites from the encoder's fixed point ``z``."""
-    to_sites = getattr(encoder, "to_sites", None)
-    if callable(to_sites):
-        return {k: v.detach() for k, v in to_sites(z).items()}
-    split = getattr(encoder, "split", None)
-    parts = split(z) if callable(split) else [z]
-    return {name: part.detach() for name, part in zip(model.local_sites, parts, strict=True)}
-
-
-def _fit_profiled(encoder, model, y: torch.Tensor, *, max_steps: int, progress: bool):
-    """Profiled L-BFGS on the globals of any encoder whose parameters are named by the model's
-    global sites (until ``fit_encoder`` takes every encoder of the protocol)."""
-    from deqppl._progress import progress as _progress
-
-    start = time.perf_counter()
-    params = [getattr(encoder, name) for name in model.global_sites]
-    opt = torch.optim.LBFGS(
-        params, lr=1.0, max_iter=1, max_eval=26, history_size=20,
-        tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe",
-    )
-    state: dict[str, object] = {"z": None, "solves": 0}
-    big = torch.finfo(y.dtype).max ** 0.3  # as fit_encoder: a failed trial point backtracks
-    data = {model.data_names[0]: y}
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        state["solves"] += 1
-        with torch.no_grad():
-            sol = encoder.solve(y, throw=False)
-        z = sol.value.detach()
-        values = {**{n: getattr(encoder, n) for n in model.global_sites}, **_to_sites(encoder, model, z)}
-        loss = -log_joint(model, data, values)
-        ok = bool(sol.converged.all()) and bool(torch.isfinite(loss))
-        if ok:
-            loss.backward()
-            ok = all(bool(torch.isfinite(p.grad).all()) for p in params)
-        if not ok:
-            for p in params:
-                p.grad = torch.zeros_like(p)
-            return torch.tensor(big, dtype=y.dtype)
-        return loss.detach()
-
-    loss = float(closure())
-    trace = [loss]
-    status, steps = "max_steps", 0
-    gtol = math.sqrt(torch.finfo(y.dtype).eps)
-    for step in _progress(range(max_steps), enable=progress, desc="fit encoder (L-BFGS)"):
-        opt.step(closure)
-        steps = step + 1
-        new_loss = float(closure())
-        trace.append(new_loss)
-        if not math.isfinite(new_loss) or new_loss >= big:
-            status = "nonfinite"
-            break
-        gmax = max(float(p.grad.abs().max()) for p in params)
-        if abs(new_loss - loss) <= 10 * torch.finfo(y.dtype).eps * abs(new_loss) or gmax <= gtol * max(
-            1.0, abs(new_loss) / y.numel()
-        ):
-            status = "converged"
-            break
-        loss = new_loss
-    return status, steps, int(state["solves"]), torch.tensor(trace, dtype=torch.float64), time.perf_counter() - start
+def _sites(encoder, z: torch.Tensor, data) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in encoder.to_sites(z, data).items()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,11 +178,11 @@ class DEQMethod(AbstractMethod):
     name
         Row name in the comparison.
     encoder
-        The encoder class of the protocol to fit and solve: :class:`~deqppl.encoders.PEDEncoder`
+        The encoder class to fit and solve, a subclass of the encoder protocol
+        :class:`~deqppl.encoders.AbstractMAPEncoder`: :class:`~deqppl.encoders.PEDEncoder`
         (default, exponential-family PCA), :class:`~deqppl.encoders.DeepPEDEncoder`
-        (hierarchical latents), or any class with the same constructor
-        ``(model, *, solver, throw, seed)``, ``from_values(model, values)``, ``values()``,
-        ``solve`` and a map from its fixed point to the model's local sites.
+        (hierarchical latents), or a new one (built as ``encoder(model, solver=..., throw=False,
+        seed=...)`` and ``encoder.from_values(model, globals, ...)``).
     solver
         Forward solver of the fixed point; ``None`` is the encoder's default solver.
     optimizer
@@ -297,81 +224,64 @@ class DEQMethod(AbstractMethod):
 
     def __post_init__(self) -> None:
         _check_name(self.name)
-        if not (isinstance(self.encoder, type) and callable(getattr(self.encoder, "from_values", None))):
+        if not (isinstance(self.encoder, type) and issubclass(self.encoder, AbstractMAPEncoder)):
             raise TypeError(
-                f"encoder must be an encoder class with from_values (e.g. PEDEncoder, "
-                f"DeepPEDEncoder), got {self.encoder!r}"
+                f"encoder must be a class of the encoder protocol (a subclass of "
+                f"deqppl.encoders.AbstractMAPEncoder, e.g. PEDEncoder, DeepPEDEncoder), got {self.encoder!r}"
             )
         _check_optimizer("DEQMethod", self.optimizer, (LBFGS, Adam))
         if isinstance(self.num_spectral, bool) or not isinstance(self.num_spectral, int) or self.num_spectral < 0:
             raise ValueError(f"num_spectral must be a non-negative integer, got {self.num_spectral!r}")
 
-    def _solve(self, encoder, y: torch.Tensor):
+    def _solve(self, encoder, data: Mapping[str, torch.Tensor]):
         with torch.no_grad():
-            return encoder.solve(y, throw=False)
+            return encoder.solve(data, throw=False, validated=True)
 
-    def _diagnostics(self, encoder, y: torch.Tensor, z: torch.Tensor, seed: int) -> dict[str, float]:
-        if self.num_spectral == 0 or y.shape[0] == 0:
+    def _diagnostics(self, encoder, model, data, z: torch.Tensor, seed: int) -> dict[str, float]:
+        if self.num_spectral == 0 or z.shape[0] == 0:
             return {}
-        gen = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(y.shape[0], generator=gen)[: self.num_spectral]
-        hook = getattr(encoder, "spectral_radius", None)
-        if callable(hook):
-            radius = hook(y[rows], z[rows])
-        elif callable(getattr(encoder, "layer", None)):
-            y_rows = y[rows]
-            with torch.no_grad():
-                radius = spectral_radius(lambda u: encoder.layer(u, y_rows), z[rows].detach())
+        if getattr(model, "plate_name", "data") is None:
+            rows_data, rows_z = data, z  # coupled locals: one problem, no rows to subsample
         else:
-            return {}
+            gen = torch.Generator().manual_seed(seed)
+            rows = torch.randperm(z.shape[0], generator=gen)[: self.num_spectral]
+            rows_data, rows_z = take_rows(data, rows), z[rows]
+        radius = encoder.spectral_radius(dict(rows_data), rows_z, validated=True)
         return {
             "spectral_radius": float(radius.median()),
             "spectral_radius_max": float(radius.max()),
         }
 
-    def _fit(self, encoder, model, y, seed, progress):
-        if isinstance(encoder, PEDEncoder):
-            fit = fit_encoder(
-                encoder, y, optimizer=self.optimizer, seed=seed, progress=progress,
-                warm_start=self.warm_start,
-            )
-            return (
-                _status_name(fit.status), fit.converged, int(fit.num_steps), int(fit.num_solves),
-                fit.loss_trace.detach().clone(),
-            )
-        status, steps, solves, trace, _ = _fit_profiled(
-            encoder, model, y, max_steps=self.optimizer.max_steps, progress=progress
-        )
-        return status, status == "converged", steps, solves, trace
-
     def fit_globals(
         self, model, data: Mapping[str, torch.Tensor], *, seed: int, progress: bool
     ) -> StageResult:
-        y = _encoder_input(model, data)
         start = time.perf_counter()
         encoder = self.encoder(model, solver=self.solver, throw=False, seed=seed).to(data_dtype(data))
-        status, fit_converged, num_steps, num_solves, trace = self._fit(encoder, model, y, seed, progress)
+        fit = fit_encoder(
+            encoder, data, optimizer=self.optimizer, seed=seed, progress=progress,
+            warm_start=self.warm_start,
+        )
         wall_time = time.perf_counter() - start
         # Diagnostics, timed apart: the training latents at the fitted globals, their log joint
         # and the spectral radii are not part of the fit's cost.
         start = time.perf_counter()
-        sol = self._solve(encoder, y)
-        values = {**encoder.values(), **_to_sites(encoder, model, sol.value)}
+        sol = self._solve(encoder, data)
+        values = {**encoder.values(), **_sites(encoder, sol.value, data)}
         with torch.no_grad():
             total = float(log_joint(model, data, values))
-        extra = self._diagnostics(encoder, y, sol.value.detach(), seed)
+        extra = self._diagnostics(encoder, model, data, sol.value.detach(), seed)
         extra["fraction_converged"] = float(sol.converged.double().mean())
         extra["diagnostics_wall_time"] = time.perf_counter() - start
         return StageResult(
             values=values,
             log_joint=total,
             wall_time=wall_time,
-            num_steps=num_steps,
-            num_grad_evals=num_solves,
-            status=status,
-            converged=bool(fit_converged) and bool(sol.converged.all()),
+            num_steps=int(fit.num_steps),
+            num_grad_evals=int(fit.num_solves),
+            status=_status_name(fit.status),
+            converged=bool(fit.converged) and bool(sol.converged.all()),
             per_sample_converged=sol.converged.detach().clone(),
-            trace=trace,
+            trace=fit.loss_trace.detach().clone(),
             extra=extra,
         )
 
@@ -384,14 +294,13 @@ class DEQMethod(AbstractMethod):
         seed: int,
         progress: bool,
     ) -> StageResult:
-        y = _encoder_input(model, data)
         start = time.perf_counter()
         encoder = self.encoder.from_values(model, _check_globals(model, globals), solver=self.solver, throw=False)
-        sol = self._solve(encoder, y)
+        sol = self._solve(encoder, data)
         wall_time = time.perf_counter() - start
         start = time.perf_counter()
-        locals_ = _to_sites(encoder, model, sol.value)
-        extra = self._diagnostics(encoder, y, sol.value.detach(), seed)
+        locals_ = _sites(encoder, sol.value, data)
+        extra = self._diagnostics(encoder, model, data, sol.value.detach(), seed)
         extra["fraction_converged"] = float(sol.converged.double().mean())
         extra["diagnostics_wall_time"] = time.perf_counter() - start
         return StageResult(

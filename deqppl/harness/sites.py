@@ -4,11 +4,13 @@ live in the data plate, and per-datum log densities.
 The harness never names a site: it takes the names from the model (``local_sites``,
 ``global_sites``, ``data_names``) and the structure from one trace of its Pyro program.
 
-* A **plate model** keeps every local site inside the plate ``"data"`` (ExpFamPCA's ``z``,
+* A **plate model** keeps every local site inside its data plate (``model.plate_name``,
+  default ``"data"``; ExpFamPCA's ``z``,
   the hierarchical ``z1..zL``): given the globals, the locals of different rows are
   independent, the conditional MAP decouples per row and held-out rows get latents of their
   own.
-* A **coupled model** has local sites outside any data plate (the kernel GLM's whitened
+* A **coupled model** (``plate_name = None``, :mod:`deqppl.protocols`) has local sites
+  outside any data plate (the kernel GLM's whitened
   function values ``u``, coupled through the kernel matrix): its locals are defined on the
   training inputs only, and held-out data are scored by the model's predictive hook.
 
@@ -44,14 +46,20 @@ __all__ = [
     "local_log_joint",
     "num_rows",
     "observed_log_lik",
+    "plate_of",
     "per_datum_log_joint",
     "site_layout",
     "take_rows",
     "unflatten_locals",
 ]
 
-#: Name of the plate that holds a plate model's data and local latents (docs/CONVENTIONS.md).
+#: Name of the data plate of a model that does not declare ``plate_name`` (docs/CONVENTIONS.md).
 PLATE = "data"
+
+
+def plate_of(model) -> str | None:
+    """The model's data plate (``plate_name``; ``"data"`` when undeclared), None if coupled."""
+    return getattr(model, "plate_name", PLATE)
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,10 @@ class SiteLayout:
         The model's global latent sites.
     observed_sites
         Observed sample sites (the likelihood terms).
+    plate
+        The data plate's name (None for a coupled model).
     coupled
-        True when some local site lies outside the plate ``"data"`` (see the module notes).
+        True when the model's locals lie in no data plate (see the module notes).
     shapes
         Local site -> shape of its value on the traced data.
     local_width
@@ -78,6 +88,7 @@ class SiteLayout:
     local_sites: tuple[str, ...]
     global_sites: tuple[str, ...]
     observed_sites: tuple[str, ...]
+    plate: str | None
     coupled: bool
     shapes: dict[str, tuple[int, ...]]
     local_width: int
@@ -99,8 +110,8 @@ def data_dtype(data: Mapping[str, torch.Tensor]) -> torch.dtype:
     return floats[0] if floats else torch.get_default_dtype()
 
 
-def _in_plate(node: dict) -> bool:
-    return any(f.name == PLATE for f in node["cond_indep_stack"])
+def _in_plate(node: dict, plate: str | None) -> bool:
+    return plate is not None and any(f.name == plate for f in node["cond_indep_stack"])
 
 
 def site_layout(model, data: Mapping[str, torch.Tensor]) -> SiteLayout:
@@ -110,7 +121,8 @@ def site_layout(model, data: Mapping[str, torch.Tensor]) -> SiteLayout:
     ------
     ValueError
         If the trace's latent sites differ from the model's declared ``local_sites`` plus
-        ``global_sites`` (the message lists both).
+        ``global_sites``, or the locals' placement contradicts the declared ``plate_name``
+        (the message lists both).
     """
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         init = pyro.infer.autoguide.initialization.InitMessenger(_zero_init(data_dtype(data)))
@@ -127,7 +139,15 @@ def site_layout(model, data: Mapping[str, torch.Tensor]) -> SiteLayout:
         for name, node in trace.nodes.items()
         if node["type"] == "sample" and node["is_observed"] and type(node["fn"]).__name__ != "_Subsample"
     )
-    coupled = not all(_in_plate(trace.nodes[name]) for name in local)
+    plate = plate_of(model)
+    in_plate = [name for name in local if _in_plate(trace.nodes[name], plate if plate is not None else PLATE)]
+    coupled = plate is None
+    if (coupled and in_plate) or (not coupled and len(in_plate) != len(local)):
+        raise ValueError(
+            f"{type(model).__name__} declares plate_name={plate!r}, but its local sites "
+            f"{list(local)} are {'inside' if coupled else 'not all inside'} that plate "
+            f"(in it: {in_plate})"
+        )
     shapes = {name: tuple(trace.nodes[name]["value"].shape) for name in local}
     if coupled:
         width = sum(int(torch.Size(s).numel()) for s in shapes.values())
@@ -137,6 +157,7 @@ def site_layout(model, data: Mapping[str, torch.Tensor]) -> SiteLayout:
         local_sites=local,
         global_sites=global_,
         observed_sites=observed,
+        plate=plate,
         coupled=coupled,
         shapes=shapes,
         local_width=width,
@@ -205,8 +226,8 @@ def _trace(model, data, values):
     return trace
 
 
-def _rows(node: dict) -> torch.Tensor:
-    frame = next(f for f in node["cond_indep_stack"] if f.name == PLATE)
+def _rows(node: dict, plate: str) -> torch.Tensor:
+    frame = next(f for f in node["cond_indep_stack"] if f.name == plate)
     lp = node["fn"].log_prob(node["value"])
     rows = lp.movedim(frame.dim, 0)
     return rows.reshape(rows.shape[0], -1).sum(1)
@@ -223,8 +244,9 @@ def observed_log_lik(
     Raises
     ------
     ValueError
-        If an observed site is not in the plate ``"data"``.
+        If an observed site is not in the model's data plate.
     """
+    plate = plate_of(model)
     trace = _trace(model, data, values)
     total = None
     with torch.no_grad():
@@ -233,9 +255,9 @@ def observed_log_lik(
                 continue  # conditioned latents are "observed" in the trace too
             if type(node["fn"]).__name__ == "_Subsample":
                 continue
-            if not _in_plate(node):
-                raise ValueError(f"observed site {name!r} is not in the plate {PLATE!r}")
-            rows = _rows(node)
+            if not _in_plate(node, plate):
+                raise ValueError(f"observed site {name!r} is not in the data plate {plate!r}")
+            rows = _rows(node, plate)
             total = rows if total is None else total + rows
     if total is None:
         raise ValueError(f"{type(model).__name__} has no observed site")
@@ -249,7 +271,7 @@ def per_datum_log_joint(
     from deqppl.inference import log_joint
 
     with torch.no_grad():
-        return log_joint(model, data, values, per_datum=True).detach()
+        return log_joint(model, data, values, per_datum=True, plate_name=plate_of(model)).detach()
 
 
 def local_log_joint(

@@ -216,3 +216,50 @@ def test_interrupted_comparison_resumes_equal_without_recomputing(tmp_path):
     # a store of another run (different data) is refused, not mixed in
     with pytest.raises(ValueError, match="different run"):
         compare(model, {"y": 1 - y["y"]}, methods=second, seeds=(0, 1), store=store, progress=False)
+
+
+# ------------------------------------------------------------------------------ validate once
+def _count_validate(monkeypatch, cls):
+    calls = []
+    original = cls.validate
+
+    def counting(self, data):
+        calls.append(type(self).__name__)
+        return original(self, data)
+
+    monkeypatch.setattr(cls, "validate", counting)
+    return calls
+
+
+@pytest.mark.parametrize("heldout", [False, True], ids=["split", "heldout-given"])
+def test_compare_validates_each_data_set_once(monkeypatch, heldout):
+    model = ExpFamPCA(family=family("poisson"), obs_dim=4, latent_dim=1, param_scale=0.5)
+    data = model.simulate(30, seed=0, dtype=F64).data
+    methods = [DEQMethod(optimizer=LBFGS(max_steps=5)), SVIMethod(optimizer=SVI(max_steps=20)),
+               LBFGSMethod(optimizer=LBFGS(max_steps=20))]
+    calls = _count_validate(monkeypatch, ExpFamPCA)
+    if heldout:
+        compare(model, {"y": data["y"][:20]}, heldout={"y": data["y"][20:]}, methods=methods, progress=False)
+    else:
+        compare(model, data, methods=methods, progress=False)
+    # one per data mapping passed in: the rows (and the held-out rows); nothing inside re-checks
+    assert calls == ["ExpFamPCA"] * (2 if heldout else 1)
+
+
+def test_compare_validates_once_for_coupled_and_hierarchical_models(monkeypatch):
+    from deqppl.encoders import DeepPEDEncoder
+    from deqppl.expfam import gaussian
+    from deqppl.kernels import SquaredExponential
+    from deqppl.models import HierarchicalExpFamPCA, KernelGLM
+
+    kglm = KernelGLM(gaussian(), SquaredExponential(), lam=1.0)
+    deep = HierarchicalExpFamPCA(widths=(4, 2, 1))
+    cases = [
+        (kglm, [SVIMethod(optimizer=SVI(max_steps=20)), LBFGSMethod(optimizer=LBFGS(max_steps=20))]),
+        (deep, [DEQMethod(encoder=DeepPEDEncoder, optimizer=LBFGS(max_steps=5)), LBFGSMethod(optimizer=LBFGS(max_steps=20))]),
+    ]
+    for model, methods in cases:
+        data = model.simulate(20, seed=0, dtype=F64).data
+        calls = _count_validate(monkeypatch, type(model))
+        compare(model, data, methods=methods, progress=False)
+        assert len(calls) == 1, type(model).__name__
