@@ -181,8 +181,10 @@ class DEQMethod(AbstractMethod):
         The encoder class to fit and solve, a subclass of the encoder protocol
         :class:`~deqppl.encoders.AbstractMAPEncoder`: :class:`~deqppl.encoders.PEDEncoder`
         (default, exponential-family PCA), :class:`~deqppl.encoders.DeepPEDEncoder`
-        (hierarchical latents), or a new one (built as ``encoder(model, solver=..., throw=False,
-        seed=...)`` and ``encoder.from_values(model, globals, ...)``).
+        (hierarchical latents), or a new one: the method builds it as ``encoder(model,
+        solver=..., throw=False, seed=...)`` for the joint fit (``seed`` seeds its initial
+        globals) and ``encoder.from_values(model, globals, solver=..., throw=False)`` for new
+        data; tests/harness/test_zoo.py adds a user's encoder this way.
     solver
         Forward solver of the fixed point; ``None`` is the encoder's default solver.
     optimizer

@@ -206,3 +206,57 @@ def test_coupled_models_refuse_labels():
     data = model.simulate(20, seed=0, dtype=F64).data
     with pytest.raises(ValueError, match="coupled across rows"):
         compare(model, data, methods=["lbfgs"], labels=torch.zeros(20), progress=False)
+
+
+# ------------------------------------------------------------- a user's model and encoder
+def test_a_user_model_and_encoder_add_a_row_without_touching_the_harness():
+    """A Pyro program wrapped by the protocol, plus an encoder class: compare runs it."""
+    import pyro
+    import pyro.distributions as dist
+    from torch import nn
+
+    from deqppl.encoders import AbstractMAPEncoder
+    from deqppl.protocols import PyroModel
+
+    d, noise = 3, 0.5
+
+    def program(y=None, *, num_data=None):
+        n = y.shape[0] if y is not None else num_data
+        dtype = y.dtype if y is not None else torch.get_default_dtype()
+        zero = torch.zeros(d, dtype=dtype)
+        mu = pyro.sample("mu", dist.Normal(zero, 1.0).to_event(1))
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(zero, 1.0).to_event(1))
+            return pyro.sample("y", dist.Normal(mu + z, noise).to_event(1), obs=y)
+
+    model = PyroModel(program, data_names=("y",), local_sites=("z",), global_sites=("mu",))
+
+    class ShiftEncoder(AbstractMAPEncoder):
+        # F(z) = |z|^2/2 + |y - mu - z|^2 / (2 noise^2); the layer is a Newton step on F
+        def __init__(self, model, *, solver=None, adjoint=None, throw=True, seed=0):
+            super().__init__(model, solver=solver, adjoint=adjoint, throw=throw)
+            self.mu = nn.Parameter(torch.zeros(d))
+
+        def layer(self, z, data):
+            curvature = 1.0 + noise**-2
+            grad = z - (data["y"] - self.mu - z) / noise**2
+            return z - grad / curvature
+
+        def latent_shape(self, data):
+            return tuple(data["y"].shape)
+
+        def initial_guess(self, data):
+            return torch.zeros_like(data["y"])
+
+        def to_sites(self, z, data):
+            return {"z": z}
+
+    data = model.simulate(40, seed=0, dtype=F64).data
+    methods = [DEQMethod(name="shift", encoder=ShiftEncoder, optimizer=LBFGS(max_steps=100)), LBFGSMethod()]
+    r = compare(model, data, methods=methods, progress=False)
+    assert set(r.summary.index) == {"shift", "lbfgs"}
+    # the closed form z* = (y - mu) / (1 + noise^2) under the shared globals
+    mu = r.shared_globals["mu"]
+    closed = (r.heldout_data["y"] - mu) / (1 + noise**2)
+    torch.testing.assert_close(r.local_values["shift"]["z"], closed, rtol=0, atol=1e-10)
+    assert float(r.bounds["shift"].max()) < 1e-10
