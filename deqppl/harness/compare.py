@@ -132,12 +132,13 @@ class Comparison:
         Wide frame, one row per method (index ``"method"``; ``"pca"`` last when labels were
         given): the ``"heldout"`` metrics averaged over seeds, plus ``fit_wall_time``.
     latents
-        Method name -> the ``"heldout"`` stage's locals of the first seed as one tensor:
-        ``(n_heldout, k)`` for a plate model (each row's local coordinates, the local sites
-        concatenated in declared order; ExpFamPCA: ``z``), ``(K, 1)`` for a coupled model
-        (its K local coordinates on the training data).
+        Method name -> the ``"heldout"`` stage's locals of the first seed: the local site's
+        value for a model with one local site (ExpFamPCA: ``z`` ``(n_heldout, l)``; KernelGLM:
+        ``u`` ``(n_train,)``, a coupled model's locals live on the training inputs), else the
+        mapping {local site: value} (the hierarchy's ``z1..zL``).
     local_values
-        Method name -> {local site: value} of the ``"heldout"`` stage, first seed.
+        Method name -> {local site: value} of the ``"heldout"`` stage, first seed (always the
+        mapping).
     bounds
         Method name -> per-row certified bounds ``(n,)`` (``(1,)`` for a coupled model) of
         its ``"heldout"`` locals, first seed (:func:`~deqppl.harness.accuracy.certified_bound`).
@@ -537,7 +538,7 @@ def compare(
         if seed == seeds[0]:
             first = {
                 "latents": {
-                    name: (flatten_locals(layout, loc)[:, None] if layout.coupled else flatten_locals(layout, loc))
+                    name: loc[layout.local_sites[0]] if len(layout.local_sites) == 1 else dict(loc)
                     for name, loc in locals_.items()
                 },
                 "local_values": locals_,
