@@ -163,7 +163,10 @@ class LBFGS(AbstractOptimizer):
     Parameters
     ----------
     max_steps
-        Cap on quasi-Newton iterations; reaching it gives ``FitStatus.MAX_STEPS``.
+        Cap on quasi-Newton iterations; reaching it gives ``FitStatus.MAX_STEPS``. The
+        gradient rule normally stops the fit long before: the joint MAP of Binomial(16) PCA
+        on 600 digits (3 384 unknowns, a rotation-invariant, ill-conditioned problem from a
+        random start) takes ~1 000 iterations.
     gtol
         Gradient rule (the main stopping rule):
         $\max_i\lvert g_i\rvert\le \mathrm{gtol}\cdot\max(1,\lvert f\rvert/n)$ with $f$ the
@@ -219,7 +222,7 @@ class LBFGS(AbstractOptimizer):
 
     label: ClassVar[str] = "L-BFGS"
 
-    max_steps: int = 1000
+    max_steps: int = 5000
     gtol: float | None = None
     xtol: float | None = None
     rtol: float = 0.0
@@ -303,7 +306,7 @@ class SVI(AbstractOptimizer):
 
     label: ClassVar[str] = "SVI"
 
-    lr: float = 0.05
+    lr: float = 0.5
     max_steps: int = 20_000
     schedule: AbstractSchedule = field(default_factory=PlateauDecay)
     subsample_size: int | None = None
