@@ -20,8 +20,8 @@ encoder of the protocol (``PEDEncoder``, ``DeepPEDEncoder``, a kernel-GLM DEQ).
 
 Examples
 --------
->>> method("lbfgs")
-LBFGSMethod(name='lbfgs', optimizer=LBFGS(max_steps=5000, gtol=None, xtol=None, rtol=0.0, history_size=10, max_linesearch=25, c1=0.0001, c2=0.9))
+>>> method("lbfgs").optimizer.rtol  # default settings: L-BFGS stopped on the gradient only
+0.0
 >>> sorted(METHODS)
 ['deq', 'lbfgs', 'svi']
 """
