@@ -276,3 +276,20 @@ def test_one_validation_per_cli_run(capsys, tmp_path, monkeypatch):
             "--no-progress", "--out", str(tmp_path / "o")]
     assert run_cli(capsys, *argv)[0] == 0
     assert len(calls) == 1
+
+
+def test_digits_default_subset_and_full(capsys, tmp_path):
+    from deqppl.cli import DIGITS_DEFAULT_ROWS, _settings, build_parser, build_problem
+
+    def problem(*argv):
+        return build_problem(_settings(build_parser().parse_args(["compare", *argv])))
+
+    default = problem()
+    assert default.data["y"].shape[0] + default.heldout["y"].shape[0] == DIGITS_DEFAULT_ROWS
+    assert default.model_comparison is not None  # the digits' report compares families and sizes
+    full = problem("--full", "--no-model-comparison")
+    assert full.data["y"].shape[0] + full.heldout["y"].shape[0] == 1797
+    assert full.model_comparison is None
+    assert problem("--rows", "100").heldout["y"].shape[0] == 20
+    code, _, err = run_cli(capsys, "compare", "--rows", "100", "--full", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--rows N or --full" in err
