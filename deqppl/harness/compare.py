@@ -132,10 +132,10 @@ class Comparison:
         Wide frame, one row per method (index ``"method"``; ``"pca"`` last when labels were
         given): the ``"heldout"`` metrics averaged over seeds, plus ``fit_wall_time``.
     latents
-        Method name -> the ``"heldout"`` stage's locals of the first seed: the local site's
-        value for a model with one local site (ExpFamPCA: ``z`` ``(n_heldout, l)``; KernelGLM:
-        ``u`` ``(n_train,)``, a coupled model's locals live on the training inputs), else the
-        mapping {local site: value} (the hierarchy's ``z1..zL``).
+        Method name -> the ``"heldout"`` stage's locals of the first seed: for a model with one
+        local site a ``(rows, coordinates)`` tensor (ExpFamPCA: ``z`` ``(n_heldout, l)``;
+        KernelGLM: ``u`` as a column ``(n_train, 1)``, a coupled model's locals live on the
+        training inputs), else the mapping {local site: value} (the hierarchy's ``z1..zL``).
     local_values
         Method name -> {local site: value} of the ``"heldout"`` stage, first seed (always the
         mapping).
@@ -538,7 +538,7 @@ def compare(
         if seed == seeds[0]:
             first = {
                 "latents": {
-                    name: loc[layout.local_sites[0]] if len(layout.local_sites) == 1 else dict(loc)
+                    name: _latents(layout, loc)
                     for name, loc in locals_.items()
                 },
                 "local_values": locals_,
@@ -567,6 +567,14 @@ def compare(
         bounds=first["bounds"],
         coupled=layout.coupled,
     )
+
+
+def _latents(layout: SiteLayout, locals_: Mapping[str, torch.Tensor]):
+    # Comparison.latents: a (rows, coordinates) tensor for one local site, else the mapping.
+    if len(layout.local_sites) > 1:
+        return dict(locals_)
+    flat = flatten_locals(layout, locals_)
+    return flat[:, None] if layout.coupled else flat
 
 
 def _infinite_bound(layout: SiteLayout, locals_: Mapping[str, torch.Tensor]) -> CertifiedBound:

@@ -102,7 +102,7 @@ def test_kglm_heldout_scores_predictions_at_new_inputs(kglm):
     assert r.coupled and r.shared_globals == {}
     # the held-out stage infers u on the training inputs (40 of 50 points)
     assert r.local_values["lbfgs"]["u"].shape == (40,)
-    assert r.latents["lbfgs"].shape == (40,)
+    assert r.latents["lbfgs"].shape == (40, 1)
     assert r.bounds["lbfgs"].shape == (1,)
     held = r.heldout_data
     assert held["x"].shape == (10,)
