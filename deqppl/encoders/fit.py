@@ -196,7 +196,7 @@ def fit_encoder(
         :class:`~deqppl.validation.ValidatedData` of that model).
     optimizer
         :class:`~deqppl.optim.LBFGS` (default ``LBFGS()``) or :class:`~deqppl.optim.Adam`.
-        L-BFGS's ``gtol=None`` means $\epsilon^{1/2}$ here (not $\epsilon^{3/4}$ as in
+        L-BFGS's ``gtol=None`` means $\epsilon^{1/2}$ here (not $\epsilon^{2/3}$ as in
         ``fit_map``): the profiled gradient is exact only to the tolerance of the fixed-point
         solves (relative 1e-8 in float64).
     seed

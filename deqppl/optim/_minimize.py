@@ -73,7 +73,7 @@ def minimize(
     >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
     >>> b = torch.tensor([1.0, -1.0], dtype=torch.float64)
     >>> res = minimize(lambda x: 0.5 * x @ A @ x - b @ x, torch.zeros(2, dtype=torch.float64))
-    >>> res.status.name, bool(torch.allclose(res.x, torch.linalg.solve(A, b), rtol=0, atol=1e-12))
+    >>> res.status.name, bool(torch.allclose(res.x, torch.linalg.solve(A, b), rtol=0, atol=1e-10))
     ('CONVERGED', True)
     """
     optimizer = LBFGS() if optimizer is None else optimizer

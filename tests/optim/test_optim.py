@@ -84,8 +84,8 @@ def test_schedule_must_be_an_object_and_defaults_build():
 
 def test_dtype_defaults_of_the_tolerances():
     eps64, eps32 = torch.finfo(F64).eps, torch.finfo(torch.float32).eps
-    assert LBFGS().resolved_gtol(F64) == pytest.approx(eps64**0.75)
-    assert LBFGS().resolved_gtol(torch.float32) == pytest.approx(eps32**0.75)
+    assert LBFGS().resolved_gtol(F64) == pytest.approx(eps64 ** (2 / 3))
+    assert LBFGS().resolved_gtol(torch.float32) == pytest.approx(eps32 ** (2 / 3))
     assert LBFGS(gtol=1e-3).resolved_gtol(F64) == 1e-3
     assert SVI().resolved_tolerances(F64) == pytest.approx((10 * eps64, eps64**0.5, eps64**0.5))
 
