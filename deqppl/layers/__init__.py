@@ -5,6 +5,11 @@
 - Activations (`Tanh`, `Softsign`, `ReLU6`, `Sigmoid`, `CustomActivation`), injections
   (`SoftplusInjection`, `ReLUInjection`) and cone parametrisations (`SoftplusCone`, `ExpCone`,
   `SquareCone`, `ProjectedCone`) as small frozen objects.
+- Baselines on the same DEQ core: `MonDEQLinear`, `MonDEQConv2d` (monotone-operator DEQs solved
+  by `ForwardBackward` or `PeacemanRachford` splitting) and `DEQLinear`, `DEQConv2d`
+  (unconstrained, Anderson).
+- `fit_classifier` / `evaluate_classifier`: training with the cone invariant verified after
+  every optimiser step, and solver cost and failures recorded.
 """
 
 from ._base import AbstractImplicitLayer, AdjointRecord, LayerSolution
@@ -13,6 +18,9 @@ from .activations import (AbstractActivation, AbstractInjection, CustomActivatio
                           SoftplusInjection, Tanh, check_concave_nondecreasing)
 from .certificate import Certificate, certify, thompson_distance
 from .cones import AbstractCone, ExpCone, ProjectedCone, SoftplusCone, SquareCone, check_nonnegative
+from .mondeq import (AbstractSplitting, ForwardBackward, MonDEQConv2d, MonDEQLinear,
+                     PeacemanRachford)
+from .unconstrained import DEQConv2d, DEQLinear, default_deq_adjoint, default_deq_solver
 from .pcdeq import PCDEQConv2d, PCDEQLinear, default_pcdeq_adjoint, default_pcdeq_solver
 from .train import (ClassifierFit, EpochStats, Evaluation, FitStatus, evaluate_classifier,
                     fit_classifier, implicit_layers)
@@ -20,6 +28,8 @@ from .train import (ClassifierFit, EpochStats, Evaluation, FitStatus, evaluate_c
 __all__ = [
     "AbstractImplicitLayer", "LayerSolution", "AdjointRecord",
     "PCDEQLinear", "PCDEQConv2d", "default_pcdeq_solver", "default_pcdeq_adjoint",
+    "MonDEQLinear", "MonDEQConv2d", "AbstractSplitting", "ForwardBackward", "PeacemanRachford",
+    "DEQLinear", "DEQConv2d", "default_deq_solver", "default_deq_adjoint",
     "Certificate", "certify", "thompson_distance",
     "AbstractActivation", "Tanh", "Softsign", "ReLU6", "Sigmoid", "ReLU", "CustomActivation",
     "check_concave_nondecreasing",
