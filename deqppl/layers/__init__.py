@@ -8,6 +8,9 @@
 - Baselines on the same DEQ core: `MonDEQLinear`, `MonDEQConv2d` (monotone-operator DEQs solved
   by `ForwardBackward` or `PeacemanRachford` splitting) and `DEQLinear`, `DEQConv2d`
   (unconstrained, Anderson).
+- The paper's architectures for any image size and channel count (`linear_classifier`,
+  `single_conv_classifier`, `multi_conv_classifier`) with any layer family (`PCDEQFamily`,
+  `MonDEQFamily`, `DEQFamily`, `ExplicitFamily`).
 - `fit_classifier` / `evaluate_classifier`: training with the cone invariant verified after
   every optimiser step, and solver cost and failures recorded.
 """
@@ -18,6 +21,10 @@ from .activations import (AbstractActivation, AbstractInjection, CustomActivatio
                           SoftplusInjection, Tanh, check_concave_nondecreasing)
 from .certificate import Certificate, certify, thompson_distance
 from .cones import AbstractCone, ExpCone, ProjectedCone, SoftplusCone, SquareCone, check_nonnegative
+from .architectures import (AbstractLayerFamily, DEQFamily, ExplicitConv2d, ExplicitFamily,
+                            ExplicitLinear, ImageInput, MonDEQFamily, PCDEQFamily,
+                            linear_classifier, multi_conv_classifier, num_parameters,
+                            single_conv_classifier)
 from .mondeq import (AbstractSplitting, ForwardBackward, MonDEQConv2d, MonDEQLinear,
                      PeacemanRachford)
 from .unconstrained import DEQConv2d, DEQLinear, default_deq_adjoint, default_deq_solver
@@ -30,6 +37,9 @@ __all__ = [
     "PCDEQLinear", "PCDEQConv2d", "default_pcdeq_solver", "default_pcdeq_adjoint",
     "MonDEQLinear", "MonDEQConv2d", "AbstractSplitting", "ForwardBackward", "PeacemanRachford",
     "DEQLinear", "DEQConv2d", "default_deq_solver", "default_deq_adjoint",
+    "linear_classifier", "single_conv_classifier", "multi_conv_classifier", "num_parameters",
+    "AbstractLayerFamily", "PCDEQFamily", "MonDEQFamily", "DEQFamily", "ExplicitFamily",
+    "ImageInput", "ExplicitLinear", "ExplicitConv2d",
     "Certificate", "certify", "thompson_distance",
     "AbstractActivation", "Tanh", "Softsign", "ReLU6", "Sigmoid", "ReLU", "CustomActivation",
     "check_concave_nondecreasing",

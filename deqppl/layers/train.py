@@ -17,6 +17,7 @@ from .._progress import progress as progress_bar
 from .._validation import check_finite
 from ..deq import ConvergenceError, ConvergenceWarning
 from ._base import AbstractImplicitLayer
+from .architectures import ImageInput
 
 __all__ = ["FitStatus", "EpochStats", "ClassifierFit", "Evaluation", "fit_classifier",
            "evaluate_classifier", "implicit_layers"]
@@ -124,6 +125,10 @@ def _check_data(model, x, labels, num_classes_name="labels"):
     if bool((labels < 0).any()):
         raise ValueError(f"labels must be >= 0, got {int(labels.min())}")
     check_finite(x, "x")
+    # models built by deqppl.layers.architectures check the image shape up front
+    for module in model.modules():
+        if isinstance(module, ImageInput):
+            module.check(x)
 
 
 def _check_int(name, value, minimum):
