@@ -89,6 +89,12 @@ class _Explicit(nn.Module):
         _check_positive_int("depth", depth)
         self.activation, self.depth = activation, depth
 
+    def scale_weight_(self, factor: float) -> None:
+        """Multiply the effective $W$ by ``factor > 0`` (the x10 stress test)."""
+        _check_positive_real("factor", factor)
+        with torch.no_grad():
+            self.W.set_(factor * self.W.weight(), None, name="W")
+
     def forward(self, x):
         u = self.inject.apply(x)
         z = self.activation(u + self.W.bias().reshape(1, -1, *([1] * (u.ndim - 2))))
