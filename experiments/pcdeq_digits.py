@@ -190,6 +190,30 @@ def table(rows):
     return "\n".join(lines)
 
 
+#: Per-run numbers written to the tidy table (the harness's long format).
+TIDY_METRICS = ("accuracy", "params", "forward_steps", "backward_steps", "time_per_epoch",
+                "train_forward_failed", "train_backward_failed", "test_forward_failed",
+                "certified", "rho_max", "rho_bound_max", "min_weight", "measured_margin",
+                "lipschitz")
+
+
+def write_tidy(rows, path, *, dataset):
+    """Rows ``model, method, seed, stage, metric, value`` (the long format of
+    `deqppl.harness.Comparison.table`): model = dataset and architecture, method = family,
+    stage = ``test`` or ``stress_x10``."""
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "method", "seed", "stage", "metric", "value"])
+        for r in rows:
+            stage = "test" if r["stress"] == 1 else f"stress_x{r['stress']:g}"
+            for metric in TIDY_METRICS:
+                if metric in r:
+                    writer.writerow([f"{dataset}-{r['arch']}", r["family"], r["seed"], stage,
+                                     metric, float(r[metric])])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -252,6 +276,7 @@ def main(argv=None) -> int:
                           f"{row['train_backward_failed']}b", flush=True)
     text = table(rows)
     (args.out / "table.md").write_text(text + "\n")
+    write_tidy(rows, args.out / "tidy.csv", dataset="mnist" if args.mnist else "digits")
     print(text)
     return 0
 
