@@ -7,13 +7,16 @@ permutation; 25 % test: 1 347 train, 450 test).
 Models (SPEC 5, 5.1), each in the paper's linear architecture (784 -> 80 becomes 64 -> 80) and
 single-conv architecture (scaled down for 2 CPU cores: ``--channels`` channels, 4x4 pooling):
 
-* pcDEQ-1: tanh, softplus(beta=5) injection, W = gain * softplus(V)/||softplus(V)|| >= 0;
+* pcDEQ-1: tanh, softplus(beta=5) injection, W = gain * softplus(V)/||softplus(V)|| >= 0,
+  forward and backward by plain iteration;
 * pcDEQ-2: sigmoid, ReLU injection;
-* monDEQ: W = (1 - m) I - A^T A + B - B^T, m = 0.05, Peaceman-Rachford (alpha = 1);
-* DEQ: unconstrained W (same shape and parameters as the pcDEQ), tanh, Anderson;
+* monDEQ: W = (1 - m) I - A^T A + B - B^T, m = 0.05, Peaceman-Rachford (alpha = 1) as a
+  solver of the DEQ core's protocol, backward by GMRES;
+* DEQ: unconstrained W (same shape and parameters as the pcDEQ), tanh, Anderson forward and
+  backward;
 * explicit: the same parameters applied twice (weight-tied, ReLU).
 
-Every implicit model: forward rtol 1e-4 (relative residual of its own iteration), at most 200
+Every implicit model: forward rtol 1e-4 (relative residual of the layer's map), at most 200
 steps, implicit backward with the same tolerance and cap, failures recorded, not
 raised. AdamW, batch 64, lr 1e-2 (the paper: 1e-3 over many more epochs), 6 epochs. Then the
 stress test: the same with the initial W scaled by 10 (monDEQ: A and B by 10), for
@@ -23,7 +26,10 @@ converge spend the full step cap on every batch.
 Per run (family x architecture x seed x stress) one JSON file in ``OUT/runs`` written atomically
 when the run finishes; a rerun with the same ``--out`` skips finished runs. ``OUT/table.md``
 holds the table (accuracy mean +- sd over seeds, parameters, mean forward and backward steps,
-time per epoch, runs with non-converged solves, pcDEQ certificates on the test set).
+time per epoch, runs with non-converged solves -- per run "Ff/Bb/Ss": F samples whose forward
+solve failed, B adjoint solves that failed, S optimiser steps skipped for NaN gradients (the DEQ
+core gives NaN derivatives for samples whose forward solve failed) -- and pcDEQ certificates on
+the test set).
 
 Run: ``python experiments/pcdeq_digits.py --out runs/pcdeq_digits`` (about 10 minutes on one
 core at the defaults). With MNIST IDX files on disk the paper's protocol runs with
@@ -44,7 +50,7 @@ from pathlib import Path
 import torch
 
 from deqppl.data import load_digits
-from deqppl.deq import Anderson, FixedPointIteration, ImplicitAdjoint
+from deqppl.deq import GMRES, Anderson, FixedPointIteration, ImplicitAdjoint
 from deqppl.layers import (DEQFamily, ExplicitFamily, MonDEQFamily, PCDEQFamily,
                            PeacemanRachford, Sigmoid, Tanh, evaluate_classifier, fit_classifier,
                            implicit_layers, linear_classifier, num_parameters,
@@ -61,8 +67,9 @@ def families() -> dict[str, object]:
     anderson = Anderson(rtol=RTOL, max_steps=MAX_STEPS)
     anderson_adjoint = ImplicitAdjoint(solver=Anderson(rtol=RTOL, atol=0.0, max_steps=MAX_STEPS),
                                        throw=False)
-    mon_adjoint = ImplicitAdjoint(solver=FixedPointIteration(rtol=RTOL, atol=0.0,
-                                                             max_steps=MAX_STEPS), throw=False)
+    # J = diag(relu') W need not be a contraction for a monDEQ: its adjoint owns GMRES
+    mon_adjoint = ImplicitAdjoint(linear_solver=GMRES(rtol=RTOL, max_steps=MAX_STEPS),
+                                  throw=False)
     return {
         "pcdeq-1 (tanh)": PCDEQFamily(activation=Tanh(), solver=plain, adjoint=plain_adjoint,
                                       throw=False),
@@ -115,7 +122,7 @@ def run_one(name, family, arch, seed, stress, data, args):
     start = time.perf_counter()
     epochs = args.epochs if stress == 1 else args.stress_epochs
     fit = fit_classifier(model, x_train, y_train, num_epochs=epochs, batch_size=64,
-                         lr=args.lr, seed=seed)
+                         lr=args.lr, seed=seed, skip_nonfinite_steps=True)
     train_seconds = time.perf_counter() - start
     row = {
         "family": name, "arch": arch, "seed": seed, "stress": stress,
@@ -123,6 +130,7 @@ def run_one(name, family, arch, seed, stress, data, args):
         "epochs_run": len(fit.epochs), "time_per_epoch": fit.mean("wall_time"),
         "forward_steps": fit.mean("forward_steps"), "backward_steps": fit.mean("backward_steps"),
         "train_forward_failed": fit.forward_failed, "train_backward_failed": fit.backward_failed,
+        "skipped_steps": fit.skipped_steps,
         "train_seconds": train_seconds, "scaled": scaled,
     }
     if fit.status.name == "COMPLETED":
@@ -179,8 +187,10 @@ def table(rows):
     for stress, arch, family in keys:
         rs = [r for r in rows if (r["stress"], r["arch"], r["family"]) == (stress, arch, family)]
         failed = sum(1 for r in rs if r["status"] != "COMPLETED" or r["train_forward_failed"]
-                     or r["train_backward_failed"] or r.get("test_forward_failed", 0))
+                     or r["train_backward_failed"] or r.get("test_forward_failed", 0)
+                     or r.get("skipped_steps", 0))
         fails = [f"{r['train_forward_failed']}f/{r['train_backward_failed']}b"
+                 + (f"/{r['skipped_steps']}s" if r.get("skipped_steps") else "")
                  + ("" if r["status"] == "COMPLETED" else f" {r['status']}") for r in rs]
         cert = "–"
         if any("certified" in r for r in rs):
@@ -195,7 +205,8 @@ def table(rows):
 
 #: Per-run numbers written to the tidy table (the harness's long format).
 TIDY_METRICS = ("accuracy", "params", "forward_steps", "backward_steps", "time_per_epoch",
-                "train_forward_failed", "train_backward_failed", "test_forward_failed",
+                "train_forward_failed", "train_backward_failed", "skipped_steps",
+                "test_forward_failed",
                 "certified", "rho_max", "rho_bound_max", "min_weight", "measured_margin",
                 "lipschitz")
 

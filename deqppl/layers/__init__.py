@@ -15,7 +15,7 @@
   every optimiser step, and solver cost and failures recorded.
 """
 
-from ._base import AbstractImplicitLayer, AdjointRecord, LayerSolution
+from ._base import AbstractImplicitLayer, LayerSolution
 from .activations import (AbstractActivation, AbstractInjection, CustomActivation,
                           IdentityInjection, ReLU, ReLU6, ReLUInjection, Sigmoid, Softsign,
                           SoftplusInjection, Tanh, check_concave_nondecreasing)
@@ -26,16 +26,17 @@ from .architectures import (AbstractLayerFamily, DEQFamily, ExplicitConv2d, Expl
                             linear_classifier, multi_conv_classifier, num_parameters,
                             single_conv_classifier)
 from .mondeq import (AbstractSplitting, ForwardBackward, MonDEQConv2d, MonDEQLinear,
-                     PeacemanRachford)
+                     MonotoneOperator, PeacemanRachford)
 from .unconstrained import DEQConv2d, DEQLinear, default_deq_adjoint, default_deq_solver
 from .pcdeq import PCDEQConv2d, PCDEQLinear, default_pcdeq_adjoint, default_pcdeq_solver
 from .train import (ClassifierFit, EpochStats, Evaluation, FitStatus, evaluate_classifier,
                     fit_classifier, implicit_layers)
 
 __all__ = [
-    "AbstractImplicitLayer", "LayerSolution", "AdjointRecord",
+    "AbstractImplicitLayer", "LayerSolution",
     "PCDEQLinear", "PCDEQConv2d", "default_pcdeq_solver", "default_pcdeq_adjoint",
     "MonDEQLinear", "MonDEQConv2d", "AbstractSplitting", "ForwardBackward", "PeacemanRachford",
+    "MonotoneOperator",
     "DEQLinear", "DEQConv2d", "default_deq_solver", "default_deq_adjoint",
     "linear_classifier", "single_conv_classifier", "multi_conv_classifier", "num_parameters",
     "AbstractLayerFamily", "PCDEQFamily", "MonDEQFamily", "DEQFamily", "ExplicitFamily",

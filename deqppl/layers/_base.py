@@ -12,59 +12,7 @@ from torch import nn
 from .._validation import check_finite
 from ..deq import AbstractAdjoint, AbstractSolver, Solution, fixed_point
 
-__all__ = ["AbstractImplicitLayer", "LayerSolution", "AdjointRecord"]
-
-
-class AdjointRecord:
-    """Steps taken by the backward (adjoint) solves of a layer since the last `reset`.
-
-    Appended to by the layer's adjoint solver during ``backward()``; read by the training
-    helper to report mean backward iterations. Not thread-safe, like autograd itself.
-    """
-
-    def __init__(self):
-        self.num_steps: list[int] = []
-        self.converged: list[bool] = []
-
-    def reset(self) -> None:
-        self.num_steps.clear()
-        self.converged.clear()
-
-    def __repr__(self) -> str:
-        return f"AdjointRecord(solves={len(self.num_steps)}, num_steps={self.num_steps[-5:]}...)"
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class _RecordingSolver(AbstractSolver):
-    """Delegates to ``inner`` and records the steps of each solve in ``record`` (internal)."""
-
-    inner: AbstractSolver
-    record: AdjointRecord = field(repr=False)
-
-    @property
-    def rtol(self):
-        return self.inner.rtol
-
-    @property
-    def atol(self):
-        return self.inner.atol
-
-    @property
-    def max_steps(self):
-        return self.inner.max_steps
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    def _hint(self) -> str:
-        return self.inner._hint()
-
-    def _solve(self, problem, z0, *, record_trace):
-        raw = self.inner._solve(problem, z0, record_trace=record_trace)
-        self.record.num_steps.append(int(raw.num_steps))
-        self.record.converged.append(bool(raw.converged.all()))
-        return raw
+__all__ = ["AbstractImplicitLayer", "LayerSolution"]
 
 
 @dataclass(frozen=True, kw_only=True, repr=False, eq=False)
@@ -94,6 +42,12 @@ class LayerSolution:
         """``(B,)`` per-sample convergence mask of the forward solve."""
         return self.solution.converged
 
+    def backward_solves(self) -> list[Solution]:
+        """The adjoint's linear solves run so far for this forward solve (filled during
+        ``backward()``; empty before, or for adjoints without a linear solve)."""
+        log = self.solution.adjoint_log
+        return [] if log is None else list(log.results)
+
     def __repr__(self) -> str:
         parts = [repr(self.solution)]
         if self.extra:
@@ -121,8 +75,7 @@ class AbstractImplicitLayer(nn.Module, abc.ABC):
         if not isinstance(throw, bool):
             raise TypeError(f"throw must be a bool, got {throw!r}")
         self.solver = solver
-        self.adjoint_record = AdjointRecord()
-        self.adjoint = _recording(adjoint, self.adjoint_record)
+        self.adjoint = adjoint
         self.throw = throw
         #: The last forward `LayerSolution` (diagnostics for training loops; detached).
         self.last_solution: LayerSolution | None = None
@@ -210,16 +163,6 @@ class AbstractImplicitLayer(nn.Module, abc.ABC):
     def num_parameters(self) -> int:
         """Number of trainable scalars."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-
-def _recording(adjoint: AbstractAdjoint, record: AdjointRecord) -> AbstractAdjoint:
-    """The adjoint with its solver (if it has one) wrapped to record backward steps."""
-    inner = getattr(adjoint, "solver", None)
-    if not isinstance(inner, AbstractSolver):
-        return adjoint
-    import dataclasses
-
-    return dataclasses.replace(adjoint, solver=_RecordingSolver(inner=inner, record=record))
 
 
 def _check_positive_int(name: str, value: object) -> None:

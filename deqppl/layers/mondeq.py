@@ -3,7 +3,9 @@
 $z^* = \\mathrm{ReLU}(Wz^* + Ux + b)$ with $W = (1 - m)I - A^\\top A + B - B^\\top$, so that
 $I - W \\succeq mI$: the fixed point is the unique zero of the strongly monotone inclusion
 $0 \\in (I - W)z - (Ux + b) + \\partial\\iota_{\\ge 0}(z)$ for any $A, B$. It is found by an operator
-splitting, forward-backward or Peaceman-Rachford; the resolvent $(I + \\alpha(I - W))^{-1}$ of
+splitting, forward-backward or Peaceman-Rachford, written as solvers of the DEQ core's public
+protocol (``init``/``step``, one driver): the driver's stopping rule is the layer's own residual
+$\\lVert f(z) - z\\rVert$, the step uses the structure of $W$. The resolvent $(I + \\alpha(I - W))^{-1}$ of
 Peaceman-Rachford is a dense inverse for linear layers and, with circular padding, one
 $C\\times C$ inverse per spatial frequency (FFT) for convolutional ones.
 """
@@ -11,50 +13,81 @@ $C\\times C$ inverse per spatial frequency (FFT) for convolutional ones.
 from __future__ import annotations
 
 import abc
-import math
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from ..deq import (AbstractAdjoint, FixedPointIteration, ImplicitAdjoint, Solution,
-                   fixed_point)
-from ._base import AbstractImplicitLayer, LayerSolution, _check_positive_int, _check_positive_real
+from ..deq import AbstractAdjoint, AbstractSolver, ImplicitAdjoint, fixed_point
+from ._base import AbstractImplicitLayer, _check_positive_int, _check_positive_real
 from ._weights import ConvWeight, DenseWeight
 
-__all__ = ["AbstractSplitting", "ForwardBackward", "PeacemanRachford", "MonDEQLinear",
-           "MonDEQConv2d"]
+__all__ = ["AbstractSplitting", "ForwardBackward", "PeacemanRachford", "MonotoneOperator",
+           "MonDEQLinear", "MonDEQConv2d"]
 
 
-def _check_tolerances(rtol, atol, max_steps):
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if rtol == 0 and atol == 0:
-        raise ValueError("at least one of rtol and atol must be positive")
-    _check_positive_int("max_steps", max_steps)
+@dataclass(frozen=True, eq=False)
+class MonotoneOperator:
+    """The linear part of one batch's monDEQ inclusion, on flattened ``(B, n)`` tensors.
 
+    $0 \\in (I - W)z - q + N_{\\ge 0}(z)$ with $q = Ux + b$. Built by the monDEQ layers for every
+    forward solve (without autograd: a solver never differentiates) and bound to a splitting
+    solver with its ``bind``.
 
-class AbstractSplitting(abc.ABC):
-    """An operator splitting for the monDEQ inclusion; never instantiated.
-
-    Concrete splittings are frozen dataclasses with ``rtol``, ``atol``, ``max_steps`` and
-    ``alpha``; the layer iterates the splitting's map with the DEQ core.
+    Attributes
+    ----------
+    apply
+        ``z (B, n) -> (I - W) z``.
+    q
+        ``(B, n)``.
+    resolvent
+        ``alpha -> (r (B, n) -> (I + alpha (I - W))^{-1} r)``; factorises once per ``alpha``.
+    lipschitz
+        $L = \\lVert I - W\\rVert_2$ (exact: dense norm, or the largest over FFT frequencies).
+    margin
+        The measured $\\lambda_{\\min}$ of the symmetric part of $I - W$ ($\\ge m$).
     """
 
-    rtol: float
-    atol: float
-    max_steps: int
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    q: torch.Tensor
+    resolvent: Callable[[float], Callable[[torch.Tensor], torch.Tensor]]
+    lipschitz: float
+    margin: float
 
-    @property
-    def name(self) -> str:
-        return type(self).__name__
+
+class AbstractSplitting(AbstractSolver):
+    """An operator-splitting solver of the public protocol for monDEQ fixed points.
+
+    The problem the driver sees is the DEQ map $f(z) = \\mathrm{ReLU}(Wz + q)$, so the stopping
+    rule judges the layer's own residual $\\lVert f(z) - z\\rVert$, like every other solver; the
+    step uses the structure of $W$ through a bound `MonotoneOperator` (``bind``). Concrete
+    splittings are frozen dataclasses with ``alpha``, ``rtol``, ``atol``, ``max_steps``.
+    """
+
+    operator: MonotoneOperator | None
+
+    def bind(self, operator: MonotoneOperator) -> AbstractSplitting:
+        """This splitting with ``operator`` attached (the layers do this on every forward)."""
+        if not isinstance(operator, MonotoneOperator):
+            raise TypeError(f"operator must be a MonotoneOperator, got {operator!r}")
+        return dataclasses.replace(self, operator=operator)
+
+    def _operator(self) -> MonotoneOperator:
+        if self.operator is None:
+            raise ValueError(f"{self.name} needs the structure of W: use it through a monDEQ "
+                             f"layer, or bind(MonotoneOperator(...)) first")
+        return self.operator
+
+    def _hint(self) -> str:
+        return ("monDEQ splittings converge for every monotone W but slowly when the margin m "
+                "is small against ||I - W||: try a larger max_steps, PeacemanRachford() (faster "
+                "than ForwardBackward), or another alpha.")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ForwardBackward(AbstractSplitting):
-    """$z \\leftarrow \\mathrm{ReLU}(z - \\alpha((I - W)z - (Ux + b)))$.
+    """Forward-backward splitting, $z \\leftarrow \\mathrm{ReLU}(z - \\alpha((I - W)z - q))$.
 
     Converges for $0 < \\alpha < 2m/\\lVert I - W\\rVert_2^2$ with factor
     $\\sqrt{1 - 2\\alpha m + \\alpha^2 L^2}$, $L = \\lVert I - W\\rVert_2$, smallest at $\\alpha = m/L^2$.
@@ -62,11 +95,12 @@ class ForwardBackward(AbstractSplitting):
     Parameters
     ----------
     alpha
-        Step size; ``None`` (default) uses $m/L^2$ with $L$ computed exactly at every forward
-        pass (dense spectral norm, or the largest singular value over FFT frequencies).
+        Step size; ``None`` (default) uses $\\mu/L^2$ with the bound operator's $L$ and its
+        measured margin $\\mu \\ge m$.
     rtol, atol, max_steps
-        Stopping rule per sample on the residual of the inclusion, $\\lVert T(z) - z\\rVert/\\alpha$
-        for the splitting map $T$ (its steps are $\alpha$ times shorter).
+        The driver's per-sample stopping rule on $\\lVert f(z) - z\\rVert$.
+    operator
+        Bound by the layer; leave ``None``.
 
     Examples
     --------
@@ -78,27 +112,42 @@ class ForwardBackward(AbstractSplitting):
     rtol: float = 1e-4
     atol: float = 1e-8
     max_steps: int = 500
+    operator: MonotoneOperator | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        _check_tolerances(self.rtol, self.atol, self.max_steps)
+        self._check_common()
         if self.alpha is not None:
             _check_positive_real("alpha", self.alpha)
+
+    def step_size(self) -> float:
+        op = self._operator()
+        return self.alpha if self.alpha is not None else op.margin / op.lipschitz ** 2
+
+    def init(self, problem, z0, fz0):
+        return self.step_size()
+
+    def step(self, problem, alpha, iterate):
+        op = self._operator()
+        z = iterate.z
+        return torch.relu(z - alpha * (op.apply(z) - op.q)), None, alpha
 
 
 @dataclass(frozen=True, kw_only=True)
 class PeacemanRachford(AbstractSplitting):
     """Peaceman-Rachford splitting in the variable $v$, with $z = \\mathrm{ReLU}(v)$:
 
-    $v_{1/2} = 2z - v$, $z_{1/2} = (I + \\alpha(I - W))^{-1}(v_{1/2} + \\alpha(Ux + b))$,
+    $v_{1/2} = 2z - v$, $z_{1/2} = (I + \\alpha(I - W))^{-1}(v_{1/2} + \\alpha q)$,
     $v \\leftarrow 2z_{1/2} - v_{1/2}$. Converges for every $\\alpha > 0$ (a contraction, since
-    $I - W$ is strongly monotone and Lipschitz).
+    $I - W$ is strongly monotone and Lipschitz). The resolvent is factorised once per solve.
 
     Parameters
     ----------
     alpha
         Step size $> 0$ (default 1, Winston & Kolter's choice).
     rtol, atol, max_steps
-        Stopping rule per sample on the residual in $v$.
+        The driver's per-sample stopping rule on $\\lVert f(z) - z\\rVert$.
+    operator
+        Bound by the layer; leave ``None``.
 
     Examples
     --------
@@ -110,10 +159,26 @@ class PeacemanRachford(AbstractSplitting):
     rtol: float = 1e-4
     atol: float = 1e-8
     max_steps: int = 500
+    operator: MonotoneOperator | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        _check_tolerances(self.rtol, self.atol, self.max_steps)
+        self._check_common()
         _check_positive_real("alpha", self.alpha)
+
+    def step_size(self) -> float:
+        return self.alpha
+
+    def init(self, problem, z0, fz0):
+        return z0.clone(), self._operator().resolvent(self.alpha)
+
+    def step(self, problem, state, iterate):
+        v, solve_r = state
+        op = self._operator()
+        z = torch.relu(v)
+        v_half = 2 * z - v
+        z_half = solve_r(v_half + self.alpha * op.q)
+        v = 2 * z_half - v_half
+        return torch.relu(v), None, (v, solve_r)
 
 
 class _MonDEQBase(AbstractImplicitLayer):
@@ -127,14 +192,12 @@ class _MonDEQBase(AbstractImplicitLayer):
         if not isinstance(splitting, AbstractSplitting):
             raise TypeError(f"splitting must be ForwardBackward() or PeacemanRachford(), got "
                             f"{splitting!r}")
-        solver = FixedPointIteration(rtol=splitting.rtol, atol=splitting.atol,
-                                     max_steps=splitting.max_steps)
-        if adjoint is None:
-            # the transposed system by the same splitting: plain iteration of the splitting map's
-            # transposed Jacobian, which is a contraction wherever the forward map is
-            adjoint = ImplicitAdjoint(solver=FixedPointIteration(
-                rtol=splitting.rtol, atol=0.0, max_steps=splitting.max_steps))
-        super().__init__(solver=solver, adjoint=adjoint, throw=throw)
+        # The backward pass: J = diag(relu') W need not be a contraction (rho(J) can exceed 1
+        # for a monotone W), so the adjoint owns a Krylov or direct linear solver, not plain
+        # iteration: ImplicitAdjoint() picks DirectLinearSolver for n <= 32 and GMRES above,
+        # at the forward's tolerance.
+        super().__init__(solver=splitting, adjoint=ImplicitAdjoint() if adjoint is None
+                         else adjoint, throw=throw)
         self.margin = float(margin)
         self.splitting = splitting
         self._last_extra: dict[str, float] = {}
@@ -146,7 +209,7 @@ class _MonDEQBase(AbstractImplicitLayer):
                 + self.B.apply(z, bias=False) - self.B.apply_transpose(z))
 
     def injection(self, x):
-        """$Ux + b$."""
+        """$q = Ux + b$."""
         return self.inject.apply(x)
 
     def layer(self, z, u):
@@ -155,7 +218,26 @@ class _MonDEQBase(AbstractImplicitLayer):
 
     @abc.abstractmethod
     def _operators(self, z_like: torch.Tensor) -> tuple[float, float, object]:
-        """``(L, measured margin, resolvent(alpha) factory)`` for the current weights."""
+        """``(L, measured margin, resolvent(alpha) factory on (B, *event))`` for the weights."""
+
+    def monotone_operator(self, u: torch.Tensor) -> MonotoneOperator:
+        """The `MonotoneOperator` of the inclusion for the injection ``u`` ``(B, *event)``,
+        on flattened tensors, computed without autograd."""
+        shape = u.shape
+        with torch.no_grad():
+            lipschitz, measured, resolvent = self._operators(u)
+            q = u.detach().reshape(shape[0], -1)
+
+            def apply(z):
+                zz = z.reshape(shape)
+                return (zz - self.apply_w(zz)).reshape(shape[0], -1)
+
+            def flat_resolvent(alpha):
+                solve_r = resolvent(alpha)
+                return lambda r: solve_r(r.reshape(shape)).reshape(shape[0], -1)
+
+        return MonotoneOperator(apply=apply, q=q, resolvent=flat_resolvent,
+                                lipschitz=lipschitz, margin=measured)
 
     def scale_weight_(self, factor: float) -> None:
         """Multiply $A$ and $B$ by ``factor`` (the x10 stress test); $W$ stays monotone."""
@@ -165,48 +247,16 @@ class _MonDEQBase(AbstractImplicitLayer):
                 op.set_(factor * op.weight(), None, name="A/B")
 
     def _solve(self, u, z0, *, throw, trace):
-        lipschitz, measured, resolvent = self._operators(z0)
-        splitting = self.splitting
-        if isinstance(splitting, ForwardBackward):
-            alpha = splitting.alpha if splitting.alpha is not None else self.margin / lipschitz ** 2
-
-            def step(z):
-                return torch.relu(z - alpha * (z - self.apply_w(z) - u))
-
-            # The step moves z by alpha times the residual of the inclusion, so the stopping
-            # rule is scaled by alpha to judge the inclusion's residual (equal accuracy with
-            # Peaceman-Rachford and the pcDEQ), not the step length.
-            solver = FixedPointIteration(rtol=splitting.rtol * alpha,
-                                         atol=splitting.atol * alpha,
-                                         max_steps=splitting.max_steps)
-            solution = fixed_point(step, z0, solver=solver, adjoint=self.adjoint,
-                                   throw=throw, trace=trace)
-        else:
-            alpha = splitting.alpha
-            solve_r = resolvent(alpha)
-
-            def step(v):
-                z = torch.relu(v)
-                v_half = 2 * z - v
-                z_half = solve_r(v_half + alpha * u)
-                return 2 * z_half - v_half
-
-            solution = fixed_point(step, z0, solver=self.solver, adjoint=self.adjoint,
-                                   throw=throw, trace=trace)
-        self._last_extra = {"margin": self.margin, "measured_margin": measured,
-                            "lipschitz": lipschitz, "alpha": float(alpha)}
+        operator = self.monotone_operator(u)
+        solver = self.splitting.bind(operator)
+        solution = fixed_point(lambda z: self.layer(z, u), z0, solver=solver,
+                               adjoint=self.adjoint, throw=throw, trace=trace)
+        self._last_extra = {"margin": self.margin, "measured_margin": operator.margin,
+                            "lipschitz": operator.lipschitz, "alpha": float(solver.step_size())}
         return solution
 
     def _extra(self):
         return dict(self._last_extra)
-
-    def _solve_with_injection(self, x, *, throw, trace):
-        result, u = super()._solve_with_injection(x, throw=throw, trace=trace)
-        if isinstance(self.splitting, PeacemanRachford):
-            # the splitting's variable is v; the layer's output is z = ReLU(v)
-            result = LayerSolution(value=torch.relu(result.value), solution=result.solution,
-                                   extra=result.extra)
-        return result, u
 
 
 class MonDEQLinear(_MonDEQBase):

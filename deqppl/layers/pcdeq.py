@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..deq import FixedPointIteration, ImplicitAdjoint
-from ..deq import AbstractAdjoint, AbstractSolver
+from ..deq import (AbstractAdjoint, AbstractSolver, FixedPointIteration, FixedPointLinearSolver,
+                   ImplicitAdjoint)
 from ._base import AbstractImplicitLayer, LayerSolution, _check_positive_int, _check_positive_real
 from ._weights import ConvWeight, DenseWeight
 from .activations import (AbstractActivation, AbstractInjection, ReLUInjection,
@@ -29,12 +29,14 @@ def default_pcdeq_solver() -> FixedPointIteration:
 
 
 def default_pcdeq_adjoint() -> ImplicitAdjoint:
-    """Implicit adjoint solved by plain iteration ($\\rho(J) < 1$ at a pcDEQ fixed point).
+    """Implicit adjoint whose linear solver is plain iteration on $u = J^\\top u + g$.
 
-    A purely relative tolerance $10^{-4}$ (as the forward) so small gradients are not declared
-    converged by an absolute tolerance alone.
+    Plain iteration suffices because $\\rho(J) < 1$ at a pcDEQ fixed point (SPEC 5, derived);
+    a purely relative tolerance $10^{-4}$ (as the forward) so that small gradients are not
+    declared converged by an absolute tolerance alone.
     """
-    return ImplicitAdjoint(solver=FixedPointIteration(rtol=1e-4, atol=0.0, max_steps=200))
+    return ImplicitAdjoint(linear_solver=FixedPointLinearSolver(
+        solver=FixedPointIteration(rtol=1e-4, atol=0.0, max_steps=200)))
 
 
 def _check_activation_and_injection(activation, injection) -> AbstractInjection:

@@ -53,6 +53,8 @@ class EpochStats:
         Samples whose forward solve did not converge, summed over batches and layers.
     backward_failed
         Adjoint solves that did not converge for every sample.
+    skipped_steps
+        Optimiser steps skipped because a gradient was non-finite (``skip_nonfinite_steps``).
     min_weight
         Smallest effective cone weight after the epoch's last step (``nan`` without cones).
     """
@@ -65,6 +67,7 @@ class EpochStats:
     backward_steps: float
     forward_failed: int
     backward_failed: int
+    skipped_steps: int
     min_weight: float
 
 
@@ -84,6 +87,10 @@ class ClassifierFit:
     @property
     def backward_failed(self) -> int:
         return sum(e.backward_failed for e in self.epochs)
+
+    @property
+    def skipped_steps(self) -> int:
+        return sum(e.skipped_steps for e in self.epochs)
 
     def mean(self, name: str) -> float:
         """Mean of an `EpochStats` field over epochs (``nan`` if none)."""
@@ -164,6 +171,7 @@ def fit_classifier(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     seed: int = 0,
+    skip_nonfinite_steps: bool = False,
     progress: bool = False,
 ) -> ClassifierFit:
     """Train ``model`` (logits ``(B, K)``) by AdamW on the cross-entropy of ``labels``.
@@ -188,6 +196,10 @@ def fit_classifier(
         AdamW settings (Loshchilov & Hutter, 2019, ICLR), as in the paper's protocol.
     seed
         Seed of the batch order.
+    skip_nonfinite_steps
+        Skip (and count) an optimiser step whose gradient is non-finite instead of stopping.
+        The DEQ core gives NaN derivatives for samples whose forward solve did not converge,
+        so this lets a model that fails on some samples keep training, with the loss recorded.
     progress
         Show a progress bar over epochs.
 
@@ -212,6 +224,8 @@ def fit_classifier(
     _check_int("batch_size", batch_size, 1)
     _check_real("lr", lr, 0.0, strict=True)
     _check_real("weight_decay", weight_decay, 0.0, strict=False)
+    if not isinstance(skip_nonfinite_steps, bool):
+        raise TypeError(f"skip_nonfinite_steps must be a bool, got {skip_nonfinite_steps!r}")
     layers = implicit_layers(model)
     _enforce_cones(model)  # verified before training starts too
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -224,11 +238,9 @@ def fit_classifier(
         start = time.perf_counter()
         order = torch.randperm(n, generator=generator)
         losses, correct = [], 0
-        f_steps, f_failed, b_failed = [], 0, 0
-        b_steps: list[int] = []
+        f_steps, f_failed, b_failed, skipped = [], 0, 0, 0
+        b_steps: list[int] = []  # steps of every adjoint linear solve (from Solution.adjoint_log)
         min_weight = math.nan
-        for layer in layers:
-            layer.adjoint_record.reset()
         stop = False
         for begin in range(0, n, batch_size):
             idx = order[begin:begin + batch_size]
@@ -249,31 +261,40 @@ def fit_classifier(
                         stop = True
                         break
                     loss.backward()
-                del caught  # adjoint failures are counted from the layers' records below
+                del caught  # adjoint failures are counted from the adjoint logs instead
+                for layer in layers:
+                    for solve in layer.last_solution.backward_solves():
+                        b_steps.append(solve.num_steps)
+                        b_failed += int(not bool(solve.converged.all()))
             except ConvergenceError as err:
                 status, message = FitStatus.SOLVER_FAILED, str(err)
                 stop = True
                 break
             grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all())
                            for p in model.parameters())
+            if not grads_ok and skip_nonfinite_steps:
+                skipped += 1
+                losses.append(float(loss.detach()))
+                correct += int((logits.argmax(1) == labels[idx]).sum())
+                continue
             if not grads_ok:
                 status, message = FitStatus.NONFINITE, (
-                    f"a gradient became non-finite at epoch {epoch}, batch {begin // batch_size}")
+                    f"a gradient became non-finite at epoch {epoch}, batch {begin // batch_size}"
+                    f" (the DEQ core gives NaN derivatives for samples whose forward solve did "
+                    f"not converge; skip_nonfinite_steps=True skips such steps)")
                 stop = True
                 break
             optimizer.step()
             min_weight = _enforce_cones(model)
             losses.append(float(loss.detach()))
             correct += int((logits.argmax(1) == labels[idx]).sum())
-        for layer in layers:
-            b_steps.extend(layer.adjoint_record.num_steps)
-            b_failed += sum(not c for c in layer.adjoint_record.converged)
         epochs.append(EpochStats(
             epoch=epoch, loss=sum(losses) / len(losses) if losses else math.nan,
             accuracy=correct / n, wall_time=time.perf_counter() - start,
             forward_steps=sum(f_steps) / len(f_steps) if f_steps else math.nan,
             backward_steps=sum(b_steps) / len(b_steps) if b_steps else math.nan,
-            forward_failed=f_failed, backward_failed=b_failed, min_weight=min_weight))
+            forward_failed=f_failed, backward_failed=b_failed, skipped_steps=skipped,
+            min_weight=min_weight))
         if stop:
             break
     model.eval()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deqppl.deq import FixedPointIteration, ImplicitAdjoint, Status
+from deqppl.deq import (AbstractSolver, DirectLinearSolver, FixedPointIteration, ImplicitAdjoint,
+                        Status, fixed_point)
 from deqppl.layers import (DEQConv2d, DEQLinear, ForwardBackward, MonDEQConv2d, MonDEQLinear,
                            PeacemanRachford)
 from deqppl.layers._weights import ConvWeight
@@ -18,8 +19,9 @@ SPLITTINGS = {"pr": PeacemanRachford(**TIGHT), "pr_alpha0.3": PeacemanRachford(a
 #: Forward-backward converges at rate sqrt(1 - m^2 / L^2): with the default m = 0.05 it needs
 #: thousands of steps for 1e-12, so its tests use a margin of 0.5 (tens of steps per digit).
 MARGIN = {"pr": 0.05, "pr_alpha0.3": 0.05, "fb": 0.5}
-TIGHT_ADJOINT = ImplicitAdjoint(solver=FixedPointIteration(rtol=1e-12, atol=0.0,
-                                                           max_steps=20000))
+#: Exact backward: J = diag(relu') W of a monDEQ need not be a contraction (plain iteration on
+#: the adjoint may diverge), so the tight adjoint owns a dense LU solver.
+TIGHT_ADJOINT = ImplicitAdjoint(linear_solver=DirectLinearSolver(rtol=1e-12))
 
 
 def kkt_violation(layer, x, z):
@@ -129,3 +131,30 @@ def test_unconstrained_deq_matches_pcdeq_shape_and_can_fail_loudly():
     assert bool((sol.solution.residual[~converged] > 0).all())
     conv = DEQConv2d(1, 2, dtype=DTYPE)
     assert conv(torch.randn(1, 1, 4, 4, dtype=DTYPE)).shape == (1, 2, 4, 4)
+
+
+def test_splittings_are_solvers_of_the_public_protocol():
+    """A user can run a splitting through fixed_point with a bound operator: the stopping rule
+    is then the DEQ map's own residual, like every other solver's."""
+    assert isinstance(PeacemanRachford(), AbstractSolver)
+    layer = MonDEQLinear(3, 7, seed=4, dtype=DTYPE)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    with torch.no_grad():
+        u = layer.injection(x)
+        operator = layer.monotone_operator(u)
+        for splitting in (PeacemanRachford(**TIGHT), ForwardBackward(**TIGHT)):
+            sol = fixed_point(lambda z: layer.layer(z, u), torch.zeros_like(u),
+                              solver=splitting.bind(operator))
+            assert sol.status is Status.CONVERGED and sol.solver == splitting.name
+            assert float(sol.rel_residual.max()) <= 1e-12
+            assert kkt_violation(layer, x, sol.value) < 1e-9
+    with pytest.raises(ValueError, match="needs the structure of W"):
+        fixed_point(lambda z: layer.layer(z, u), torch.zeros_like(u), solver=PeacemanRachford())
+
+
+def test_backward_solves_are_logged():
+    layer = MonDEQLinear(3, 40, seed=0, dtype=DTYPE)  # n = 40 > 32: GMRES by default
+    sol = layer.solve(torch.randn(4, 3, dtype=DTYPE))
+    sol.value.sum().backward()
+    (solve,) = sol.backward_solves()
+    assert solve.solver == "GMRES" and bool(solve.converged.all())

@@ -203,3 +203,13 @@ def test_certificate_is_cheap_to_read_as_a_row():
     assert row["certified"] == 1.0 and row["converged"] == 1.0
     assert 0 <= row["spectral_radius"] <= row["spectral_radius_bound"] < 1
     assert math.isfinite(row["rate_residual"])
+
+
+def test_default_backward_is_plain_iteration_and_is_logged():
+    """rho(J) < 1, so the default adjoint's linear solver is plain iteration; it converges."""
+    layer = make_layer(Tanh(), 40.0, n=50, solver=None)
+    sol = layer.solve(inputs())
+    (sol.value * torch.randn(sol.value.shape, dtype=DTYPE)).sum().backward()
+    (solve,) = sol.backward_solves()
+    assert solve.solver == "FixedPointLinearSolver(FixedPointIteration)"
+    assert bool(solve.converged.all()) and solve.num_steps <= 200

@@ -152,3 +152,23 @@ def test_wrong_image_shape_is_rejected_before_training():
     with pytest.raises(ValueError, match="non-finite"):
         fit_classifier(model, bad, labels, num_epochs=1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_nonfinite_gradients_stop_training_or_are_skipped_and_counted():
+    """The DEQ core gives NaN derivatives for samples whose forward solve failed: training
+    stops, saying why, unless asked to skip (and count) such steps."""
+    from deqppl.deq import Anderson
+
+    x, labels = _digit_like()
+
+    def model():
+        family = DEQFamily(solver=Anderson(rtol=1e-12, max_steps=2), throw=False)
+        return linear_classifier(family, image_size=8, in_channels=1, features=6, num_classes=2,
+                                 dtype=torch.float64)
+
+    stopped = fit_classifier(model(), x, labels, num_epochs=1, batch_size=16)
+    assert stopped.status is FitStatus.NONFINITE and "skip_nonfinite_steps" in stopped.message
+    skipped = fit_classifier(model(), x, labels, num_epochs=1, batch_size=16,
+                             skip_nonfinite_steps=True)
+    assert skipped.status is FitStatus.COMPLETED
+    assert skipped.skipped_steps == 3 and skipped.forward_failed > 0  # every batch failed
