@@ -238,7 +238,8 @@ def main(argv=None) -> int:
                         help="single-conv channels (the paper: 82 for MNIST)")
     parser.add_argument("--pool", type=int, default=4, help="single-conv pooling (paper: 8)")
     parser.add_argument("--arch", default="linear,conv")
-    parser.add_argument("--families", default=None, help="comma-separated subset of names")
+    parser.add_argument("--families", default=None,
+                        help="semicolon-separated subset of the names (they contain commas)")
     parser.add_argument("--stress", default="1,10", help="initial-W scales to run")
     parser.add_argument("--stress-epochs", type=int, default=2)
     parser.add_argument("--stress-seeds", type=int, default=2)
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
         data = split_digits(dtype=args.dtype)
     fams = families()
     if args.families:
-        wanted = [f.strip() for f in args.families.split(",")]
+        wanted = [f.strip() for f in args.families.split(";")]
         unknown = [w for w in wanted if w not in fams]
         if unknown:
             parser.error(f"unknown families {unknown}; valid: {list(fams)}")
