@@ -338,6 +338,11 @@ TUTORIALS = {
     "04_model_comparison_report.ipynb": T04,
 }
 
+# Tutorial 05 (issue 18) keeps its cells in its own file.
+from build_pcdeq import CELLS as T05  # noqa: E402
+
+TUTORIALS["05_deqs_with_guarantees.ipynb"] = T05
+
 
 def notebook(cells) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
