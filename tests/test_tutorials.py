@@ -23,6 +23,7 @@ EXPECTED = [
     "02_amortised_encoders_and_finetuning.ipynb",
     "03_hierarchical_latents.ipynb",
     "04_model_comparison_report.ipynb",
+    "05_deqs_with_guarantees.ipynb",
     "07_your_own_model_amortised.ipynb",
 ]
 FOUND = sorted(p.name for p in TUTORIALS.glob("*.ipynb"))

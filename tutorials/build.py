@@ -278,16 +278,21 @@ y, y_new = y_all[:NUM_DATA], y_all[NUM_DATA:]'''),
 import dataclasses
 
 from deqppl.harness import DEQMethod, LBFGSMethod, SVIMethod, compare
+from deqppl.optim import LBFGS, SVI
 
-methods = [DEQMethod(num_epochs=30 if SMALL else 200), SVIMethod(max_steps=2000 if SMALL else None), LBFGSMethod()]
-comparison = compare(truth, y, methods=methods, heldout=y_new, progress=False)
+methods = [
+    DEQMethod(optimizer=LBFGS(max_steps=30 if SMALL else 200)),
+    SVIMethod(optimizer=SVI(max_steps=2000) if SMALL else SVI()),
+    LBFGSMethod(),
+]
+comparison = compare(truth, {"y": y}, methods=methods, heldout={"y": y_new}, progress=False)
 comparison.summary'''),
     ("md", "## Models: which latent dimension?"),
     ("code", '''\
 from deqppl.harness import compare_models
 
 candidates = {f"pca_l{l}": dataclasses.replace(truth, latent_dim=l) for l in (1, 2, 4)}
-models = compare_models(candidates, y, y_new, num_draws=50 if SMALL else 200, progress=False)
+models = compare_models(candidates, {"y": y}, {"y": y_new}, num_draws=50 if SMALL else 200, progress=False)
 models.table[["model", "heldout_log_lik", "heldout_log_lik_se", "elpd_loo", "elpd_loo_se"]]'''),
     ("md", """\
 ## ArviZ: PSIS-LOO and `az.compare`
@@ -463,6 +468,11 @@ TUTORIALS = {
     "04_model_comparison_report.ipynb": T04,
     "07_your_own_model_amortised.ipynb": T07,
 }
+
+# Tutorial 05 (issue 18) keeps its cells in its own file.
+from build_pcdeq import CELLS as T05  # noqa: E402
+
+TUTORIALS["05_deqs_with_guarantees.ipynb"] = T05
 
 
 def notebook(cells) -> nbformat.NotebookNode:
