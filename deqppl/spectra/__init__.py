@@ -10,6 +10,11 @@ from .activations import (ELU, AbstractActivation, Centred, HardTanh, LeakyReLU,
 from .gaussian import AbstractQuadrature, CompositeGaussLegendre, GaussHermite, GaussianMoments
 from .mixture import (MIN_DIMENSION, AsymptoticsWarning, GaussianMixture, MixtureSample,
                       MixtureStatistics, data_statistics, two_class_mixture)
+from .empirical import (DEFAULT_SOLVER, EmpiricalKernels, deq_features, deq_tangent_kernel,
+                        draw_deq_weights, empirical_kernels)
+from .explicit import (AbstractDesign, ExplicitCoefficients, ExplicitNetwork, MatchResult,
+                       OneLayerHardTanh, TwoLayerLeakyReLU, explicit_coefficients, match_network,
+                       unmatched_activations)
 from .theory import (DEQCoefficients, KernelCoefficients, KernelPrediction, RandomDEQ,
                      SolveStatus, TheoryError, assemble_kernel, predict_kernels,
                      solve_coefficients)
@@ -22,4 +27,9 @@ __all__ = [
     "two_class_mixture", "data_statistics", "MIN_DIMENSION",
     "RandomDEQ", "KernelCoefficients", "DEQCoefficients", "KernelPrediction", "SolveStatus",
     "TheoryError", "solve_coefficients", "assemble_kernel", "predict_kernels",
+    "EmpiricalKernels", "empirical_kernels", "deq_features", "deq_tangent_kernel",
+    "draw_deq_weights", "DEFAULT_SOLVER",
+    "ExplicitCoefficients", "explicit_coefficients", "ExplicitNetwork", "AbstractDesign",
+    "TwoLayerLeakyReLU", "OneLayerHardTanh", "MatchResult", "match_network",
+    "unmatched_activations",
 ]

@@ -28,8 +28,8 @@ from ..deq import (AbstractSolver, ConvergenceError, FixedPointIteration, Implic
 from .activations import AbstractActivation
 from .theory import DEQCoefficients, RandomDEQ, solve_coefficients
 
-__all__ = ["EmpiricalKernels", "empirical_kernels", "deq_features", "draw_deq_weights",
-           "DEFAULT_SOLVER"]
+__all__ = ["EmpiricalKernels", "empirical_kernels", "deq_features", "deq_tangent_kernel",
+           "draw_deq_weights", "DEFAULT_SOLVER"]
 
 #: Plain iteration: the random DEQ is a contraction ($\\sigma_a\\lVert A\\rVert/\\sqrt m\\to2\\sigma_a<1$
 #: for 1-Lipschitz $\\phi$ and $\\sigma_a^2<1/4$) with rate ~0.3 for ReLU at $\\sigma_a^2=0.2$, and
@@ -121,8 +121,9 @@ class EmpiricalKernels:
 def _readout_gradients(coefficients, x, A, B, Z, v):
     """$g_i=\\partial(v^\\top z_i^*)/\\partial u_i$ for every point and draw, ``(D, n, m)``.
 
-    A shift ``eps`` of the pre-activation enters the DEQ map and the gradient of
-    $\\sum_i v^\\top z_i^*$ with respect to it is taken through `fixed_point`'s implicit adjoint.
+    A shift ``eps`` of the pre-activation enters the DEQ map; the gradient of
+    $\\sum_i v^\\top z_i^*$ with respect to it is taken through `fixed_point`'s implicit adjoint
+    (started at the known fixed points ``Z``, so the forward solve only confirms them).
     """
     deq = coefficients.deq
     num_draws, n, m = Z.shape
@@ -130,12 +131,39 @@ def _readout_gradients(coefficients, x, A, B, Z, v):
     eps = torch.zeros_like(drive, requires_grad=True)
     with torch.enable_grad():
         f = _deq_map(coefficients.activation, deq.var_a, A, drive + eps)
-        sol = fixed_point(f, Z.reshape(num_draws * n, m).detach(),
-                          solver=DEFAULT_SOLVER,
+        sol = fixed_point(f, Z.reshape(num_draws * n, m).detach(), solver=DEFAULT_SOLVER,
                           adjoint=ImplicitAdjoint(solver=DEFAULT_SOLVER))
         out = (sol.value.reshape(num_draws, n, m) * v[:, None, :]).sum()
         (g,) = torch.autograd.grad(out, eps)
     return g
+
+
+def deq_tangent_kernel(coefficients: DEQCoefficients, x: torch.Tensor, A: torch.Tensor,
+                       B: torch.Tensor, v: torch.Tensor, *,
+                       Z: torch.Tensor | None = None) -> torch.Tensor:
+    """``(D, n, n)`` NTK of $f(x)=v^\\top z^*(x)$ with respect to $(v, A)$, per draw.
+
+    $\\Theta_{ij}=G_{ij}\\,(1+\\sigma_a^2g_i^\\top g_j)$ with $G=Z^*Z^{*\\top}$ and $g_i$ the gradient of
+    $f(x_i)$ with respect to the pre-activation at the fixed point (see the module docstring).
+
+    Parameters
+    ----------
+    coefficients
+        Gives the centred activation and the variances.
+    x
+        ``(n, p)`` data.
+    A, B
+        ``(D, m, m)``, ``(D, m, p)`` the weights of each draw.
+    v
+        ``(D, m)`` readouts.
+    Z
+        ``(D, n, m)`` fixed points if already known (`deq_features`).
+    """
+    if Z is None:
+        Z, _ = deq_features(coefficients, x, A, B)
+    G = Z @ Z.transpose(1, 2)
+    g = _readout_gradients(coefficients, x, A, B, Z, v)
+    return G * (1.0 + coefficients.deq.var_a * (g @ g.transpose(1, 2)))
 
 
 def empirical_kernels(deq: RandomDEQ, x: torch.Tensor, *, width: int, num_draws: int,
@@ -218,8 +246,7 @@ def empirical_kernels(deq: RandomDEQ, x: torch.Tensor, *, width: int, num_draws:
         if ntk:
             gen = torch.Generator().manual_seed(gen_seed + 104729 * (chunk + 1))
             v = torch.randn(d, width, generator=gen, dtype=x.dtype)
-            g = _readout_gradients(coefficients, x, A, B, Z, v)
-            tk += (G * (1.0 + deq.var_a * (g @ g.transpose(1, 2)))).sum(0)
+            tk += deq_tangent_kernel(coefficients, x, A, B, v, Z=Z).sum(0)
     ck /= num_draws
     if ntk:
         tk /= num_draws

@@ -284,11 +284,12 @@ def solve_coefficients(deq: RandomDEQ, tau0: float, *, rtol: float = 1e-14,
 
 
 def assemble_kernel(coefficients: KernelCoefficients, stats: MixtureStatistics) -> torch.Tensor:
-    """``(n, n)`` $c_1X^\\top X+V M V^\\top+c_0I$ with $M=\\begin{bmatrix}c_2tt^\\top+c_3(T+T_0)&c_2t
+    """``(n, n)`` $c_1X^\\top X+V M V^\\top+c_0I$ with $M=\\begin{bmatrix}c_2tt^\\top+c_3S&c_2t
     \\\\c_2t^\\top&c_2\\end{bmatrix}$, in the dtype of the data.
 
-    $T_0=\\mathrm{tr}(C^{\\circ2})/p$ restores the constant part of $(x_i^\\top x_j)^2$ that SPEC 6's
-    $T$ drops (see `MixtureStatistics.T0`; *derived*).
+    SPEC 6 writes $T$ where this uses $S$ (`MixtureStatistics.S`, the class means of
+    $p(x_i^\\top x_j)^2$; *derived*): $S=T+T_0\\mathbf 1\\mathbf 1^\\top+O(p^{-1/2})$ restores the
+    terms of $(x_i^\\top x_j)^2$ that $T$ drops.
 
     Examples
     --------
@@ -305,7 +306,7 @@ def assemble_kernel(coefficients: KernelCoefficients, stats: MixtureStatistics) 
     if not isinstance(stats, MixtureStatistics):
         raise TypeError(f"stats must be MixtureStatistics, got {type(stats).__name__}")
     t = stats.t[:, None]
-    top = torch.cat([coefficients.c2 * (t @ t.T) + coefficients.c3 * (stats.T + stats.T0),
+    top = torch.cat([coefficients.c2 * (t @ t.T) + coefficients.c3 * stats.S,
                      coefficients.c2 * t], dim=1)
     bottom = torch.cat([coefficients.c2 * t.T,
                         torch.full((1, 1), coefficients.c2, dtype=t.dtype)], dim=1)

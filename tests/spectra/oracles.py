@@ -46,3 +46,21 @@ def _relu_expectations(K, shift):
     G = both - shift * (mean[:, None] + mean[None, :]) + shift**2
     Gdot = (math.pi - theta) / (2 * math.pi)
     return G, Gdot
+
+
+def leaky_layer_kernel(K: torch.Tensor, positive_slope: float, negative_slope: float,
+                       shift: float) -> torch.Tensor:
+    """$\\mathbb E[\\sigma(u)\\sigma(v)]$ for $\\sigma=a\\,t^++b\\,t^--c$ and $(u,v)$ of covariance $K$.
+
+    $\\sigma(t)=bt+(a-b)\\mathrm{relu}(t)-c$; with $\\mathbb E[u\\,\\mathrm{relu}(v)]=K_{uv}/2$ (Stein)
+    and the arc-cosine kernel for $\\mathbb E[\\mathrm{relu}\\,u\\,\\mathrm{relu}\\,v]$.
+    """
+    a, b = positive_slope, negative_slope
+    d = torch.sqrt(torch.diagonal(K))
+    norms = d[:, None] * d[None, :]
+    cos = torch.clamp(K / norms, -1.0, 1.0)
+    theta = torch.arccos(cos)
+    both = norms * (torch.sin(theta) + (math.pi - theta) * cos) / (2 * math.pi)
+    mean = (a - b) * d / math.sqrt(2 * math.pi)  # E sigma(u) + c
+    second = b * b * K + b * (a - b) * K + (a - b) ** 2 * both  # E[(sigma+c)(sigma+c)]
+    return second - shift * (mean[:, None] + mean[None, :]) + shift**2
