@@ -14,7 +14,9 @@ Models, for a DEQ with $\sigma_a^2=0.2$ and activation ReLU or tanh, all of widt
 * ``unmatched``: the same depth with the DEQ's own activation (two centred ReLU layers; one tanh
   layer).
 
-Data: SPEC 6's two-class mixture ($p=256$, 512 training and 512 test points) and scikit-learn's
+Data: SPEC 6's two-class mixture ($p=256$, 512 training and 512 test points; it is separated
+perfectly from width 512 on, so also ``mixture-weak``: the same with means of norm 3 instead of
+8) and scikit-learn's
 handwritten digits ($8\times8$, 10 classes; centred by the training mean and scaled so the mean
 squared norm of a training point is 1, $x=\mu_a/\sqrt p+\omega$ as SPEC 6 reads data; a fixed random
 split of 1 000 training and 797 test points).
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 
 from deqppl.deq import FixedPointIteration
-from deqppl.spectra import (ExplicitNetwork, OneLayerHardTanh, RandomDEQ, ReLU, Tanh,
+from deqppl.spectra import (ExplicitNetwork, GaussianMixture, OneLayerHardTanh, RandomDEQ, ReLU, Tanh,
                             TwoLayerLeakyReLU, deq_features, draw_deq_weights,
                             explicit_coefficients, match_network, solve_coefficients,
                             two_class_mixture, unmatched_activations)
@@ -55,8 +57,10 @@ SOLVER = FixedPointIteration(rtol=1e-5, atol=0.0, max_steps=1000)
 
 
 def load(name: str):
-    if name == "mixture":
+    if name in ("mixture", "mixture-weak"):
         mix = two_class_mixture(256)
+        if name == "mixture-weak":  # the same mixture with means of norm 3 instead of 8
+            mix = GaussianMixture(means=mix.means * (3.0 / 8.0), covariances=mix.covariances)
         train, test = mix.sample(512, seed=10), mix.sample(512, seed=11)
         return train.x, train.labels, test.x, test.labels
     from sklearn.datasets import load_digits
@@ -160,7 +164,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("runs/spectra_classification"))
     ap.add_argument("--widths", default="32,128,512,2048")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--datasets", default="mixture,digits")
+    ap.add_argument("--datasets", default="mixture,mixture-weak,digits")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
