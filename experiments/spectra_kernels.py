@@ -121,7 +121,7 @@ def plot(rows, eig_files, out):
                              or (r["activation"] == name and r["draws"] == 20 and
                                  scaled and r["p"] == 512))
                 if pts:
-                    lab = f"{name}, D = {'10 p/256' if scaled else '20'}"
+                    lab = f"{name}, D = {'10 max(1, p/256)' if scaled else '20'}"
                     ax.plot(*zip(*pts), style, color=color, label=lab, alpha=0.8)
         lim = sorted((r["p"], r[f"{kind}_theory_vs_limit"]) for r in rows
                      if r["activation"] == "relu" and r["draws"] == 20)

@@ -90,6 +90,8 @@ class MixtureStatistics:
         mixture: at $p=512$ it is five times $T_0$). `assemble_kernel` uses $S$: against the
         infinite-width kernel of a ReLU DEQ this lowers the relative error of $\\bar G$ from
         0.059 / 0.034 to 0.023 / 0.015 at $p$ = 256 / 512 (SPEC's $T$ alone: docs/spectra.md).
+    gram
+        ``(n, n)`` the Gram matrix $X^\\top X$ (``x @ x.T``), computed once.
     tau0
         $\\tau_0$: the root mean squared norm $\\sqrt{\\frac1n\\sum_i\\lVert x_i\\rVert^2}$. SPEC 6 writes
         $\\sqrt{\\mathrm{tr}C^\\circ/p}$, its large-$p$ limit; the two differ by the means'
@@ -107,6 +109,7 @@ class MixtureStatistics:
     T0: float
     S: torch.Tensor
     tau0: float
+    gram: torch.Tensor
 
     @property
     def num_data(self) -> int:
@@ -116,10 +119,6 @@ class MixtureStatistics:
     def dim(self) -> int:
         return int(self.x.shape[1])
 
-    @property
-    def gram(self) -> torch.Tensor:
-        """``(n, n)`` the Gram matrix $X^\\top X$ (``x @ x.T``)."""
-        return self.x @ self.x.T
 
 
 def _check_labels(labels: torch.Tensor, n: int, num_classes: int | None) -> int:
@@ -157,11 +156,13 @@ def _statistics(x, labels, means, covariances, noise) -> MixtureStatistics:
     J = torch.nn.functional.one_hot(labels, k).to(x.dtype)
     V = torch.cat([J / math.sqrt(p), psi[:, None]], dim=1)
     tau0 = math.sqrt(float((x * x).sum()) / n)
-    squared = (x @ x.T) ** 2
+    gram = x @ x.T
+    squared = gram**2
     squared.fill_diagonal_(0.0)
     pairs = counts[:, None] * counts[None, :] - torch.diag(counts)
     S = p * (J.T @ squared @ J) / pairs
-    return MixtureStatistics(x=x, labels=labels, t=t, T=T, psi=psi, V=V, T0=T0, S=S, tau0=tau0)
+    return MixtureStatistics(x=x, labels=labels, t=t, T=T, psi=psi, V=V, T0=T0, S=S, tau0=tau0,
+                             gram=gram)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
