@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -261,7 +261,9 @@ class MatchResult:
     status
         `SolveStatus` of the Newton solve.
     num_steps
-        Newton steps of the successful start (or of the last start tried).
+        Newton steps of the successful start (or of the best start when none succeeded).
+    tau0
+        $\\tau_0$ of the data the network was matched on (its centrings depend on it).
     """
 
     design: AbstractDesign
@@ -271,7 +273,7 @@ class MatchResult:
     residual: torch.Tensor
     status: SolveStatus
     num_steps: int
-    tau0: float = field(default=0.0)
+    tau0: float
 
     @property
     def max_residual(self) -> float:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from deqppl.spectra import (HardTanh, LeakyReLU, OneLayerHardTanh, RandomDEQ, ReLU, Tanh,
+from deqppl.spectra import (AbstractDesign, HardTanh, LeakyReLU, OneLayerHardTanh, RandomDEQ, ReLU, Tanh,
                             TheoryError, TwoLayerLeakyReLU, assemble_kernel, explicit_coefficients,
                             match_network, predict_kernels, solve_coefficients, two_class_mixture,
                             unmatched_activations)
@@ -119,8 +119,14 @@ def test_hardtanh_cannot_match_relu_and_says_so():
 
 
 def test_unreachable_targets_raise():
-    class Linear(OneLayerHardTanh):
+    class Linear(AbstractDesign):
         """A design whose activation is linear: c0 = 0 always, so c0 > 0 is unreachable."""
+
+        equations = (0, 3)
+
+        @property
+        def num_layers(self):
+            return 1
 
         def activations(self, params):
             return (LeakyReLU(positive_slope=float(params[0]), negative_slope=float(params[0])),)
