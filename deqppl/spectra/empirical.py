@@ -39,11 +39,13 @@ DEFAULT_SOLVER = FixedPointIteration(rtol=1e-8, atol=0.0, max_steps=1000)
 
 
 def draw_deq_weights(num_draws: int, width: int, dim: int, *, seed: int,
-                     dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+                     dtype: torch.dtype = torch.float64,
+                     device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``A (D, m, m)`` and ``B (D, m, p)`` iid $\\mathcal N(0, 1)$ from a seeded generator."""
     gen = torch.Generator().manual_seed(int(seed))
-    A = torch.randn(num_draws, width, width, generator=gen, dtype=dtype)
-    B = torch.randn(num_draws, width, dim, generator=gen, dtype=dtype)
+    # drawn on the CPU generator (reproducible across devices), then moved
+    A = torch.randn(num_draws, width, width, generator=gen, dtype=dtype).to(device)
+    B = torch.randn(num_draws, width, dim, generator=gen, dtype=dtype).to(device)
     return A, B
 
 
@@ -78,7 +80,7 @@ def deq_features(coefficients: DEQCoefficients, x: torch.Tensor, A: torch.Tensor
     drive = math.sqrt(deq.var_b) * torch.einsum("np,dmp->dnm", x, B)
     f = _deq_map(coefficients.activation, deq.var_a, A, drive)
     solver = DEFAULT_SOLVER if solver is None else solver
-    z0 = torch.zeros(num_draws * x.shape[0], m, dtype=x.dtype)
+    z0 = torch.zeros(num_draws * x.shape[0], m, dtype=x.dtype, device=x.device)
     sol = fixed_point(f, z0, solver=solver, adjoint=NoAdjoint(), throw=throw)
     return sol.value.reshape(num_draws, x.shape[0], m), sol
 
@@ -223,12 +225,13 @@ def empirical_kernels(deq: RandomDEQ, x: torch.Tensor, *, width: int, num_draws:
         raise ValueError("coefficients must be the DEQCoefficients of this deq")
     per_chunk = max(1, min(num_draws, max_batch // (n * width)))
     gen_seed = int(seed)
-    ck = torch.zeros(n, n, dtype=x.dtype)
-    tk = torch.zeros(n, n, dtype=x.dtype) if ntk else None
+    ck = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    tk = torch.zeros(n, n, dtype=x.dtype, device=x.device) if ntk else None
     converged, residual, steps = [], [], 0
     for chunk, first in enumerate(range(0, num_draws, per_chunk)):
         d = min(per_chunk, num_draws - first)
-        A, B = draw_deq_weights(d, width, p, seed=gen_seed + 7919 * chunk, dtype=x.dtype)
+        A, B = draw_deq_weights(d, width, p, seed=gen_seed + 7919 * chunk, dtype=x.dtype,
+                                device=x.device)
         Z, sol = deq_features(coefficients, x, A, B, solver=solver, throw=False)
         steps += sol.num_steps
         ok = sol.converged.reshape(d, n).all(dim=1)
@@ -245,7 +248,7 @@ def empirical_kernels(deq: RandomDEQ, x: torch.Tensor, *, width: int, num_draws:
         ck += G.sum(0)
         if ntk:
             gen = torch.Generator().manual_seed(gen_seed + 104729 * (chunk + 1))
-            v = torch.randn(d, width, generator=gen, dtype=x.dtype)
+            v = torch.randn(d, width, generator=gen, dtype=x.dtype).to(x.device)
             tk += deq_tangent_kernel(coefficients, x, A, B, v, Z=Z).sum(0)
     ck /= num_draws
     if ntk:

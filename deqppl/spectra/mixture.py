@@ -265,11 +265,11 @@ class GaussianMixture:
         chol = torch.linalg.cholesky(self.covariances)
         xs, noises, labels = [], [], []
         for a, count in enumerate(counts):
-            white = torch.randn(count, p, generator=gen, dtype=dtype)
+            white = torch.randn(count, p, generator=gen, dtype=dtype).to(self.means.device)
             noise = white @ chol[a].T / math.sqrt(p)
             noises.append(noise)
             xs.append(self.means[a] / math.sqrt(p) + noise)
-            labels.append(torch.full((count,), a, dtype=torch.int64))
+            labels.append(torch.full((count,), a, dtype=torch.int64, device=self.means.device))
         return MixtureSample(x=torch.cat(xs), labels=torch.cat(labels), noise=torch.cat(noises))
 
     def statistics(self, sample: MixtureSample) -> MixtureStatistics:

@@ -309,9 +309,10 @@ def assemble_kernel(coefficients: KernelCoefficients, stats: MixtureStatistics) 
     top = torch.cat([coefficients.c2 * (t @ t.T) + coefficients.c3 * stats.S,
                      coefficients.c2 * t], dim=1)
     bottom = torch.cat([coefficients.c2 * t.T,
-                        torch.full((1, 1), coefficients.c2, dtype=t.dtype)], dim=1)
+                        torch.full((1, 1), coefficients.c2, dtype=t.dtype, device=t.device)],
+                       dim=1)
     M = torch.cat([top, bottom], dim=0)
-    eye = torch.eye(stats.num_data, dtype=stats.x.dtype)
+    eye = torch.eye(stats.num_data, dtype=stats.x.dtype, device=stats.x.device)
     return coefficients.c1 * stats.gram + stats.V @ M @ stats.V.T + coefficients.c0 * eye
 
 
