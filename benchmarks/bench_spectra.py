@@ -32,7 +32,7 @@ from deqppl.deq import fixed_point
 from deqppl.spectra import (DEFAULT_SOLVER, RandomDEQ, ReLU, deq_features, draw_deq_weights,
                             empirical_kernels, predict_kernels, solve_coefficients,
                             two_class_mixture)
-from deqppl.spectra.empirical import _deq_map
+from deqppl.spectra.empirical import _deq_step
 
 
 def timed(fn):
@@ -78,10 +78,11 @@ def batched_vs_loop(p, draws, width, repeats):
         G = torch.zeros(n, n, dtype=x.dtype)
         for d in range(draws):
             drive = (deq.var_b ** 0.5) * (x @ B[d].T)
+            f = _deq_step(c.activation, deq.var_a)
             rows = []
             for i in range(n):
-                f = _deq_map(c.activation, deq.var_a, A[d:d + 1], drive[i:i + 1][None])
                 rows.append(fixed_point(f, torch.zeros(1, width, dtype=x.dtype),
+                                        args=(A[d:d + 1], drive[i:i + 1][None]),
                                         solver=DEFAULT_SOLVER).value[0])
             Z = torch.stack(rows)
             G += Z @ Z.T

@@ -41,7 +41,14 @@ DEFAULT_SOLVER = FixedPointIteration(rtol=1e-8, atol=0.0, max_steps=1000)
 def draw_deq_weights(num_draws: int, width: int, dim: int, *, seed: int,
                      dtype: torch.dtype = torch.float64,
                      device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A (D, m, m)`` and ``B (D, m, p)`` iid $\\mathcal N(0, 1)$ from a seeded generator."""
+    """``A (D, m, m)`` and ``B (D, m, p)`` iid $\\mathcal N(0, 1)$ from a seeded generator.
+
+    Examples
+    --------
+    >>> A, B = draw_deq_weights(2, 8, 3, seed=0)
+    >>> A.shape, B.shape
+    (torch.Size([2, 8, 8]), torch.Size([2, 8, 3]))
+    """
     gen = torch.Generator().manual_seed(int(seed))
     # drawn on the CPU generator (reproducible across devices), then moved
     A = torch.randn(num_draws, width, width, generator=gen, dtype=dtype).to(device)
@@ -49,15 +56,16 @@ def draw_deq_weights(num_draws: int, width: int, dim: int, *, seed: int,
     return A, B
 
 
-def _deq_map(activation: AbstractActivation, var_a: float, A: torch.Tensor, drive: torch.Tensor):
-    """The batched DEQ map on flattened states ``(D * n, m)``: row ``d * n + i`` is point ``i`` of
-    draw ``d`` and depends only on itself, as `fixed_point` requires."""
-    num_draws, n, m = drive.shape
-    sa, root_m = math.sqrt(var_a), math.sqrt(m)
+def _deq_step(activation: AbstractActivation, var_a: float):
+    """The batched DEQ map with explicit parameters, ``f(z, A, drive)`` on flattened states
+    ``(D * n, m)`` (``drive`` ``(D, n, m)`` is $\\sigma_bBx$ plus any pre-activation shift), in the
+    form `fixed_point(..., args=...)` differentiates with torch.func."""
+    sa = math.sqrt(var_a)
 
-    def f(z: torch.Tensor) -> torch.Tensor:
+    def f(z, A, drive):
+        num_draws, n, m = drive.shape
         pre = sa * torch.bmm(z.reshape(num_draws, n, m), A.transpose(1, 2)) + drive
-        return (activation(pre) / root_m).reshape(num_draws * n, m)
+        return (activation(pre) / math.sqrt(m)).reshape(num_draws * n, m)
 
     return f
 
@@ -74,14 +82,25 @@ def deq_features(coefficients: DEQCoefficients, x: torch.Tensor, A: torch.Tensor
     ------
     ConvergenceError
         If ``throw`` and the fixed point of some point of some draw was not found.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from deqppl.spectra import RandomDEQ, ReLU, solve_coefficients
+    >>> c = solve_coefficients(RandomDEQ(activation=ReLU()), 1.0)
+    >>> x = torch.randn(5, 3, dtype=torch.float64) / 3 ** 0.5
+    >>> A, B = draw_deq_weights(2, 16, 3, seed=0)
+    >>> Z, sol = deq_features(c, x, A, B)
+    >>> Z.shape, bool(sol.converged.all())
+    (torch.Size([2, 5, 16]), True)
     """
     deq = coefficients.deq
     num_draws, m, _ = A.shape
     drive = math.sqrt(deq.var_b) * torch.einsum("np,dmp->dnm", x, B)
-    f = _deq_map(coefficients.activation, deq.var_a, A, drive)
+    f = _deq_step(coefficients.activation, deq.var_a)
     solver = DEFAULT_SOLVER if solver is None else solver
     z0 = torch.zeros(num_draws * x.shape[0], m, dtype=x.dtype, device=x.device)
-    sol = fixed_point(f, z0, solver=solver, adjoint=NoAdjoint(), throw=throw)
+    sol = fixed_point(f, z0, args=(A, drive), solver=solver, adjoint=NoAdjoint(), throw=throw)
     return sol.value.reshape(num_draws, x.shape[0], m), sol
 
 
@@ -123,21 +142,24 @@ class EmpiricalKernels:
 def _readout_gradients(coefficients, x, A, B, Z, v):
     """$g_i=\\partial(v^\\top z_i^*)/\\partial u_i$ for every point and draw, ``(D, n, m)``.
 
-    A shift ``eps`` of the pre-activation enters the DEQ map; the gradient of
-    $\\sum_i v^\\top z_i^*$ with respect to it is taken through `fixed_point`'s implicit adjoint
-    (started at the known fixed points ``Z``, so the forward solve only confirms them).
+    The fixed point is a function of a shift ``eps`` of the pre-activation (``drive + eps``);
+    `torch.func.grad` of $\\sum_iv^\\top z_i^*(\\mathrm{eps})$ at ``eps = 0`` goes through
+    `fixed_point`'s functional implicit adjoint (one adjoint solve for all points and draws; the
+    forward solve starts from the known fixed points ``Z``). Since row $i$ of the fixed point
+    depends on ``eps`` only through row $i$, the gradient's row $i$ is $g_i$.
     """
     deq = coefficients.deq
     num_draws, n, m = Z.shape
     drive = math.sqrt(deq.var_b) * torch.einsum("np,dmp->dnm", x, B)
-    eps = torch.zeros_like(drive, requires_grad=True)
-    with torch.enable_grad():
-        f = _deq_map(coefficients.activation, deq.var_a, A, drive + eps)
-        sol = fixed_point(f, Z.reshape(num_draws * n, m).detach(), solver=DEFAULT_SOLVER,
-                          adjoint=ImplicitAdjoint(solver=DEFAULT_SOLVER))
-        out = (sol.value.reshape(num_draws, n, m) * v[:, None, :]).sum()
-        (g,) = torch.autograd.grad(out, eps)
-    return g
+    f = _deq_step(coefficients.activation, deq.var_a)
+    z0 = Z.reshape(num_draws * n, m).detach()
+    adjoint = ImplicitAdjoint(solver=DEFAULT_SOLVER)
+
+    def readout(eps):
+        sol = fixed_point(f, z0, args=(A, drive + eps), solver=DEFAULT_SOLVER, adjoint=adjoint)
+        return (sol.value.reshape(num_draws, n, m) * v[:, None, :]).sum()
+
+    return torch.func.grad(readout)(torch.zeros_like(drive))
 
 
 def deq_tangent_kernel(coefficients: DEQCoefficients, x: torch.Tensor, A: torch.Tensor,
@@ -160,6 +182,18 @@ def deq_tangent_kernel(coefficients: DEQCoefficients, x: torch.Tensor, A: torch.
         ``(D, m)`` readouts.
     Z
         ``(D, n, m)`` fixed points if already known (`deq_features`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from deqppl.spectra import RandomDEQ, Tanh, solve_coefficients
+    >>> c = solve_coefficients(RandomDEQ(activation=Tanh()), 1.0)
+    >>> x = torch.randn(4, 3, dtype=torch.float64) / 3 ** 0.5
+    >>> A, B = draw_deq_weights(1, 16, 3, seed=0)
+    >>> v = torch.randn(1, 16, dtype=torch.float64)
+    >>> Theta = deq_tangent_kernel(c, x, A, B, v)
+    >>> Theta.shape, bool(torch.allclose(Theta, Theta.transpose(1, 2)))
+    (torch.Size([1, 4, 4]), True)
     """
     if Z is None:
         Z, _ = deq_features(coefficients, x, A, B)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from deqppl.deq import ConvergenceError, FixedPointIteration
+from deqppl.deq import ConvergenceError, FixedPointIteration, fixed_point
 from deqppl.spectra import (RandomDEQ, ReLU, Tanh, deq_features, deq_tangent_kernel,
                             draw_deq_weights, empirical_kernels, predict_kernels,
                             solve_coefficients, two_class_mixture)
@@ -138,3 +138,25 @@ def test_spec6_prediction_of_empirical_kernels(act):
         assert errors[512][0] <= 0.10 and errors[512][1] <= 0.10
     assert errors[512][0] < errors[256][0]
     assert errors[512][1] < errors[256][1]
+
+
+def test_tangent_kernel_matches_jacrev_through_the_fixed_point():
+    """The NTK from full per-point Jacobians of the readout with respect to (v, A), taken by
+    torch.func.jacrev through fixed_point's functional implicit adjoint."""
+    from deqppl.deq import ImplicitAdjoint
+    from deqppl.spectra.empirical import DEFAULT_SOLVER, _deq_step
+
+    deq, c, x, A, B = _small(n=4, p=3, m=8, draws=1)
+    v = torch.randn(1, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    f = _deq_step(c.activation, 0.2)
+    drive = math.sqrt(0.8) * torch.einsum("np,dmp->dnm", x, B)
+    z0 = torch.zeros(4, 8, dtype=torch.float64)
+
+    def outputs(v_, A_):  # (n,) readouts of every point
+        sol = fixed_point(f, z0, args=(A_, drive), solver=DEFAULT_SOLVER,
+                          adjoint=ImplicitAdjoint(solver=DEFAULT_SOLVER))
+        return sol.value @ v_[0]
+
+    Jv, JA = torch.func.jacrev(outputs, argnums=(0, 1))(v, A)
+    J = torch.cat([Jv.reshape(4, -1), JA.reshape(4, -1)], dim=1)
+    assert torch.allclose(deq_tangent_kernel(c, x, A, B, v)[0], J @ J.T, rtol=1e-7, atol=1e-10)
