@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from deqppl.deq import FixedPointIteration
-from deqppl.spectra import (ExplicitNetwork, GaussianMixture, OneLayerHardTanh, RandomDEQ, ReLU, Tanh,
+from deqppl.spectra import (ExplicitNetwork, GaussianMixture, OneLayerHardTanh, RandomDEQ, ReLU,
+                            Tanh,
                             TwoLayerLeakyReLU, deq_features, draw_deq_weights,
                             explicit_coefficients, match_network, solve_coefficients,
                             two_class_mixture, unmatched_activations)
@@ -128,7 +129,8 @@ def summarise(rows, out):
     for r in rows:
         groups.setdefault((r["dataset"], r["activation"], r["model"], int(r["width"])),
                           []).append(float(r["accuracy"]))
-    lines = ["| dataset | activation | width | deq | matched | unmatched |", "|---|---|---|---|---|---|"]
+    lines = ["| dataset | activation | width | deq | matched | unmatched |",
+             "|---|---|---|---|---|---|"]
     keys = sorted({(d, a, w) for d, a, _, w in groups})
     for d, a, w in keys:
         cells = []

@@ -82,7 +82,8 @@ def run_unit(name, p, draws, *, seed=0, keep_eigs=False):
         G, Theta = relu_limit_kernels(stats.gram, VAR_A, c.activation.shift)
         row.update(ck_theory_vs_limit=_rel(G, pred.ck), ntk_theory_vs_limit=_rel(Theta, pred.ntk),
                    ck_spec_formula_vs_limit=_rel(G, literal["ck"]),
-                   ck_empirical_vs_limit=_rel(emp.ck, G), ntk_empirical_vs_limit=_rel(emp.ntk, Theta))
+                   ck_empirical_vs_limit=_rel(emp.ck, G),
+                   ntk_empirical_vs_limit=_rel(emp.ntk, Theta))
     match = match_network(c, design)
     nets = {"matched": match.explicit.activations,
             "unmatched": explicit_coefficients(unmatched_activations(c, design),

@@ -193,7 +193,8 @@ class HardTanh(AbstractActivation):
         k = c / tau
         inside = math.erf(k / math.sqrt(2.0))  # P(|xi| < k)
         density = math.exp(-0.5 * k * k) / _SQRT_2PI
-        # E xi^2 1{|xi|<k} = P(|xi|<k) - 2 k p(k); (phi^2)'' = 2a^2 1{|t|<c} - 2a^2 c (delta_c + delta_-c)
+        # E xi^2 1{|xi|<k} = P(|xi|<k) - 2 k p(k);
+        # (phi^2)'' = 2a^2 1{|t|<c} - 2a^2 c (delta_c + delta_-c)
         truncated = inside - 2.0 * k * density
         return GaussianMoments(
             scale=tau, mean=0.0, second=a * a * (tau * tau * truncated + c * c * (1.0 - inside)),

@@ -211,7 +211,8 @@ class CompositeGaussLegendre(AbstractQuadrature):
         xs, ws = [], []
         for lo, hi in zip(edges[:-1], edges[1:]):
             pieces = max(1, math.ceil((hi - lo) / self.panel_width - 1e-12))
-            for a, b in zip(np.linspace(lo, hi, pieces + 1)[:-1], np.linspace(lo, hi, pieces + 1)[1:]):
+            grid = np.linspace(lo, hi, pieces + 1)
+            for a, b in zip(grid[:-1], grid[1:]):
                 half = 0.5 * (b - a)
                 x = a + half * (base_x + 1.0)
                 xs.append(x)
