@@ -42,8 +42,7 @@ import torch
 
 from deqppl.deq import FixedPointIteration
 from deqppl.spectra import (ExplicitNetwork, GaussianMixture, OneLayerHardTanh, RandomDEQ, ReLU,
-                            Tanh,
-                            TwoLayerLeakyReLU, deq_features, draw_deq_weights,
+                            Tanh, TwoLayerLeakyReLU, deq_features, draw_deq_weights,
                             explicit_coefficients, match_network, solve_coefficients,
                             two_class_mixture, unmatched_activations)
 
