@@ -24,6 +24,7 @@ EXPECTED = [
     "03_hierarchical_latents.ipynb",
     "04_model_comparison_report.ipynb",
     "05_deqs_with_guarantees.ipynb",
+    "06_what_a_random_deq_computes.ipynb",
     "07_your_own_model_amortised.ipynb",
 ]
 FOUND = sorted(p.name for p in TUTORIALS.glob("*.ipynb"))
