@@ -431,3 +431,43 @@ def test_joint_fit_refuses_other_optimizers_and_encoders():
         fit_autodeq(enc, sim.data, optimizer="lbfgs")
     with pytest.raises(TypeError, match="AutoDEQ"):
         fit_autodeq(object(), sim.data)
+
+
+# ----------------------------------------------------------------------------------------------
+# the harness row "autodeq"
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(USER_MODELS))
+def test_compare_produces_autodeq_rows_for_user_models(name):
+    from deqppl.harness import DEQMethod, LBFGSMethod, compare
+
+    model, sim = _simulated(name, n=30)
+    data, heldout = {"y": sim.data["y"][:20]}, {"y": sim.data["y"][20:]}
+    methods = [DEQMethod(name="autodeq", encoder=AutoDEQ, optimizer=LBFGS(max_steps=200)), LBFGSMethod()]
+    summary = compare(model, data, methods=methods, heldout=heldout, progress=False).summary
+    assert set(summary.index) == {"autodeq", "lbfgs"}
+    assert summary.loc["autodeq", "converged"] == 1.0
+    # same joint optimum and, under shared globals, the same held-out latents as L-BFGS
+    # (rel 1e-6: the harness's LBFGS(max_steps=200) fit and default tolerances, not 1e-8)
+    assert summary.loc["autodeq", "log_joint"] == pytest.approx(summary.loc["lbfgs", "log_joint"], rel=1e-6)
+    assert summary.loc["autodeq", "max_abs_dz"] < 1e-6
+
+
+@pytest.mark.parametrize("zoo", ["expfam_pca", "hierarchical"])
+def test_compare_puts_autodeq_next_to_the_hand_written_encoder(zoo):
+    from deqppl.harness import DEQMethod, LBFGSMethod, compare
+
+    if zoo == "expfam_pca":
+        model, encoder = ExpFamPCA(family=poisson(), obs_dim=D, latent_dim=L, param_scale=0.5), PEDEncoder
+    else:
+        model, encoder = HierarchicalExpFamPCA(widths=(6, 3, 2), param_scale=0.5), DeepPEDEncoder
+    y = model.simulate(30, seed=0, dtype=F64).data["y"]
+    methods = [
+        DEQMethod(encoder=encoder, optimizer=LBFGS(max_steps=200)),
+        DEQMethod(name="autodeq", encoder=AutoDEQ, optimizer=LBFGS(max_steps=200)),
+        LBFGSMethod(),
+    ]
+    summary = compare(model, {"y": y[:20]}, methods=methods, heldout={"y": y[20:]}, progress=False).summary
+    assert set(summary.index) == {"deq", "autodeq", "lbfgs"}
+    # rel 1e-6: both joint fits stop at the harness's default L-BFGS tolerances
+    assert summary.loc["autodeq", "log_joint"] == pytest.approx(summary.loc["deq", "log_joint"], rel=1e-6)
+    assert summary.loc["autodeq", "max_abs_dz"] < 1e-6 and summary.loc["deq", "max_abs_dz"] < 1e-6
