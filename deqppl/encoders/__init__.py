@@ -24,3 +24,18 @@ from .supervised import SupervisedFitResult, SupervisedPED, fit_supervised  # no
 
 __all__ += ["EncoderFitResult", "encoder_loss", "fit_encoder"]
 __all__ += ["SupervisedFitResult", "SupervisedPED", "fit_supervised"]
+
+from .kglm import (  # noqa: E402
+    DEQWeights,
+    HeadWeights,
+    Informed,
+    KernelGLMEncoder,
+    KGLMFit,
+    KGLMLayer,
+    Naive,
+    Random,
+    solve_kglm,
+)
+
+__all__ += ["DEQWeights", "HeadWeights", "Informed", "KGLMFit", "KGLMLayer", "KernelGLMEncoder"]
+__all__ += ["Naive", "Random", "solve_kglm"]
