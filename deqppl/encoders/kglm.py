@@ -38,7 +38,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from deqppl.deq import AbstractAdjoint, AbstractSolver, Newton, Solution, fixed_point
+from deqppl.deq import AbstractAdjoint, AbstractSolver, Anderson, Newton, Solution, fixed_point
 from deqppl.expfam import ExpFamily
 from deqppl.kernels import AbstractKernel, SquaredExponential
 from deqppl.validation import as_tensor, check_finite
@@ -52,6 +52,9 @@ __all__ = [
     "Naive",
     "Random",
     "AbstractInitialization",
+    "ConvKGLMLayer",
+    "conv_spectral_norm",
+    "kernel_stencil",
     "KGLMFit",
     "KGLMLayer",
     "KernelGLMEncoder",
@@ -690,3 +693,157 @@ class KernelGLMEncoder(AbstractMAPEncoder):
         h = head_weights(self.model.kernel(x_new, x), self.model.lam)
         Ty = self.model.family.T(data["y"])
         return self.model.family.mean(h.W @ z.reshape(-1) + h.U @ Ty + h.b)
+
+
+# --------------------------------------------------------------------------------------------
+# convolutional kGLM DEQs: a stationary kernel on a pixel grid
+# --------------------------------------------------------------------------------------------
+def kernel_stencil(kernel: AbstractKernel, radius: tuple[int, int], *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    r"""The stationary kernel's values $k(\delta)$ on pixel offsets $|\delta_r|\le r_0$, $|\delta_c|\le r_1$.
+
+    Returns a ``(2 r_0 + 1, 2 r_1 + 1)`` stencil. On an ``(H, W)`` grid with ``radius =
+    (H - 1, W - 1)`` the zero-padded convolution with it is exactly $K z$ for the dense kernel
+    matrix of the grid's pixel positions; a smaller radius truncates the kernel (cheaper, but a
+    truncated kernel need not be positive semi-definite).
+    """
+    r0, r1 = (int(r) for r in radius)
+    if r0 < 0 or r1 < 0:
+        raise ValueError(f"radius must be non-negative integers, got {radius!r}")
+    rows = torch.arange(-r0, r0 + 1, dtype=dtype)
+    cols = torch.arange(-r1, r1 + 1, dtype=dtype)
+    offsets = torch.cartesian_prod(rows, cols)
+    origin = torch.zeros(1, 2, dtype=dtype)
+    return kernel(offsets, origin).reshape(2 * r0 + 1, 2 * r1 + 1)
+
+
+def _conv(z: torch.Tensor, stencil: torch.Tensor) -> torch.Tensor:
+    # z (B, H, W), stencil (kh, kw) with odd sizes: zero-padded 'same' correlation
+    kh, kw = stencil.shape
+    out = torch.nn.functional.conv2d(z.unsqueeze(1), stencil[None, None], padding=(kh // 2, kw // 2))
+    return out.squeeze(1)
+
+
+def _conv_transpose(z: torch.Tensor, stencil: torch.Tensor) -> torch.Tensor:
+    kh, kw = stencil.shape
+    out = torch.nn.functional.conv_transpose2d(z.unsqueeze(1), stencil[None, None], padding=(kh // 2, kw // 2))
+    return out.squeeze(1)
+
+
+def conv_spectral_norm(
+    stencil: torch.Tensor, shape: tuple[int, int], *, num_iters: int = 500, rtol: float = 1e-12, seed: int = 0
+) -> float:
+    r"""$\lVert A\rVert_2$ of the zero-padded convolution $A$ on an ``shape`` grid, by power iteration.
+
+    Iterates $v\leftarrow A^\top Av/\lVert A^\top Av\rVert$ with the convolution and its
+    transpose (``conv_transpose2d``), never forming the dense matrix; stops when the Rayleigh
+    quotient changes by less than ``rtol`` (relative) or after ``num_iters`` iterations.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    v = torch.randn(1, *shape, generator=g, dtype=stencil.dtype)
+    v = v / v.norm()
+    est = 0.0
+    for _ in range(int(num_iters)):
+        w = _conv_transpose(_conv(v, stencil), stencil)
+        new = float(torch.sqrt((v * w).sum().clamp_min(0)))
+        v = w / w.norm()
+        if abs(new - est) <= rtol * new:
+            return new
+        est = new
+    return est
+
+
+class ConvKGLMLayer(nn.Module):
+    r"""Convolutional kGLM DEQ on an ``(H, W)`` pixel grid: $z=A'(w_W*z+w_U*T(y)+b)$.
+
+    With a stationary kernel the products $Kz$ are convolutions with its stencil
+    (:func:`kernel_stencil`), so the informed weights are the stencils $-k/\lambda$ and
+    $k/\lambda$ with $\lambda=s\lVert K\rVert_2$, the spectral norm of the convolution by
+    :func:`conv_spectral_norm` (SPEC §4).
+
+    Parameters
+    ----------
+    family
+        Exponential family whose $A'$ is the activation.
+    shape
+        Image shape ``(H, W)``.
+    init
+        :class:`Informed` (its kernel must be stationary) or :class:`Random` (``nn.Conv2d``'s
+        default: $U(-1/\sqrt{k_hk_w},1/\sqrt{k_hk_w})$).
+    radius
+        Stencil half-sizes; default ``(H - 1, W - 1)``, exact for the dense kernel matrix.
+    spectral_norm
+        If given, the W stencil is rescaled so that $\lVert w_W*\cdot\rVert_2$ equals it (for
+        the sweeps of experiment (b)); for :class:`Informed` this is $\lambda=\lVert K\rVert/\rho$.
+    solver, adjoint, throw, seed
+        As :class:`KGLMLayer`; the default solver is matrix-free ``Anderson``.
+    """
+
+    def __init__(
+        self,
+        family: ExpFamily,
+        shape: tuple[int, int],
+        *,
+        init: AbstractInitialization,
+        radius: tuple[int, int] | None = None,
+        spectral_norm: float | None = None,
+        solver: AbstractSolver | None = None,
+        adjoint: AbstractAdjoint | None = None,
+        throw: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.family = _check_family(family)
+        H, W = (int(s) for s in shape)
+        if H < 1 or W < 1:
+            raise ValueError(f"shape must be two positive integers (H, W), got {shape!r}")
+        self.shape = (H, W)
+        radius = (H - 1, W - 1) if radius is None else tuple(int(r) for r in radius)
+        if spectral_norm is not None:
+            check_lam(spectral_norm, "spectral_norm")
+        dtype = torch.get_default_dtype()
+        if isinstance(init, Informed):
+            k = kernel_stencil(init.kernel, radius, dtype=dtype)
+            norm = conv_spectral_norm(k, self.shape)
+            lam = init.s * norm if spectral_norm is None else norm / spectral_norm
+            w_W, w_U, b = -k / lam, k / lam, torch.zeros((), dtype=dtype)
+            self.lam = lam
+        elif isinstance(init, Random):
+            g = torch.Generator().manual_seed(int(seed))
+            size = (2 * radius[0] + 1, 2 * radius[1] + 1)
+            bound = 1.0 / math.sqrt(size[0] * size[1])
+            w_W, w_U = ((2 * torch.rand(*size, generator=g, dtype=dtype) - 1) * bound for _ in range(2))
+            b = (2 * torch.rand((), generator=g, dtype=dtype) - 1) * bound
+            if spectral_norm is not None:
+                w_W = w_W * (spectral_norm / conv_spectral_norm(w_W, self.shape))
+            self.lam = None
+        else:
+            raise TypeError(f"init must be Informed(kernel) or Random(), got {init!r}")
+        self.w_W = nn.Parameter(w_W)
+        self.w_U = nn.Parameter(w_U)
+        self.b = nn.Parameter(b)
+        self.solver, self.adjoint, self.throw = solver, adjoint, throw
+
+    def _observations(self, y: object) -> torch.Tensor:
+        y = as_tensor(y, "y", dtype=self.w_W.dtype, device=self.w_W.device)
+        if y.dim() == 2:
+            y = y.unsqueeze(0)
+        if y.dim() != 3 or tuple(y.shape[1:]) != self.shape:
+            raise ValueError(f"y must have shape (B, {self.shape[0]}, {self.shape[1]}), got {tuple(y.shape)}")
+        return self.family.validate(y, "y")
+
+    def forward(self, y: object, *, z0: torch.Tensor | None = None) -> tuple[torch.Tensor, Solution]:
+        """Fixed point ``(B, H, W)`` for images ``y`` ``(B, H, W)`` and its solve."""
+        y = self._observations(y)
+        c = _conv(self.family.T(y), self.w_U) + self.b
+        if z0 is None:
+            z0 = self.family.mean(torch.zeros_like(c))
+        w_W, family = self.w_W, self.family
+        dtype = c.dtype
+        sol = fixed_point(
+            lambda z: family.mean(_conv(z, w_W) + c),
+            z0.detach(),
+            solver=self.solver or Anderson(rtol=default_rtol(dtype) * 1e-2, atol=0.0, max_steps=2000),
+            adjoint=self.adjoint,
+            throw=self.throw,
+        )
+        return sol.value, sol
