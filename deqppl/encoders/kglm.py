@@ -24,7 +24,7 @@ Examples
 >>> fit = solve_kglm(gaussian(), K, y, lam=0.1)
 >>> krr = K @ torch.linalg.solve(K + 0.1 * torch.eye(30, dtype=torch.float64), y)
 >>> bool(torch.allclose(fit.mean, krr, atol=1e-10)), fit.solution.solver
-(True, 'Newton')
+(True, 'NewtonGMRES')
 """
 
 from __future__ import annotations
@@ -38,7 +38,19 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from deqppl.deq import AbstractAdjoint, AbstractSolver, Anderson, Newton, Solution, fixed_point
+from deqppl.deq import (
+    GMRES,
+    AbstractAdjoint,
+    AbstractSolver,
+    Anderson,
+    LinearProblem,
+    Newton,
+    Solution,
+    backtracking_line_search,
+    check_int,
+    check_real,
+    fixed_point,
+)
 from deqppl.expfam import ExpFamily
 from deqppl.kernels import AbstractKernel, SquaredExponential
 from deqppl.validation import as_tensor, check_finite
@@ -58,6 +70,7 @@ __all__ = [
     "KGLMFit",
     "KGLMLayer",
     "KernelGLMEncoder",
+    "NewtonGMRES",
     "check_kernel_matrix",
     "check_lam",
     "default_kglm_solver",
@@ -251,19 +264,93 @@ def _kglm_jacobian(z: torch.Tensor, W: torch.Tensor, c: torch.Tensor, family: Ex
     return family.variance(eta).unsqueeze(-1) * W
 
 
-def default_kglm_solver(dtype: torch.dtype) -> AbstractSolver:
-    r"""Default solver of the coupled $n$-dimensional kGLM fixed point: Newton, exact Jacobian.
+@dataclass(frozen=True, kw_only=True)
+class NewtonGMRES(AbstractSolver):
+    r"""Newton's method whose linear systems $(I-J)d=f(z)-z$ are solved by GMRES (Newton-Krylov).
 
-    Chosen by measurement (``benchmarks/bench_kglm.py``, docs/kglm.md): with the analytic
-    Jacobian $\mathrm{diag}(A''(\eta))W$ each Newton step is one dense $n\times n$ solve, the
-    same cost as an IRLS step, and it converges in 1 step (Gaussian) or a handful (others)
-    whether or not plain iteration contracts ($\mathrm{Lip}(\sigma)\lVert K\rVert/\lambda\ge1$);
-    Anderson needed tens to hundreds of $O(n^2)$ steps on the same problems and fails to reach
-    1e-8 when $\lambda\ll\lVert K\rVert$ (ill-conditioned $I+K/\lambda$). The tolerance is
-    :func:`~deqppl.encoders.default_rtol` divided by 100 so that the fitted means are accurate to
-    about 1e-8 absolute in float64 ($\lVert(I-J)^{-1}\rVert\le$ a few for these maps).
+    The Jacobian comes from the problem (``jacobian=`` of :func:`~deqppl.deq.fixed_point`); for
+    the kGLM map it is $\mathrm{diag}(A''(\eta))W$, formed in $O(n^2)$, so each GMRES
+    iteration is one batched matrix-vector product, $O(n^2)$, instead of the $O(n^3)$
+    factorisation of :class:`~deqppl.deq.Newton`. Kernel matrices have fast-decaying spectra,
+    so $I-J=I+VK/\lambda$ has clustered eigenvalues and GMRES needs few iterations
+    (``benchmarks/bench_kglm.py``). Backtracking on $\lVert f(z)-z\rVert$ as ``Newton``. A
+    non-finite GMRES direction falls back, per sample, to the fixed-point step.
+
+    Parameters
+    ----------
+    restart, max_inner
+        GMRES restart length and its largest number of iterations per Newton step.
+    inner_rtol
+        Relative residual of each linear solve; ``None``: ``rtol / 100`` (at least
+        $64\varepsilon$), so that the outer tolerance is reached in the Newton regime.
+    line_search, max_backtracks
+        As :class:`~deqppl.deq.Newton`.
+    rtol, atol, max_steps
+        See :class:`~deqppl.deq.FixedPointIteration`.
+
+    Examples
+    --------
+    >>> from deqppl.expfam import bernoulli
+    >>> x = torch.linspace(-2, 2, 50, dtype=torch.float64)
+    >>> K = SquaredExponential()(x)
+    >>> fit = solve_kglm(bernoulli(), K, (x > 0).double(), lam=0.01, solver=NewtonGMRES(rtol=1e-12))
+    >>> fit.converged, fit.solution.solver
+    (True, 'NewtonGMRES')
     """
-    return Newton(rtol=default_rtol(dtype) * 1e-2, atol=0.0, max_steps=100)
+
+    restart: int = 50
+    max_inner: int = 1000
+    inner_rtol: float | None = None
+    line_search: bool = True
+    max_backtracks: int = 10
+    rtol: float = 1e-10
+    atol: float = 0.0
+    max_steps: int = 100
+
+    def __post_init__(self):
+        self._check_common()
+        check_int("restart", self.restart, minimum=1)
+        check_int("max_inner", self.max_inner, minimum=1)
+        if self.inner_rtol is not None:
+            check_real("inner_rtol", self.inner_rtol, low=0.0, high=1.0, low_open=True, high_open=True)
+        if not isinstance(self.line_search, bool):
+            raise ValueError(f"line_search must be a bool, got {self.line_search!r}")
+        check_int("max_backtracks", self.max_backtracks, minimum=1)
+
+    def _hint(self) -> str:
+        return ("Try a larger max_steps or max_inner, or Newton() (direct solves): GMRES stalls on "
+                "very ill-conditioned systems (lam much smaller than ||K||).")
+
+    def init(self, problem, z0, fz0):
+        return None
+
+    def step(self, problem, state, iterate):
+        z, fz, r, active = iterate.z, iterate.fz, iterate.residual, iterate.active
+        J = problem.jacobian(z)
+        eps = torch.finfo(z.dtype).eps
+        inner = self.inner_rtol if self.inner_rtol is not None else max(self.rtol * 1e-2, 64 * eps)
+        lin = LinearProblem(lambda d: torch.bmm(J, d.unsqueeze(-1)).squeeze(-1), r, matrix=lambda: J)
+        d = GMRES(rtol=inner, atol=0.0, restart=self.restart, max_steps=self.max_inner).solve(lin).value
+        bad = ~torch.isfinite(d).all(-1)
+        d = torch.where(bad[:, None], r, d)
+        z_new, fz_new, _, _ = backtracking_line_search(
+            problem, z, fz, d, active, line_search=self.line_search,
+            max_backtracks=self.max_backtracks, armijo=1e-4)
+        return z_new, fz_new, state
+
+
+def default_kglm_solver(dtype: torch.dtype) -> AbstractSolver:
+    r"""Default solver of the coupled $n$-dimensional kGLM fixed point: :class:`NewtonGMRES`.
+
+    Chosen by measurement for $n$ from 100 to 5 000 (``benchmarks/bench_kglm.py``, table in
+    docs/kglm.md): Newton with direct solves costs $O(n^3)$ per step, Anderson needs about 100
+    $O(n^2)$ steps when $\mathrm{Lip}(\sigma)\lVert K\rVert/\lambda\ge1$ (and tens when it
+    contracts); Newton-GMRES takes Newton's 1-8 steps at $O(n^2)$ per inner iteration, and
+    converges whether or not plain iteration contracts. The tolerance is
+    :func:`~deqppl.encoders.default_rtol` divided by 100 so that the fitted means are accurate
+    to about 1e-8 absolute in float64.
+    """
+    return NewtonGMRES(rtol=default_rtol(dtype) * 1e-2, atol=0.0, max_steps=100)
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,7 +507,7 @@ class Informed(AbstractInitialization):
     s
         Scale of the penalty. Plain iteration contracts when $s>\mathrm{Lip}(A')$, so per
         family: Gaussian (Lip 1) $s=1$ is the paper's regression choice (at the contraction
-        boundary; the default Newton solver does not need a contraction); Bernoulli (Lip 1/4)
+        boundary; the default Newton-GMRES solver does not need a contraction); Bernoulli (Lip 1/4)
         $s=2$ is the paper's logistic check; Ising (tanh, Lip 1) $s=1$; Poisson (exp,
         unbounded Lip) no $s$ guarantees contraction, $s=1$ with the default solver.
 
@@ -633,7 +720,7 @@ class KernelGLMEncoder(AbstractMAPEncoder):
     ...         "y": torch.tensor([0., 0., 1., 0., 1., 1.], dtype=torch.float64)}
     >>> sites, sol = KernelGLMEncoder(model).sites(data)
     >>> sites["u"].shape, sol.solver, bool(sol.converged.all())
-    (torch.Size([6]), 'Newton', True)
+    (torch.Size([6]), 'NewtonGMRES', True)
     """
 
     required_model_attributes: ClassVar[tuple[str, ...]] = ("family", "lam", "kernel", "gram", "cholesky")

@@ -79,7 +79,7 @@ def test_gaussian_equals_sklearn_kernel_ridge(s: float) -> None:
     torch.testing.assert_close(z[0], want_fit, rtol=0, atol=1e-8)
     pred, _ = layer.predict(y)
     torch.testing.assert_close(pred[0], want_new, rtol=0, atol=1e-8)
-    assert sol.solver == "Newton" and bool(sol.converged.all())
+    assert sol.solver == "NewtonGMRES" and bool(sol.converged.all())
 
 
 @pytest.mark.parametrize("name", ["bernoulli", "poisson", "ising"])
@@ -118,7 +118,7 @@ def test_bernoulli_encoder_equals_irls_and_fit_map() -> None:
     # to_sites gives the whitened site of the same MAP
     torch.testing.assert_close(model.fitted_mean(sites, x), z, rtol=0, atol=1e-12)
     torch.testing.assert_close(sites["u"], result.values["u"], rtol=0, atol=1e-6)  # cond(L) ~ 1e4 amplifies L-BFGS's error
-    assert sol.solver == "Newton" and sol.num_steps < 20
+    assert sol.solver == "NewtonGMRES" and sol.num_steps < 20
 
 
 def test_model_deq_weights_are_the_library_construction() -> None:
@@ -139,7 +139,7 @@ def test_default_converges_where_plain_iteration_does_not(name: str) -> None:
     plain = solve_kglm(FAMILY[name], K, y, lam=lam, solver=FixedPointIteration(max_steps=300), throw=False)
     assert not plain.converged
     fit = solve_kglm(FAMILY[name], K, y, lam=lam)
-    assert fit.converged and fit.solution.solver == "Newton" and 1 <= fit.solution.num_steps <= 30
+    assert fit.converged and fit.solution.solver == "NewtonGMRES" and 1 <= fit.solution.num_steps <= 30
     want, _ = _reference(name, K, y, lam, K[:1])
     torch.testing.assert_close(fit.mean, want, rtol=0, atol=1e-8)
 
