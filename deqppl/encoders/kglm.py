@@ -606,6 +606,10 @@ class KGLMLayer(nn.Module):
         implicit adjoint) and whether a failed solve raises.
     seed
         Seed of the :class:`Random` initialisation.
+    check_support
+        Reject observations outside the family's support (default). ``False`` lets the DEQ take
+        any finite input (e.g. a tanh DEQ on real-valued sequences, experiment (a)); its
+        fixed point is then a DEQ output, no longer a kGLM MAP.
 
     Notes
     -----
@@ -625,9 +629,13 @@ class KGLMLayer(nn.Module):
         adjoint: AbstractAdjoint | None = None,
         throw: bool = True,
         seed: int = 0,
+        check_support: bool = True,
     ) -> None:
         super().__init__()
         self.family = _check_family(family)
+        if not isinstance(check_support, bool):
+            raise TypeError(f"check_support must be True or False, got {check_support!r}")
+        self.check_support = check_support
         if not isinstance(init, AbstractInitialization):
             raise TypeError(f"init must be Informed(...), Naive(...) or Random(), got {init!r}")
         x = as_tensor(x, "x")
@@ -659,6 +667,9 @@ class KGLMLayer(nn.Module):
             y = y.unsqueeze(0)
         if y.dim() != 2 or y.shape[1] != self.n:
             raise ValueError(f"y must have shape (B, {self.n}) or ({self.n},), got {tuple(y.shape)}")
+        if not self.check_support:
+            check_finite(y, "y")
+            return y
         return self.family.validate(y, "y")
 
     def forward(self, y: object, *, z0: torch.Tensor | None = None) -> tuple[torch.Tensor, Solution]:
@@ -861,7 +872,7 @@ class ConvKGLMLayer(nn.Module):
     spectral_norm
         If given, the W stencil is rescaled so that $\lVert w_W*\cdot\rVert_2$ equals it (for
         the sweeps of experiment (b)); for :class:`Informed` this is $\lambda=\lVert K\rVert/\rho$.
-    solver, adjoint, throw, seed
+    solver, adjoint, throw, seed, check_support
         As :class:`KGLMLayer`; the default solver is matrix-free ``Anderson``.
     """
 
@@ -877,9 +888,13 @@ class ConvKGLMLayer(nn.Module):
         adjoint: AbstractAdjoint | None = None,
         throw: bool = True,
         seed: int = 0,
+        check_support: bool = True,
     ) -> None:
         super().__init__()
         self.family = _check_family(family)
+        if not isinstance(check_support, bool):
+            raise TypeError(f"check_support must be True or False, got {check_support!r}")
+        self.check_support = check_support
         H, W = (int(s) for s in shape)
         if H < 1 or W < 1:
             raise ValueError(f"shape must be two positive integers (H, W), got {shape!r}")
@@ -916,6 +931,9 @@ class ConvKGLMLayer(nn.Module):
             y = y.unsqueeze(0)
         if y.dim() != 3 or tuple(y.shape[1:]) != self.shape:
             raise ValueError(f"y must have shape (B, {self.shape[0]}, {self.shape[1]}), got {tuple(y.shape)}")
+        if not self.check_support:
+            check_finite(y, "y")
+            return y
         return self.family.validate(y, "y")
 
     def forward(self, y: object, *, z0: torch.Tensor | None = None) -> tuple[torch.Tensor, Solution]:

@@ -240,3 +240,13 @@ def test_layer_bad_input() -> None:
         KGLMLayer(bernoulli(), torch.zeros(5), init="informed")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="s must be a positive"):
         Informed(SquaredExponential(), s=0.0)
+
+
+def test_training_through_the_implicit_adjoint_reduces_the_loss() -> None:
+    # experiment (a)'s model and loop at a tiny size: every parameter trained by Adam
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+    from kglm_sequence import run_one
+
+    r = run_one("informed", 0, num_train=8, num_test=8, num_epochs=3, lr=1e-2)
+    assert not r["diverged"] and len(r["test_mse"]) == 4
+    assert r["test_mse"][-1] < r["test_mse"][0]
