@@ -722,6 +722,9 @@ class KernelGLMEncoder(AbstractMAPEncoder):
     solver, adjoint, throw
         As :class:`~deqppl.encoders.AbstractMAPEncoder`; default solver
         :func:`default_kglm_solver`.
+    seed
+        Accepted as every encoder of the protocol accepts it (the harness passes one); the
+        kGLM has no global sites, so nothing is random.
 
     Examples
     --------
@@ -738,8 +741,11 @@ class KernelGLMEncoder(AbstractMAPEncoder):
     required_model_attributes: ClassVar[tuple[str, ...]] = ("family", "lam", "kernel", "gram", "cholesky")
     model_kind: ClassVar[str] = "a KernelGLM-like model (deqppl.models.kernel_glm)"
 
-    def __init__(self, model, *, solver=None, adjoint=None, throw: bool = True) -> None:
+    def __init__(self, model, *, solver=None, adjoint=None, throw: bool = True, seed: int = 0) -> None:
         super().__init__(model, solver=solver, adjoint=adjoint, throw=throw)
+        # seed: the harness builds every encoder with one; a kGLM has no random globals to seed
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
         _check_family(model.family)
         check_lam(model.lam, "model.lam")
         self._cache: tuple[torch.Tensor, torch.Tensor, DEQWeights, torch.Tensor] | None = None
