@@ -25,6 +25,7 @@ EXPECTED = [
     "04_model_comparison_report.ipynb",
     "05_deqs_with_guarantees.ipynb",
     "06_what_a_random_deq_computes.ipynb",
+    "07_kernel_glms_are_deqs.ipynb",
 ]
 FOUND = sorted(p.name for p in TUTORIALS.glob("*.ipynb"))
 #: Seconds per cell: the slowest small-mode cell takes well under a minute on an idle core;
