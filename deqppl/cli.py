@@ -85,7 +85,7 @@ BUILTIN_DATA = {"pca": ("digits",), "hierarchical": ("digits",), "kglm": ("diabe
 #: Default ``--data`` per model.
 DEFAULT_DATA = {"pca": "digits", "hierarchical": "digits", "kglm": "diabetes"}
 #: Default ``--methods`` per model (the kernel GLM has no DEQ encoder yet).
-DEFAULT_METHODS = {"pca": "deq,svi,lbfgs", "hierarchical": "deq,svi,lbfgs", "kglm": "svi,lbfgs"}
+DEFAULT_METHODS = {"pca": "deq,svi,lbfgs", "hierarchical": "deq,svi,lbfgs", "kglm": "deq,svi,lbfgs"}
 #: Family of each built-in kernel-GLM data set.
 KGLM_FAMILIES = {"diabetes": "gaussian", "breast_cancer": "bernoulli"}
 
@@ -147,9 +147,9 @@ def _check_model(name: str) -> str:
 
 
 def _encoder(model_name: str):
-    from deqppl.encoders import DeepPEDEncoder, PEDEncoder
+    from deqppl.encoders import DeepPEDEncoder, KernelGLMEncoder, PEDEncoder
 
-    return {"pca": PEDEncoder, "hierarchical": DeepPEDEncoder}.get(model_name)
+    return {"pca": PEDEncoder, "hierarchical": DeepPEDEncoder, "kglm": KernelGLMEncoder}.get(model_name)
 
 
 def _methods(settings: dict) -> list:
@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--lam", type=float, default=1.0, help="latent prior precision (default 1)")
     cmp_.add_argument(
         "--methods", default=None,
-        help="comma-separated (default deq,svi,lbfgs; svi,lbfgs for kglm)",
+        help="comma-separated (default deq,svi,lbfgs)",
     )
     cmp_.add_argument("--seed", type=int, default=0, help="seed of the data split/simulation and fits")
     cmp_.add_argument("--seeds", default=None, help="comma-separated fit seeds (default: --seed)")

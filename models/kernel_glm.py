@@ -31,12 +31,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
 import torch
 
+from deqppl.encoders.kglm import DEQWeights, kglm_weights
 from deqppl.expfam import ExpFamily
 from deqppl.kernels import AbstractKernel
 from deqppl.protocols import AbstractModel, Simulation, simulate_from
@@ -49,24 +50,6 @@ __all__ = ["DEQWeights", "KernelGLM"]
 # -2e-5 in float32 (measured), so Cholesky succeeds with these margins; float64's 1e-8 is
 # GPyTorch's double-precision default.
 _DEFAULT_JITTER = {torch.float64: 1e-8, torch.float32: 1e-4}
-
-
-class DEQWeights(NamedTuple):
-    r"""Closed-form weights of the DEQ $z=\sigma(Wz+Uy+b)$ whose fixed point is the kGLM fit.
-
-    Attributes
-    ----------
-    W
-        $-K_j/\lambda$, shape ``(n, n)``.
-    U
-        $K_j/\lambda$, shape ``(n, n)``, applied to $T(y)$.
-    b
-        Zeros, shape ``(n,)``.
-    """
-
-    W: torch.Tensor
-    U: torch.Tensor
-    b: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -268,10 +251,10 @@ class KernelGLM(AbstractModel):
         r"""Closed-form DEQ weights $W=-K_j/\lambda$, $U=K_j/\lambda$, $b=0$.
 
         With these, $z=A'(Wz+U\,T(y)+b)$ has the fitted means of this model as its fixed
-        point ($K_j$ includes the jitter so that the equality is exact).
+        point ($K_j$ includes the jitter so that the equality is exact). The construction is
+        the library's :func:`deqppl.encoders.kglm.kglm_weights`.
         """
-        K = self.gram(x)
-        return DEQWeights(W=-K / self.lam, U=K / self.lam, b=torch.zeros_like(K[0]))
+        return kglm_weights(self.gram(x), self.lam)
 
     def predictive_log_lik(
         self,

@@ -66,14 +66,13 @@ def test_list(capsys):
         (["--data", "simulate:poisson,k=3"], ["'k=3'", "n=INT", "l=INT"]),
         (["--data", "simulate:binomial"], ["--total-count"]),
         (["--model", "gplvm"], ["'gplvm'", "pca", "hierarchical", "kglm"]),
-        (["--model", "kglm", "--methods", "deq"], ["'deq'", "'kglm'", "lbfgs", "svi"]),
         (["--model", "kglm", "--data", "digits"], ["'digits'", "diabetes", "breast_cancer"]),
         (["--model", "kglm", "--family", "poison"], ["'poison'", "bernoulli"]),
         (["--model", "hierarchical", "--widths", "3,x"], ["--widths", "'3,x'"]),
         (["--model", "hierarchical", "--family", "poisson"], ["'poisson'", "gaussian"]),
     ],
     ids=["family-in-data", "family", "method", "data", "nonlinearity", "simulate-option", "binomial-trials",
-         "model", "kglm-deq", "kglm-data", "kglm-family", "widths", "hierarchical-family"],
+         "model", "kglm-data", "kglm-family", "widths", "hierarchical-family"],
 )
 def test_unknown_names_exit_2_listing_valid_ones(capsys, tmp_path, argv, expected):
     code, out, err = run_cli(capsys, "compare", *argv, "--out", str(tmp_path / "o"), "--no-progress")
@@ -227,7 +226,7 @@ def test_kglm_on_the_bundled_tables(capsys, tmp_path, data, family):
     )
     assert code == 0
     table = pd.read_csv(out / "table.csv")
-    assert set(table["method"]) == {"svi", "lbfgs"}
+    assert set(table["method"]) == {"deq", "svi", "lbfgs"}
     assert table["model"].str.contains(family, regex=False).all()
     s = _summary(out)
     assert np.isfinite(s["heldout_log_lik"]).all()

@@ -591,6 +591,11 @@ from build_pcdeq import CELLS as T05  # noqa: E402
 
 TUTORIALS["05_deqs_with_guarantees.ipynb"] = T05
 
+# Tutorial 08 (issue 14) keeps its cells in its own file.
+from build_kglm import CELLS as T08  # noqa: E402
+
+TUTORIALS["08_kernel_glms_are_deqs.ipynb"] = T08
+
 
 def notebook(cells) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()

@@ -35,3 +35,18 @@ from .auto import (  # noqa: E402
 )
 
 __all__ += ["AutoDEQ", "CurvatureReport", "NotAMinimumError", "SafeguardedLBFGS", "SafeguardedNewton", "fit_autodeq"]
+
+from .kglm import (  # noqa: E402
+    DEQWeights,
+    HeadWeights,
+    Informed,
+    KernelGLMEncoder,
+    KGLMFit,
+    KGLMLayer,
+    Naive,
+    Random,
+    solve_kglm,
+)
+
+__all__ += ["DEQWeights", "HeadWeights", "Informed", "KGLMFit", "KGLMLayer", "KernelGLMEncoder"]
+__all__ += ["Naive", "Random", "solve_kglm"]

@@ -33,6 +33,7 @@ from deqppl.optim import (
     AbstractStepper,
     Adam,
     FitConvergenceError,
+    FitStatus,
     LBFGSStepper,
     Observation,
     StopRules,
@@ -284,7 +285,7 @@ def fit_encoder(
     data = encoder.check_data(data)
     params = _params(encoder)
     if not params:
-        raise TypeError(f"{type(encoder).__name__} has no global sites to fit")
+        return _fit_without_globals(encoder, data, optimizer, start, throw=throw)
     dtype = params[0].dtype
     if isinstance(optimizer, LBFGS):
         if optimizer.gtol is None:
@@ -330,6 +331,31 @@ def fit_encoder(
         grad_norm=grad_norm,
         optimizer=optimizer,
         num_solves=num_solves,
+    )
+    if throw and not result.converged:
+        raise FitConvergenceError(result, "fit_encoder")
+    return result
+
+
+def _fit_without_globals(encoder, data, optimizer, start: float, *, throw: bool) -> EncoderFitResult:
+    # A model without global sites (a kernel GLM): there is nothing to fit, the fixed point
+    # alone is the MAP. One solve gives the loss there; the fit has converged iff it did.
+    with torch.no_grad():
+        sol = encoder.solve(data, throw=False, validated=True)
+        loss = float(encoder_loss(encoder, data, sol.value))
+    ok = bool(sol.converged.all()) and math.isfinite(loss)
+    result = EncoderFitResult(
+        encoder=encoder,
+        loss_trace=torch.tensor([loss], dtype=torch.float64),
+        num_steps=0,
+        num_grad_evals=0,
+        wall_time=time.perf_counter() - start,
+        status=FitStatus.CONVERGED if ok else FitStatus.NONFINITE,
+        criterion=("no global sites: nothing to fit; the fixed point "
+                   + ("converged" if ok else f"did not converge (status {sol.status.name})")),
+        grad_norm=0.0,
+        optimizer=optimizer,
+        num_solves=1,
     )
     if throw and not result.converged:
         raise FitConvergenceError(result, "fit_encoder")
