@@ -287,9 +287,41 @@ class KernelGLM(AbstractModel):
         >>> model.predictive_log_lik(sim.data, sim.truth, new).shape
         torch.Size([1])
         """
-        x, x_new = data["x"], heldout["x"]
-        L = self.cholesky(x)
-        weights = torch.linalg.solve_triangular(L.T, values["u"][:, None], upper=True)[:, 0]
-        f_new = self.kernel(x_new, x) @ weights
+        f_new = self._natural_at(data, values, heldout["x"])
         with torch.no_grad():
             return self.family.distribution(f_new).log_prob(heldout["y"]).detach()
+
+    def predictive_mean(
+        self,
+        data: Mapping[str, torch.Tensor],
+        values: Mapping[str, torch.Tensor],
+        heldout: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        r"""Predicted means $A'(f^*_a)$ of $T(y^*_a)$ at new inputs, ``(m,)`` (the report's calibration).
+
+        The same $f^*$ as :meth:`predictive_log_lik`; for Bernoulli the predicted probability,
+        for Poisson the rate, for the Gaussian family $\sqrt{\lambda_0}$ times the mean of $y$.
+        Parameters as :meth:`predictive_log_lik` (``heldout`` needs only ``"x"``).
+
+        Examples
+        --------
+        >>> from deqppl.expfam import bernoulli
+        >>> from deqppl.kernels import SquaredExponential
+        >>> model = KernelGLM(bernoulli(), SquaredExponential(), lam=1.0)
+        >>> sim = model.simulate(10, seed=0, dtype=torch.float64)
+        >>> p = model.predictive_mean(sim.data, sim.truth, {"x": sim.data["x"][:3]})
+        >>> bool(((p > 0) & (p < 1)).all())
+        True
+        """
+        with torch.no_grad():
+            # The mean of y itself, from the family's distribution (one source of truth).
+            return self.family.distribution(self._natural_at(data, values, heldout["x"])).mean.detach()
+
+    def _natural_at(
+        self, data: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor], x_new: torch.Tensor
+    ) -> torch.Tensor:
+        # f* = K_* L^{-T} u: the Gaussian-process conditional mode at x_new given f = L u.
+        x = data["x"]
+        L = self.cholesky(x)
+        weights = torch.linalg.solve_triangular(L.T, values["u"][:, None], upper=True)[:, 0]
+        return self.kernel(x_new, x) @ weights

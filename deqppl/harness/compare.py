@@ -160,6 +160,9 @@ class Comparison:
         Global site -> tensor shared in the ``"heldout"`` stage of the first seed.
     coupled
         Whether the model's locals are coupled (no data plate; see the module notes).
+    train_data
+        The validated training data mapping of the first seed (a coupled model's held-out
+        predictions need it, e.g. the report's calibration panel).
     """
 
     table: pd.DataFrame
@@ -176,6 +179,7 @@ class Comparison:
     local_values: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     bounds: dict[str, torch.Tensor] = field(default_factory=dict)
     coupled: bool = False
+    train_data: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (
@@ -566,6 +570,7 @@ def compare(
         local_values=first["local_values"],
         bounds=first["bounds"],
         coupled=layout.coupled,
+        train_data=dict(train),
     )
 
 

@@ -310,6 +310,99 @@ def _draw_latent_space(fig, latents, lab: np.ndarray, reference: str, methods: l
     fig.suptitle("Held-out latents coloured by label", fontsize=10)
 
 
+def calibration_frame(
+    observed: object, predicted: Mapping[str, object], *, num_bins: int = 10
+) -> pd.DataFrame:
+    """Binned calibration: mean predicted probability vs observed frequency per method.
+
+    Parameters
+    ----------
+    observed
+        ``(m,)`` held-out outcomes in {0, 1}.
+    predicted
+        Method name -> ``(m,)`` predicted probabilities of outcome 1.
+    num_bins
+        Equal-width bins of the predicted probability on [0, 1]; empty bins are dropped.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``method``, ``bin``, ``mean_predicted``, ``observed_frequency``, ``count``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> frame = calibration_frame(np.array([0, 1, 1, 0]), {"a": np.array([0.1, 0.9, 0.8, 0.2])},
+    ...                           num_bins=2)
+    >>> frame["observed_frequency"].tolist(), frame["count"].tolist()
+    ([0.0, 1.0], [2, 2])
+    """
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+    y = _as_numpy(observed).reshape(-1)
+    rows = []
+    for name, p in predicted.items():
+        p = _as_numpy(p).reshape(-1)
+        if p.shape != y.shape:
+            raise ValueError(f"predicted[{name!r}] has shape {p.shape}; the outcomes have {y.shape}")
+        which = np.minimum((p * num_bins).astype(int), num_bins - 1)
+        for b in range(num_bins):
+            mask = which == b
+            if mask.any():
+                rows.append((name, b, float(p[mask].mean()), float(y[mask].mean()), int(mask.sum())))
+    return pd.DataFrame(rows, columns=["method", "bin", "mean_predicted", "observed_frequency", "count"])
+
+
+def plot_calibration(
+    observed: object,
+    predicted: Mapping[str, object],
+    *,
+    binary: bool,
+    value_label: str = "y [data units]",
+    num_bins: int = 10,
+) -> Figure:
+    """Held-out predictions of each method against the outcomes.
+
+    Parameters
+    ----------
+    observed
+        ``(m,)`` held-out outcomes.
+    predicted
+        Method name -> ``(m,)`` predicted means at the held-out inputs.
+    binary
+        Outcomes in {0, 1}: a calibration curve (binned mean predicted probability against the
+        observed frequency, :func:`calibration_frame`); otherwise predicted against observed.
+    value_label
+        Axis label with the unit (non-binary outcomes).
+    num_bins
+        Bins of the calibration curve.
+    """
+    methods = _methods(predicted)
+    fig = Figure(figsize=(4.2 * len(methods) + 0.4, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    y = _as_numpy(observed).reshape(-1)
+    frame = calibration_frame(y, predicted, num_bins=num_bins) if binary else None
+    for ax, name in zip(axes, methods, strict=True):
+        if binary:
+            rows = frame[frame["method"] == name]
+            ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+            ax.plot(rows["mean_predicted"], rows["observed_frequency"], "o-", label=name)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("mean predicted probability [probability]")
+            ax.set_ylabel("observed frequency [fraction of rows]")
+        else:
+            p = _as_numpy(predicted[name]).reshape(-1)
+            lo, hi = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="identity")
+            ax.scatter(y, p, s=8, alpha=0.6, label=name)
+            ax.set_xlabel(f"observed {value_label}")
+            ax.set_ylabel(f"predicted {value_label}")
+        ax.set_title(name)
+        ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
 def plot_reconstructions(
     original: object,
     means: Mapping[str, object],

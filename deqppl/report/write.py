@@ -20,6 +20,7 @@ from deqppl.report.glossary import METRICS, MODEL_METRICS, MetricInfo, describe_
 from deqppl.report.plots import (
     figure_png,
     image_shape_of,
+    plot_calibration,
     plot_latent_space,
     plot_latents,
     plot_model_comparison,
@@ -142,6 +143,36 @@ def _reconstructions(comparison, image_shape, detect_images: bool, num_rows: int
     return caption, fig
 
 
+def _calibration(comparison):
+    """Held-out predictions per method at new inputs, for models with a ``predictive_mean`` hook.
+
+    A coupled model (the kernel GLM) predicts new rows from its latents at the training inputs;
+    its ``predictive_mean(train, values, heldout)`` gives the mean of $T(y)$ there. None when the
+    model has no such hook or the comparison lacks the data.
+    """
+    model = getattr(comparison, "model", None)
+    predict = getattr(model, "predictive_mean", None)
+    train, heldout = getattr(comparison, "train_data", {}), getattr(comparison, "heldout_data", {})
+    values = getattr(comparison, "local_values", {})
+    if predict is None or not train or not heldout or not values:
+        return None
+    site = model.observed_sites[0]
+    observed = heldout[site].reshape(-1)
+    predicted = {
+        name: predict(train, {**comparison.shared_globals, **local}, heldout).reshape(-1)
+        for name, local in values.items()
+    }
+    binary = bool(((observed == 0) | (observed == 1)).all())
+    caption = (
+        "Calibration of each method's held-out predictions: binned mean predicted probability "
+        "against the observed frequency (dashed: perfect calibration)"
+        if binary
+        else f"Each method's predicted mean of {site!r} at the held-out inputs against the observed "
+        "value (dashed: identity)"
+    )
+    return caption, plot_calibration(observed, predicted, binary=binary, value_label=f"{site} [data units]")
+
+
 def _row_titles(comparison) -> list[str] | None:
     labels = getattr(comparison, "heldout_labels", None)
     if labels is None:
@@ -252,7 +283,7 @@ def write_report(
     -------
     dict
         ``"html"``, ``"markdown"`` and one entry per figure name (``"traces"``, ``"latents"``,
-        ``"latent_space"``, ``"reconstructions"``, ``"timing"``, ``"model_comparison"``) ->
+        ``"latent_space"``, ``"reconstructions"``, ``"calibration"``, ``"timing"``, ``"model_comparison"``) ->
         path written.
 
     Raises
@@ -301,6 +332,9 @@ def write_report(
     recon = _reconstructions(comparison, image_shape, detect_images, num_reconstructed)
     if recon is not None:
         figures["reconstructions"] = recon
+    calibration = _calibration(comparison)
+    if calibration is not None:
+        figures["calibration"] = calibration
     figures["timing"] = (
         f"Wall time per method and stage (log scale); labels: ratio to {reference}",
         plot_timing(comparison.table, reference=reference),
