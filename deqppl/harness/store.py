@@ -16,7 +16,7 @@ A record that cannot be read back as it was written (truncated, emptied, garbage
 not a deqppl record, or content altered after writing) is *corrupt*: ``unit in store`` moves it
 aside to ``<unit>.pt.corrupt-N`` (its ``.json`` sidecar too), logs a warning naming it, notes it
 in :attr:`RunStore.quarantined`, and answers ``False``, so the comparison redoes the unit and a
-re-run resumes by itself. :meth:`RunStore.load` raises :class:`CorruptRecordError` (a
+re-run resumes by itself. :meth:`RunStore.load` raises :class:`CorruptFileError` (a
 ``ValueError``) naming the file. The run's settings file (``run.json`` of the command line) is
 read by :func:`load_settings`, which names a damaged file the same way.
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-import io
 import json
 import logging
 import os
@@ -55,9 +54,10 @@ from pathlib import Path
 import torch
 
 from deqppl.harness.methods import StageResult
+from deqppl.inference.io import CorruptFileError, load_torch_file
 
 __all__ = [
-    "CorruptRecordError",
+    "CorruptFileError",
     "RunStore",
     "Unit",
     "content_checksum",
@@ -70,18 +70,6 @@ _log = logging.getLogger(__name__)
 
 # /2 added the content checksum; a /1 record (no checksum) is not trusted and is redone.
 _FORMAT = "deqppl.harness.StageResult/2"
-
-
-class CorruptRecordError(ValueError):
-    """A stored file is damaged, altered or not a deqppl file; ``.path`` names it.
-
-    A subclass of ``ValueError``, so callers that catch ``ValueError`` keep working.
-    """
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{str(path)!r} is not a readable deqppl file: {reason}")
 
 
 @dataclass(frozen=True)
@@ -185,27 +173,6 @@ def quarantine(path: str | os.PathLike) -> Path:
         n += 1
 
 
-def _read_torch(path: Path) -> object:
-    """``torch.load(..., weights_only=True)`` of ``path``; any failure is a CorruptRecordError.
-
-    The bytes are read first, so genuine OS errors (permissions, a directory) surface as
-    themselves; whatever the unpickler then objects to means the file is not a record we
-    wrote. Its message is not passed on: torch's text suggests ``weights_only=False``, which
-    would run arbitrary code from a file we cannot vouch for.
-    """
-    data = path.read_bytes()
-    if not data:
-        raise CorruptRecordError(path, "the file is empty")
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - every unpickling failure means "not our file"
-        raise CorruptRecordError(
-            path,
-            f"it cannot be read as a torch file of tensors, numbers and strings "
-            f"({type(err).__name__}; {len(data)} bytes, truncated or not a deqppl file)",
-        ) from None
-
-
 # ------------------------------------------------------------------------------------------
 # the record schema: what each StageResult field must hold when read back
 # ------------------------------------------------------------------------------------------
@@ -286,7 +253,7 @@ class RunStore:
             return False
         try:
             self._read(path)
-        except CorruptRecordError as err:
+        except CorruptFileError as err:
             self._quarantine(path, err)
             return False
         return True
@@ -334,7 +301,7 @@ class RunStore:
         ------
         KeyError
             If the unit is not in the store.
-        CorruptRecordError
+        CorruptFileError
             (a ``ValueError``) naming the file, if the record is damaged, altered or not a
             record written by :meth:`save`; ``unit in store`` moves such a file aside.
         ValueError
@@ -356,28 +323,28 @@ class RunStore:
         return StageResult(**{k: v for k, v in result.items() if k in known})
 
     def _read(self, path: Path) -> dict:
-        """The verified payload of the record at ``path``, or CorruptRecordError."""
-        payload = _read_torch(path)
+        """The verified payload of the record at ``path``, or CorruptFileError."""
+        payload = load_torch_file(path)
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-            raise CorruptRecordError(
+            raise CorruptFileError(
                 path, f"it is not a unit record of format {_FORMAT!r} (found {found!r})"
             )
         stored = payload.get("checksum")
         if not isinstance(stored, str) or stored != content_checksum(payload):
-            raise CorruptRecordError(
+            raise CorruptFileError(
                 path, "its content does not match its checksum (altered or damaged after writing)"
             )
         if not isinstance(payload.get("fingerprint"), str) or not isinstance(payload.get("result"), dict):
-            raise CorruptRecordError(path, "it lacks the fingerprint or the result")
+            raise CorruptFileError(path, "it lacks the fingerprint or the result")
         for name, (ok, allowed) in _SCHEMA.items():
             if name in payload["result"] and not ok(payload["result"][name]):
-                raise CorruptRecordError(
+                raise CorruptFileError(
                     path, f"field {name!r} is a {type(payload['result'][name]).__name__}, not {allowed}"
                 )
         return payload
 
-    def _quarantine(self, path: Path, err: CorruptRecordError) -> None:
+    def _quarantine(self, path: Path, err: CorruptFileError) -> None:
         moved = quarantine(path)
         sidecar = path.with_suffix(".json")
         if sidecar.exists():
@@ -403,7 +370,7 @@ def save_settings(path: str | os.PathLike, settings: Mapping[str, object]) -> No
     >>> load_settings(p)
     Traceback (most recent call last):
     ...
-    deqppl.harness.store.CorruptRecordError: '...run.json' is not a readable deqppl file: it is not JSON (...)
+    deqppl.inference.io.CorruptFileError: '...run.json' is not a readable deqppl file: it is not JSON (...)
     """
     text = json.dumps(dict(settings), indent=2, allow_nan=False) + "\n"
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -416,7 +383,7 @@ def load_settings(path: str | os.PathLike) -> dict:
     ------
     FileNotFoundError
         If ``path`` does not exist.
-    CorruptRecordError
+    CorruptFileError
         (a ``ValueError``) naming the file, if it is empty, not UTF-8 JSON or not a JSON
         object. The caller decides: ``compare`` moves it aside with :func:`quarantine` and
         starts afresh; ``report`` cannot know the settings and stops.
@@ -424,13 +391,13 @@ def load_settings(path: str | os.PathLike) -> dict:
     path = Path(path)
     raw = path.read_bytes()
     if not raw.strip():
-        raise CorruptRecordError(path, "the file is empty")
+        raise CorruptFileError(path, "the file is empty")
     try:
         settings = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptRecordError(path, f"it is not JSON ({err})") from None
+        raise CorruptFileError(path, f"it is not JSON ({err})") from None
     if not isinstance(settings, dict):
-        raise CorruptRecordError(
+        raise CorruptFileError(
             path, f"it holds a JSON {type(settings).__name__}, not an object of settings"
         )
     return settings

@@ -17,7 +17,7 @@ import torch
 from deqppl.expfam import family
 from deqppl.harness import AbstractMethod, LBFGSMethod, RunStore, compare
 from deqppl.harness.store import (
-    CorruptRecordError,
+    CorruptFileError,
     Unit,
     content_checksum,
     load_settings,
@@ -183,7 +183,7 @@ def test_load_names_the_damaged_file(stored, tmp_path, damage):
     DAMAGES[damage](path)
     store = RunStore(root)
     unit = Unit(**torch.load(_record(stored, "a", "fit"), weights_only=True)["unit"])
-    with pytest.raises(CorruptRecordError, match="is not a readable deqppl file") as info:
+    with pytest.raises(CorruptFileError, match="is not a readable deqppl file") as info:
         store.load(unit)
     assert info.value.path == path and str(path) in str(info.value)
     assert "weights_only" not in str(info.value)  # never invite turning the protection off
@@ -241,7 +241,7 @@ def test_checksum_covers_every_field(stored):
 def test_load_settings_names_a_damaged_file(tmp_path, text, reason):
     path = tmp_path / "run.json"
     path.write_bytes(text.encode("latin-1"))
-    with pytest.raises(CorruptRecordError, match=reason) as info:
+    with pytest.raises(CorruptFileError, match=reason) as info:
         load_settings(path)
     assert str(path) in str(info.value)
 
