@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["as_tensor", "check_finite", "check_mask", "check_shape", "position"]
+__all__ = ["FLOAT_DTYPES", "as_tensor", "check_finite", "check_mask", "check_shape", "position"]
 
 
 def position(index: Sequence[int]) -> str:
@@ -29,7 +29,18 @@ def as_tensor(
     """Convert array-likes to a floating tensor, rejecting non-numeric input with a clear error.
 
     Integer and boolean input is promoted to ``dtype`` (default: torch's default float dtype);
-    floating input keeps its dtype unless ``dtype`` is given.
+    floating input keeps its dtype unless ``dtype`` is given. The result must be float32 or
+    float64 (:data:`FLOAT_DTYPES`): half-precision input raises ``TypeError`` naming the
+    dtypes allowed, never a silent upcast.
+
+    Examples
+    --------
+    >>> as_tensor([1, 2], "y").dtype
+    torch.float32
+    >>> as_tensor(torch.ones(2, dtype=torch.float16), "y")
+    Traceback (most recent call last):
+    ...
+    TypeError: y has dtype torch.float16; deqppl computes in torch.float32 or torch.float64 only ...
     """
     if isinstance(x, torch.Tensor):
         t = x
@@ -48,9 +59,21 @@ def as_tensor(
         t = t.to(dtype)
     elif not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; deqppl computes in "
+            f"{' or '.join(str(d) for d in FLOAT_DTYPES)} only (half precision cannot represent "
+            f"the sums of a log joint or its gradients: fits would stop at a wrong optimum), so "
+            f"convert explicitly, e.g. {name}.double()"
+        )
     if device is not None:
         t = t.to(device)
     return t
+
+
+#: Floating dtypes the library computes in. float16/bfloat16 (eps 1e-3/8e-3) are refused rather
+#: than silently upcast: the caller chooses the precision and gets results in it (as in torch).
+FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 _INTEGER_DTYPES = {

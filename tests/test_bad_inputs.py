@@ -1,0 +1,385 @@
+"""The catalogue of bad inputs: one table of cases, one clear error each (issue 12).
+
+In the style of scikit-learn's parameter-validation checks: every case is a row of ``CASES``
+(the class of failure, an id, a callable doing the bad thing, the exception type expected and
+a regex that the message must match). The regex is written to require what a user needs from
+the message: the bad value, where it is (file, row, column, argument) and what is allowed. Every
+message must also be one line and must never suggest ``weights_only=False``.
+
+A new class of bad input adds its cases here; ``test_every_class_has_cases`` keeps the table
+honest about which classes it covers.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from deqppl.expfam import family, gaussian
+from deqppl.harness import LBFGSMethod, RunStore, StageResult, compare
+from deqppl.harness.store import Unit, load_settings
+from deqppl.inference import fit_map, load_map, save_map
+from deqppl.inference.io import CorruptFileError
+from deqppl.kernels import AbstractKernel, Linear, SquaredExponential, check_gram
+from deqppl.data import load_table
+from deqppl.models import ExpFamPCA
+from deqppl.models.kernel_glm import KernelGLM
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: ``call(tmp_path)`` must raise ``exc`` with a message matching ``match``."""
+
+    klass: str
+    id: str
+    call: Callable[[Path], object]
+    exc: type[BaseException]
+    match: str
+
+
+CASES: list[Case] = []
+
+
+def case(klass: str, id: str, exc: type[BaseException], match: str):
+    """Decorator adding the decorated ``fn(tmp_path)`` to ``CASES``."""
+
+    def add(fn: Callable[[Path], object]) -> Callable[[Path], object]:
+        CASES.append(Case(klass, id, fn, exc, match))
+        return fn
+
+    return add
+
+
+def _write(tmp: Path, name: str, text: str | bytes) -> Path:
+    p = tmp / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return p
+
+
+# ------------------------------------------------------------------------------------ csv
+# CSV quirks must not turn into data: each names the file, row and column.
+for _id, _text, _kw, _exc, _match in [
+    ("duplicated_column", "a,b,a\n1,2,3\n", {}, ValueError,
+     r"t\.csv: the header names column 'a' twice \(columns 1 and 3\); column names must be unique"),
+    ("duplicated_label_column", "y0,label,label\n1,0,1\n", {"label_column": "label"}, ValueError,
+     r"t\.csv: .*column 'label' twice \(columns 2 and 3\)"),
+    ("empty_header_name", ",b\n1,2\n", {}, ValueError,
+     r"t\.csv: column 1 of the header has an empty name; every column needs a unique, non-empty"),
+    ("blank_header_name", "a, ,c\n1,2,3\n", {}, ValueError, r"t\.csv: column 2 of the header has an empty name"),
+    ("fractional_label", "a,label\n1,0\n2,1.5\n", {"label_column": "label"}, ValueError,
+     r"t\.csv: row 2 \(line 3\), column 'label': label '1\.5' is not a whole number; class labels must be integers"),
+    ("huge_label", "a,label\n1,1e300\n", {"label_column": "label"}, ValueError,
+     r"row 1 \(line 2\), column 'label': label '1e300' is not a whole number"),
+    ("nan_label", "a,label\n1,nan\n", {"label_column": "label"}, ValueError,
+     r"row 1 \(line 2\), column 'label': missing value 'nan'; every cell must hold a number"),
+    ("extra_field", "a,b\n1,2\n3,4,5\n", {}, ValueError,
+     r"t\.csv: data row 2 \(line 3\) has 3 fields but the header has 2 \(a, b\); every row needs one field per column"),
+    ("missing_field", "a,b\n1,2\n\n3\n", {}, ValueError,
+     r"t\.csv: data row 2 \(line 4\) has 1 fields but the header has 2"),
+    ("header_only", "a,b\n", {}, ValueError, r"t\.csv: no data rows below the header; at least one row is needed"),
+    ("empty_file", "", {}, ValueError, r"t\.csv: the file is empty; a header row of column names is needed"),
+    ("blank_lines_only", "\n\n\n", {}, ValueError, r"t\.csv: the file is empty"),
+    ("non_numeric_cell", "a,b\n1,x\n", {}, ValueError, r"t\.csv: row 1 \(line 2\), column 'b': non-numeric value 'x'"),
+    ("missing_cell", "a,b\n1,\n", {}, ValueError,
+     r"t\.csv: row 1 \(line 2\), column 'b': missing value ''; every cell must hold a number"),
+    ("infinite_cell", "a,b\n1,inf\n", {}, ValueError,
+     r"row 1 \(line 2\), column 'b': non-finite value 'inf'; only finite numbers are allowed"),
+    ("overflowing_cell", "a,b\n1,1e999\n", {}, ValueError, r"column 'b': non-finite value '1e999'"),
+    ("label_column_absent", "a,b\n1,2\n", {"label_column": "c"}, ValueError,
+     r"t\.csv: label column 'c' not in the header \['a', 'b'\]"),
+    ("only_the_label_column", "label\n1\n", {"label_column": "label"}, ValueError, r"t\.csv: no data columns"),
+    ("columns_mismatch", "a,b\n1,2\n", {"columns": ["b", "a"]}, ValueError,
+     r"t\.csv: header mismatch: expected columns \['b', 'a'\], found \['a', 'b'\]"),
+    ("not_utf8", b"a,b\n1,\xff\n", {}, ValueError, r"t\.csv: not UTF-8 text \(byte 6 is 0xff\); save the table as a UTF-8 CSV"),
+    ("nul_byte", "a,b\n1,2\x00\n", {}, ValueError, r"t\.csv: row 1 \(line 2\), column 'b': non-numeric value '2\\x00'"),
+    ("unterminated_quote", 'a,b\n1,"2\n', {}, ValueError, r"t\.csv: line 2 is not valid CSV \(unexpected end of data\)"),
+    ("stray_quote", 'a,b\n1,"2"x\n', {}, ValueError, r"t\.csv: line 2 is not valid CSV \(',' expected after '\"'\)"),
+    ("float16_dtype", "a,b\n1,2\n", {"dtype": torch.float16}, TypeError,
+     r"load_table dtype must be one of \['torch\.float32', 'torch\.float64'\], got torch\.float16"),
+]:
+    case("csv", _id, _exc, _match)(
+        lambda tmp, text=_text, kw=_kw: load_table(_write(tmp, "t.csv", text), **kw)
+    )
+
+
+@case("csv", "directory_as_path", ValueError, r"data file '.*d\.csv' is a directory; give a \.csv or \.parquet file")
+def _(tmp):
+    (tmp / "d.csv").mkdir()
+    return load_table(tmp / "d.csv")
+
+
+@case("csv", "missing_file", FileNotFoundError, r"data file '.*nope\.csv' does not exist")
+def _(tmp):
+    return load_table(tmp / "nope.csv")
+
+
+@case("csv", "unknown_suffix", ValueError, r"data file '.*t\.txt' has suffix '\.txt'; allowed: \.csv, \.parquet")
+def _(tmp):
+    return load_table(_write(tmp, "t.txt", "a\n1\n"))
+
+
+def _has_pyarrow() -> bool:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if not _has_pyarrow():  # with pyarrow installed, the same file is a damaged Parquet file instead
+
+    @case("csv", "parquet_without_pyarrow", ImportError,
+          r"reading the Parquet file '.*t\.parquet' needs pyarrow: pip install pyarrow")
+    def _(tmp):
+        return load_table(_write(tmp, "t.parquet", b"PAR1"))
+
+else:
+
+    @case("csv", "damaged_parquet", ValueError, r"t\.parquet: not a readable Parquet file")
+    def _(tmp):
+        return load_table(_write(tmp, "t.parquet", b"PAR1"))
+
+
+# ----------------------------------------------------------------------------------- dtype
+# Half precision is refused with the dtypes allowed, never fitted to a wrong optimum.
+_HALF = r"has dtype torch\.(float16|bfloat16); deqppl computes in torch\.float32 or torch\.float64 only"
+
+
+def _pca():
+    return ExpFamPCA(family=family("poisson"), obs_dim=3, latent_dim=1)
+
+
+for _dt in (torch.float16, torch.bfloat16):
+    _name = str(_dt).removeprefix("torch.")
+    case("dtype", f"validate_{_name}", TypeError, "^y " + _HALF)(
+        lambda tmp, dt=_dt: _pca().validate({"y": torch.ones(4, 3, dtype=dt)})
+    )
+    case("dtype", f"fit_map_{_name}", TypeError, "^y " + _HALF)(
+        lambda tmp, dt=_dt: fit_map(_pca(), {"y": torch.ones(4, 3, dtype=dt)}, progress=False)
+    )
+    case("dtype", f"compare_{_name}", TypeError, "^y " + _HALF)(
+        lambda tmp, dt=_dt: compare(_pca(), torch.ones(6, 3, dtype=dt), methods=[LBFGSMethod()], progress=False)
+    )
+    case("dtype", f"kernel_inputs_{_name}", TypeError, "^x1 " + _HALF)(
+        lambda tmp, dt=_dt: SquaredExponential()(torch.zeros(3, dtype=dt))
+    )
+    case("dtype", f"kernel_glm_{_name}", TypeError, "^x " + _HALF)(
+        lambda tmp, dt=_dt: KernelGLM(gaussian(), SquaredExponential()).validate(
+            {"x": torch.zeros(3, dtype=dt), "y": torch.zeros(3)}
+        )
+    )
+
+
+@case("dtype", "integer_data_under_half_default", TypeError, "^y " + _HALF)
+def _(tmp):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        return _pca().validate({"y": torch.ones(4, 3, dtype=torch.int64)})
+    finally:
+        torch.set_default_dtype(old)
+
+
+# ---------------------------------------------------------------------------------- kernel
+@dataclass(frozen=True)
+class Skewed(AbstractKernel):
+    """A user's kernel that is not symmetric: k(x, x') != k(x', x)."""
+
+    def _matrix(self, x1, x2):
+        return torch.exp(-(x1 - x2.T).clamp_min(0)) if x1.shape[1] == 1 else None
+
+
+@dataclass(frozen=True)
+class Indefinite(AbstractKernel):
+    """Symmetric but not positive semi-definite: k(x, x') = 1 - (x - x')^2."""
+
+    def _matrix(self, x1, x2):
+        return 1.0 - (x1 - x2.T) ** 2
+
+
+@dataclass(frozen=True)
+class WrongShape(AbstractKernel):
+    def _matrix(self, x1, x2):
+        return torch.zeros(x1.shape[0])
+
+
+_X = torch.linspace(-1.0, 1.0, 5, dtype=F64)
+
+for _id, _fn, _match in [
+    ("asymmetric_gram", lambda: Skewed()(_X),
+     r"the matrix K\(x, x\) of kernel Skewed\(\) is not symmetric: K\[\d, \d\] = .* but K\[\d, \d\] = .* "
+     r"\(difference .* > round-off tolerance .*\); a kernel must satisfy k\(x, x'\) = k\(x', x\)"),
+    ("asymmetric_into_kernel_glm", lambda: KernelGLM(gaussian(), Skewed()).cholesky(_X),
+     r"kernel Skewed\(\) is not symmetric"),
+    ("asymmetric_into_deq_weights", lambda: KernelGLM(gaussian(), Skewed()).deq_weights(_X),
+     r"kernel Skewed\(\) is not symmetric"),
+    ("asymmetric_in_a_sum", lambda: (Skewed() + SquaredExponential())(_X),
+     r"kernel Sum\(.*Skewed\(\).*\) is not symmetric"),
+    ("indefinite_gram", lambda: Indefinite()(_X),
+     r"kernel Indefinite\(\) is not positive semi-definite: its smallest eigenvalue is -\d.* < -.* "
+     r"\(round-off tolerance\); a kernel must give positive semi-definite matrices \(Mercer's condition\)"),
+    ("indefinite_into_kernel_glm", lambda: KernelGLM(gaussian(), Indefinite()).deq_weights(_X),
+     r"Indefinite\(\) is not positive semi-definite"),
+    ("overflowing_matrix", lambda: Linear(variance=1e300)(torch.tensor([1e10, 2e10], dtype=F64)),
+     r"kernel Linear\(variance=1e\+300, offset=0\.0\) gives the non-finite value inf at row 0, column 0 of "
+     r"its matrix \(4 non-finite entries\): its hyperparameters or inputs overflow torch\.float64"),
+    ("wrong_shape_returned", lambda: WrongShape()(_X, _X[:2]),
+     r"kernel WrongShape\(\) returned shape \(5,\), dtype torch\.float\d+ for inputs of 5 and 2 rows; "
+     r"a kernel must return a floating tensor of shape \(n1, n2\) = \(5, 2\)"),
+    ("non_tensor_returned", lambda: Skewed()(torch.zeros(3, 2)),
+     r"kernel Skewed\(\) returned NoneType for inputs of 3 and 3 rows"),
+    ("check_gram_not_square", lambda: check_gram(torch.zeros(2, 3)),
+     r"K must be a square matrix \(n, n\), got shape \(2, 3\)"),
+    ("check_gram_nan", lambda: check_gram(torch.tensor([[1.0, math.nan], [math.nan, 1.0]])),
+     r"K contains a non-finite value nan at row 0, column 1"),
+    ("lengthscale_nan", lambda: SquaredExponential(lengthscale=math.nan),
+     r"SquaredExponential lengthscale must be positive and finite, got nan"),
+    ("variance_bool", lambda: SquaredExponential(variance=True),
+     r"SquaredExponential variance must be a number, got bool"),
+    ("offset_negative", lambda: Linear(offset=-1.0), r"Linear offset must be non-negative and finite, got -1\.0"),
+]:
+    case("kernel", _id, ValueError if "bool" not in _id else TypeError, _match)(lambda tmp, fn=_fn: fn())
+
+
+# ------------------------------------------------------------------------------ stored unit
+def _stored_unit(tmp: Path) -> tuple[RunStore, Unit, Path]:
+    store = RunStore(tmp / "runs")
+    unit = Unit(model="m", method="lbfgs", seed=0, stage="fit")
+    result = StageResult(values={"z": torch.zeros(2, 1)}, log_joint=-1.0, wall_time=0.1,
+                         num_steps=3, num_grad_evals=4, status="converged", converged=True)
+    store.save(unit, result, fingerprint="abc")
+    return store, unit, store.record_path(unit)
+
+
+def _altered(path: Path) -> None:
+    payload = torch.load(path, weights_only=True)
+    payload["result"]["log_joint"] = -2.9e71
+    torch.save(payload, path)
+
+
+class _Executes:
+    def __reduce__(self):
+        return (print, ("never runs",))
+
+
+def _code(path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save({"obj": _Executes()}, buf, pickle_module=pickle)
+    path.write_bytes(buf.getvalue())
+
+
+_NOT_DEQPPL = r"'.*{name}' is not a readable deqppl file: "
+for _id, _damage, _reason in [
+    ("truncated", lambda p: p.write_bytes(p.read_bytes()[:100]), r"it cannot be read as a torch file .*truncated, garbage or not a deqppl file"),
+    ("emptied", lambda p: p.write_bytes(b""), r"the file is empty"),
+    ("garbage", lambda p: p.write_bytes(b"\x80\x04garbage" * 10), r"it cannot be read as a torch file"),
+    ("altered", _altered, r"its content does not match its checksum \(altered or damaged after writing\)"),
+    ("foreign", lambda p: torch.save({"weight": torch.ones(2)}, p), r"it is not a unit record of format 'deqppl\.harness\.StageResult/2' \(found None\)"),
+    ("executable_pickle", _code, r"it cannot be read as a torch file of tensors, numbers and strings"),
+]:
+
+    def _load_damaged(tmp, damage=_damage):
+        store, unit, path = _stored_unit(tmp)
+        damage(path)
+        return store.load(unit)
+
+    case("stored_unit", _id, CorruptFileError, _NOT_DEQPPL.format(name=r"fit\.pt") + _reason)(_load_damaged)
+
+
+for _id, _text, _reason in [
+    ("emptied", "", r"the file is empty"),
+    ("garbage", "\x00\x01garbage", r"it is not JSON \(.*\)"),
+    ("truncated", '{"data": "digits", "se', r"it is not JSON"),
+    ("not_an_object", "[1, 2]", r"it holds a JSON list, not an object of settings"),
+]:
+    case("run_settings", _id, CorruptFileError, _NOT_DEQPPL.format(name=r"run\.json") + _reason)(
+        lambda tmp, text=_text: load_settings(_write(tmp, "run.json", text))
+    )
+
+
+# -------------------------------------------------------------------------------- map file
+def _saved_map(tmp: Path) -> Path:
+    model = ExpFamPCA(family=family("bernoulli"), obs_dim=3, latent_dim=1)
+    fit = fit_map(model, model.simulate(6, seed=0, dtype=F64).data, progress=False)
+    save_map(fit, tmp / "fit.pt")
+    return tmp / "fit.pt"
+
+
+def _retype(field: str, value: object) -> Callable[[Path], None]:
+    def damage(path: Path) -> None:
+        payload = torch.load(path, weights_only=True)
+        payload[field] = value
+        torch.save(payload, path)
+
+    return damage
+
+
+def _drop(path: Path, field: str) -> None:
+    payload = torch.load(path, weights_only=True)
+    del payload[field]
+    torch.save(payload, path)
+
+
+for _id, _damage, _reason in [
+    ("truncated", lambda p: p.write_bytes(p.read_bytes()[:200]), r"it cannot be read as a torch file"),
+    ("emptied", lambda p: p.write_bytes(b""), r"the file is empty"),
+    ("garbage", lambda p: p.write_bytes(b"garbage" * 30), r"it cannot be read as a torch file"),
+    ("executable_pickle", _code, r"it cannot be read as a torch file"),
+    ("foreign", lambda p: torch.save({"weight": torch.ones(2)}, p), r"it is not a MAPResult written by save_map \(format None"),
+    ("log_joint_a_string", _retype("log_joint", "-3.5"),
+     r"field 'log_joint' of this MAPResult file is a str \('-3\.5'\), not a scalar floating tensor"),
+    ("values_of_strings", _retype("values", {"z": "0.1"}), r"field 'values' .* is a dict .*, not a dict of site name -> tensor"),
+    ("num_steps_a_float", _retype("num_steps", 3.0), r"field 'num_steps' .* is a float \(3\.0\), not a non-negative int"),
+    ("unknown_status", _retype("status", "done"), r"field 'status' .* is a str \('done'\), not one of \['converged'"),
+    ("missing_field", lambda p: _drop(p, "loss_trace"),
+     r"this MAPResult file lacks the field 'loss_trace'"),
+]:
+
+    def _load_bad_map(tmp, damage=_damage):
+        path = _saved_map(tmp)
+        damage(path)
+        return load_map(path)
+
+    case("map_file", _id, CorruptFileError, _NOT_DEQPPL.format(name=r"fit\.pt") + _reason)(_load_bad_map)
+
+
+@case("map_file", "save_not_a_result", TypeError, r"save_map needs a MAPResult \(from fit_map\), got dict")
+def _(tmp):
+    return save_map({"values": {}}, tmp / "x.pt")
+
+
+@case("map_file", "missing_file", FileNotFoundError, r"nope\.pt")
+def _(tmp):
+    return load_map(tmp / "nope.pt")
+
+
+# ------------------------------------------------------------------------------- the tests
+CLASSES = {"csv", "dtype", "kernel", "stored_unit", "run_settings", "map_file"}
+
+
+@pytest.mark.parametrize("c", CASES, ids=[f"{c.klass}-{c.id}" for c in CASES])
+def test_bad_input_gives_one_clear_error(c: Case, tmp_path):
+    with pytest.raises(c.exc) as info:
+        c.call(tmp_path)
+    message = str(info.value)
+    assert type(info.value) is c.exc or issubclass(type(info.value), c.exc)
+    assert re.search(c.match, message), f"{message!r} does not match {c.match!r}"
+    assert "\n" not in message.strip(), f"not one line: {message!r}"
+    assert "weights_only" not in message
+
+
+def test_every_class_has_cases():
+    found = {c.klass for c in CASES}
+    assert found == CLASSES, f"classes without cases: {CLASSES - found}; unlisted: {found - CLASSES}"
+    ids = [(c.klass, c.id) for c in CASES]
+    assert len(ids) == len(set(ids)), "duplicate case ids"
