@@ -6,11 +6,23 @@ where it is (row, column) and what is allowed.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "as_tensor", "check_finite", "check_mask", "check_shape", "position"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "as_tensor",
+    "check_finite",
+    "check_int",
+    "check_mask",
+    "check_real",
+    "check_seed",
+    "check_shape",
+    "position",
+]
 
 
 def position(index: Sequence[int]) -> str:
@@ -116,3 +128,100 @@ def check_shape(x: torch.Tensor, expected: Sequence[int | None], name: str) -> N
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def check_int(
+    value: object, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """Return ``value`` as an ``int`` in ``[minimum, maximum]``, or raise naming it.
+
+    Integers of any kind (Python, NumPy) pass; ``bool``, floats (even ``2.0``: a count given as
+    a float is usually a mistake elsewhere), strings and ``None`` raise ``TypeError``.
+
+    Examples
+    --------
+    >>> check_int(3, "num_steps", minimum=1)
+    3
+    >>> check_int(0, "subsample_size", minimum=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: subsample_size must be an integer >= 1, got 0
+    >>> check_int(1.5, "seed")
+    Traceback (most recent call last):
+    ...
+    TypeError: seed must be an integer, got float 1.5
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {_type_name(value)} {value!r}")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        if maximum is None:
+            allowed = f">= {minimum}"
+        elif minimum is None:
+            allowed = f"<= {maximum}"
+        else:
+            allowed = f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value}")
+    return value
+
+
+#: Seeds: non-negative and representable by torch.manual_seed and numpy alike.
+_MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """Return ``seed`` as an ``int`` in ``[0, 2**63 - 1]``; see :func:`check_int`.
+
+    Examples
+    --------
+    >>> check_seed("1")
+    Traceback (most recent call last):
+    ...
+    TypeError: seed must be an integer, got str '1'
+    """
+    return check_int(seed, name, minimum=0, maximum=_MAX_SEED)
+
+
+def check_real(
+    value: object,
+    name: str,
+    *,
+    minimum: float | None = None,
+    exclusive_minimum: bool = False,
+    maximum: float | None = None,
+) -> float:
+    """Return ``value`` as a finite ``float`` above ``minimum`` (and below ``maximum``).
+
+    ``bool``, strings (``'1'``), ``None`` and other non-numbers raise ``TypeError``; NaN, an
+    infinity or a value out of range raise ``ValueError`` saying what is allowed.
+
+    Examples
+    --------
+    >>> check_real(0.5, "lam", minimum=0.0, exclusive_minimum=True)
+    0.5
+    >>> check_real("1", "lam")
+    Traceback (most recent call last):
+    ...
+    TypeError: lam must be a real number, got str '1'
+    >>> check_real(float("nan"), "total_count", minimum=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: total_count must be a finite number >= 1.0, got nan
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_type_name(value)} {value!r}")
+    value = float(value)
+    parts = []
+    if minimum is not None:
+        parts.append(f"{'>' if exclusive_minimum else '>='} {minimum}")
+    if maximum is not None:
+        parts.append(f"<= {maximum}")
+    allowed = "a finite number" + (" " + " and ".join(parts) if parts else "")
+    below = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
+    if not math.isfinite(value) or below or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return value
