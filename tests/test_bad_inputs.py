@@ -383,3 +383,84 @@ def test_every_class_has_cases():
     assert found == CLASSES, f"classes without cases: {CLASSES - found}; unlisted: {found - CLASSES}"
     ids = [(c.klass, c.id) for c in CASES]
     assert len(ids) == len(set(ids)), "duplicate case ids"
+
+
+# ------------------------------------------------------------------------------------ cli
+@dataclass(frozen=True)
+class CLICase:
+    """``deqppl ARGV`` (built from tmp_path) must exit 2 with one stderr line matching ``match``."""
+
+    id: str
+    argv: Callable[[Path], list[str]]
+    match: str
+
+
+CLI_CASES: list[CLICase] = []
+
+
+def cli_case(id: str, match: str, *, files: dict[str, str | bytes] | None = None, args: list[str]):
+    """Add a CLI case; ``files`` are written into tmp_path and ``{tmp}`` in ``args`` replaced."""
+
+    def argv(tmp: Path) -> list[str]:
+        for name, text in (files or {}).items():
+            if name.endswith("/"):
+                (tmp / name).mkdir()
+            else:
+                _write(tmp, name, text)
+        return [a.replace("{tmp}", str(tmp)) for a in args]
+
+    CLI_CASES.append(CLICase(id, argv, match))
+
+
+_SIM = ["--data", "simulate:poisson,n=30,d=4,l=1"]
+for _id, _files, _args, _match in [
+    ("duplicated_column", {"t.csv": "a,a\n1,2\n3,4\n"}, ["--data", "{tmp}/t.csv", "--family", "poisson"],
+     r"t\.csv: the header names column 'a' twice"),
+    ("empty_header_name", {"t.csv": ",b\n1,2\n3,4\n"}, ["--data", "{tmp}/t.csv", "--family", "poisson"],
+     r"t\.csv: column 1 of the header has an empty name"),
+    ("fractional_label", {"t.csv": "a,b,label\n1,2,0\n3,4,0.5\n"},
+     ["--data", "{tmp}/t.csv", "--family", "poisson", "--label-column", "label"],
+     r"t\.csv: row 2 \(line 3\), column 'label': label '0\.5' is not a whole number"),
+    ("extra_field", {"t.csv": "a,b\n1,2\n3,4,5\n"}, ["--data", "{tmp}/t.csv", "--family", "poisson"],
+     r"t\.csv: data row 2 \(line 3\) has 3 fields but the header has 2"),
+    ("header_only", {"t.csv": "a,b\n"}, ["--data", "{tmp}/t.csv", "--family", "poisson"],
+     r"t\.csv: no data rows below the header"),
+    ("directory_as_data", {"d.csv/": ""}, ["--data", "{tmp}/d.csv", "--family", "poisson"],
+     r"data file '.*d\.csv' is a directory"),
+    ("non_utf8", {"t.csv": b"a,b\n1,\xff\n"}, ["--data", "{tmp}/t.csv", "--family", "poisson"],
+     r"t\.csv: not UTF-8 text"),
+    ("unknown_family", {}, ["--data", "simulate:poison"], r"'poison'.*poisson"),
+    ("unknown_method", {}, [*_SIM, "--methods", "deq,newton"], r"'newton'.*lbfgs"),
+    ("empty_methods", {}, [*_SIM, "--methods", ","], r"--methods is empty"),
+    ("fractional_seeds", {}, [*_SIM, "--seeds", "1.5"], r"--seeds must be comma-separated integers, got '1\.5'"),
+    ("heldout_fraction_one", {}, [*_SIM, "--heldout-fraction", "1"], r"--heldout-fraction must lie in \[0, 1\), got 1\.0"),
+    ("heldout_fraction_nan", {}, [*_SIM, "--heldout-fraction", "nan"], r"--heldout-fraction must lie in \[0, 1\), got nan"),
+    ("simulate_zero_rows", {}, ["--data", "simulate:poisson,n=0"], r"n=0 .* must be positive"),
+    ("binomial_zero_trials", {}, ["--data", "simulate:binomial,n=30", "--total-count", "0"],
+     r"binomial total_count must be a positive integer, got 0"),
+]:
+    cli_case(_id, _match, files=_files, args=_args)
+
+if not _has_pyarrow():
+    cli_case("parquet_without_pyarrow", r"needs pyarrow: pip install pyarrow",
+             files={"t.parquet": b"PAR1"}, args=["--data", "{tmp}/t.parquet", "--family", "poisson"])
+
+
+@pytest.mark.parametrize("c", CLI_CASES, ids=[c.id for c in CLI_CASES])
+def test_bad_command_line_exits_2_with_one_line_and_fits_nothing(c: CLICase, tmp_path, capsys, monkeypatch):
+    import deqppl.harness
+    from deqppl.cli import main
+
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("a bad command line reached the comparison")
+
+    monkeypatch.setattr(deqppl.harness, "compare", no_fitting)
+    out = tmp_path / "out"
+    code = main(["compare", *c.argv(tmp_path), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deqppl compare: error: "), err
+    assert re.search(c.match, lines[0]), f"{lines[0]!r} does not match {c.match!r}"
+    assert "Traceback" not in err
+    assert not (out / "runs").exists() and not (out / "run.json").exists()  # nothing stored
