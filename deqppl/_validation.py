@@ -1,20 +1,22 @@
-"""Input checks shared by the whole library.
+"""Deprecated alias of :mod:`deqppl.validation` (kept so that existing imports keep working)."""
 
-Every check raises *before* any fitting starts, with a message that names the offending value,
-where it is (row, column) and what is allowed.
-"""
-
-from __future__ import annotations
-
-import math
-import numbers
-from collections.abc import Sequence
-
-import torch
+from deqppl.validation import (  # noqa: F401
+    FLOAT_DTYPES,
+    as_tensor,
+    check_data_keys,
+    check_finite,
+    check_int,
+    check_mask,
+    check_real,
+    check_seed,
+    check_shape,
+    position,
+)
 
 __all__ = [
     "FLOAT_DTYPES",
     "as_tensor",
+    "check_data_keys",
     "check_finite",
     "check_int",
     "check_mask",
@@ -23,205 +25,3 @@ __all__ = [
     "check_shape",
     "position",
 ]
-
-
-def position(index: Sequence[int]) -> str:
-    """Describe a tensor index as ``row r, column c`` (or ``position (i, j, k)``)."""
-    index = tuple(int(i) for i in index)
-    if len(index) == 1:
-        return f"position {index[0]}"
-    if len(index) == 2:
-        return f"row {index[0]}, column {index[1]}"
-    return f"position {index}"
-
-
-def as_tensor(
-    x: object, name: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
-) -> torch.Tensor:
-    """Convert array-likes to a floating tensor, rejecting non-numeric input with a clear error.
-
-    Integer and boolean input is promoted to ``dtype`` (default: torch's default float dtype);
-    floating input keeps its dtype unless ``dtype`` is given. The result must be float32 or
-    float64 (:data:`FLOAT_DTYPES`): half-precision input raises ``TypeError`` naming the
-    dtypes allowed, never a silent upcast.
-
-    Examples
-    --------
-    >>> as_tensor([1, 2], "y").dtype
-    torch.float32
-    >>> as_tensor(torch.ones(2, dtype=torch.float16), "y")
-    Traceback (most recent call last):
-    ...
-    TypeError: y has dtype torch.float16; deqppl computes in torch.float32 or torch.float64 only ...
-    """
-    if isinstance(x, torch.Tensor):
-        t = x
-    else:
-        try:
-            t = torch.as_tensor(x)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(
-                f"{name} must be numeric (a tensor or array of numbers), got {type(x).__name__}: {err}"
-            ) from err
-    if t.is_complex():
-        raise TypeError(f"{name} must be real-valued, got dtype {t.dtype}")
-    if not (t.is_floating_point() or t.dtype in _INTEGER_DTYPES):
-        raise TypeError(f"{name} must have a real or integer dtype, got {t.dtype}")
-    if dtype is not None:
-        t = t.to(dtype)
-    elif not t.is_floating_point():
-        t = t.to(torch.get_default_dtype())
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} has dtype {t.dtype}; deqppl computes in "
-            f"{' or '.join(str(d) for d in FLOAT_DTYPES)} only (half precision cannot represent "
-            f"the sums of a log joint or its gradients: fits would stop at a wrong optimum), so "
-            f"convert explicitly, e.g. {name}.double()"
-        )
-    if device is not None:
-        t = t.to(device)
-    return t
-
-
-#: Floating dtypes the library computes in. float16/bfloat16 (eps 1e-3/8e-3) are refused rather
-#: than silently upcast: the caller chooses the precision and gets results in it (as in torch).
-FLOAT_DTYPES = (torch.float32, torch.float64)
-
-
-_INTEGER_DTYPES = {
-    torch.bool,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-}
-
-
-def check_finite(x: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` naming the first NaN or infinite entry of ``x``."""
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        idx = torch.nonzero(bad)[0].tolist()
-        raise ValueError(
-            f"{name} contains a non-finite value {x[tuple(idx)].item()} at {position(idx)} "
-            f"({int(bad.sum())} non-finite entries in all); only finite numbers are allowed"
-        )
-
-
-def check_mask(x: torch.Tensor, ok: torch.Tensor, name: str, allowed: str) -> None:
-    """Raise ``ValueError`` naming the first entry of ``x`` where the boolean ``ok`` is False."""
-    bad = ~ok
-    if bool(bad.any()):
-        idx = torch.nonzero(bad)[0].tolist()
-        raise ValueError(
-            f"{name} has value {x[tuple(idx)].item()!r} at {position(idx)}, outside the allowed "
-            f"values ({allowed}); {int(bad.sum())} entries are out of range"
-        )
-
-
-def check_shape(x: torch.Tensor, expected: Sequence[int | None], name: str) -> None:
-    """Raise ``ValueError`` unless ``x.shape`` matches ``expected`` (``None`` matches any size)."""
-    ok = x.dim() == len(expected) and all(
-        e is None or int(s) == int(e) for s, e in zip(x.shape, expected, strict=True)
-    )
-    if not ok:
-        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
-
-
-def _type_name(value: object) -> str:
-    return type(value).__name__
-
-
-def check_int(
-    value: object, name: str, *, minimum: int | None = None, maximum: int | None = None
-) -> int:
-    """Return ``value`` as an ``int`` in ``[minimum, maximum]``, or raise naming it.
-
-    Integers of any kind (Python, NumPy) pass; ``bool``, floats (even ``2.0``: a count given as
-    a float is usually a mistake elsewhere), strings and ``None`` raise ``TypeError``.
-
-    Examples
-    --------
-    >>> check_int(3, "num_steps", minimum=1)
-    3
-    >>> check_int(0, "subsample_size", minimum=1)
-    Traceback (most recent call last):
-    ...
-    ValueError: subsample_size must be an integer >= 1, got 0
-    >>> check_int(1.5, "seed")
-    Traceback (most recent call last):
-    ...
-    TypeError: seed must be an integer, got float 1.5
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {_type_name(value)} {value!r}")
-    value = int(value)
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        if maximum is None:
-            allowed = f">= {minimum}"
-        elif minimum is None:
-            allowed = f"<= {maximum}"
-        else:
-            allowed = f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be an integer {allowed}, got {value}")
-    return value
-
-
-#: Seeds: non-negative and representable by torch.manual_seed and numpy alike.
-_MAX_SEED = 2**63 - 1
-
-
-def check_seed(seed: object, name: str = "seed") -> int:
-    """Return ``seed`` as an ``int`` in ``[0, 2**63 - 1]``; see :func:`check_int`.
-
-    Examples
-    --------
-    >>> check_seed("1")
-    Traceback (most recent call last):
-    ...
-    TypeError: seed must be an integer, got str '1'
-    """
-    return check_int(seed, name, minimum=0, maximum=_MAX_SEED)
-
-
-def check_real(
-    value: object,
-    name: str,
-    *,
-    minimum: float | None = None,
-    exclusive_minimum: bool = False,
-    maximum: float | None = None,
-) -> float:
-    """Return ``value`` as a finite ``float`` above ``minimum`` (and below ``maximum``).
-
-    ``bool``, strings (``'1'``), ``None`` and other non-numbers raise ``TypeError``; NaN, an
-    infinity or a value out of range raise ``ValueError`` saying what is allowed.
-
-    Examples
-    --------
-    >>> check_real(0.5, "lam", minimum=0.0, exclusive_minimum=True)
-    0.5
-    >>> check_real("1", "lam")
-    Traceback (most recent call last):
-    ...
-    TypeError: lam must be a real number, got str '1'
-    >>> check_real(float("nan"), "total_count", minimum=1.0)
-    Traceback (most recent call last):
-    ...
-    ValueError: total_count must be a finite number >= 1.0, got nan
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {_type_name(value)} {value!r}")
-    value = float(value)
-    parts = []
-    if minimum is not None:
-        parts.append(f"{'>' if exclusive_minimum else '>='} {minimum}")
-    if maximum is not None:
-        parts.append(f"<= {maximum}")
-    allowed = "a finite number" + (" " + " and ".join(parts) if parts else "")
-    below = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
-    if not math.isfinite(value) or below or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be {allowed}, got {value}")
-    return value

@@ -27,6 +27,7 @@ torch.Size([1])
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,17 +38,20 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions.utils import broadcast_all
 
-from deqppl._validation import as_tensor, check_finite, check_mask
+from deqppl.validation import as_tensor, check_finite, check_mask, check_real
 
 __all__ = [
     "ExpFamily",
     "FAMILIES",
+    "Interval",
     "Ising",
     "Likelihood",
     "NONLINEARITIES",
     "Nonlinearity",
+    "REAL_LINE",
     "bernoulli",
     "binomial",
+    "compatible_nonlinearities",
     "continuous_bernoulli",
     "exponential",
     "family",
@@ -66,6 +70,82 @@ __all__ = [
 ]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Intervals: natural-parameter domains of families and ranges of nonlinearities
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Interval:
+    r"""An interval of the real line, e.g. $(-\infty, 0)$ or $[0, \infty)$.
+
+    A family's row states its natural-parameter domain as one, a nonlinearity's row states the
+    range of $R$ as one, and :class:`Likelihood` requires the range to lie in the domain, so
+    that the natural parameter $R(\eta)$ is valid for every pre-activation $\eta$.
+
+    Parameters
+    ----------
+    lower, upper
+        End points, ``-math.inf``/``math.inf`` for unbounded sides (default: the real line).
+    lower_closed, upper_closed
+        Whether a finite end point belongs to the interval.
+
+    Examples
+    --------
+    >>> import math
+    >>> negative = Interval(upper=0.0)
+    >>> negative.describe(), Interval(lower=0.0, lower_closed=True).describe()
+    ('(-inf, 0)', '[0, inf)')
+    >>> negative.contains(Interval(upper=-1.0, upper_closed=True)), negative.contains(Interval())
+    (True, False)
+    """
+
+    lower: float = -math.inf
+    upper: float = math.inf
+    lower_closed: bool = False
+    upper_closed: bool = False
+
+    def __post_init__(self) -> None:
+        lo, hi = float(self.lower), float(self.upper)
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            raise ValueError(f"an interval needs lower <= upper, got lower={lo}, upper={hi}")
+        if (self.lower_closed and math.isinf(lo)) or (self.upper_closed and math.isinf(hi)):
+            raise ValueError("an infinite end point cannot be closed")
+        if lo == hi and not (self.lower_closed and self.upper_closed):
+            raise ValueError(f"the interval with lower = upper = {lo} must be closed at both ends")
+        object.__setattr__(self, "lower", lo)
+        object.__setattr__(self, "upper", hi)
+
+    def contains(self, other: Interval) -> bool:
+        """Whether every point of ``other`` lies in this interval."""
+        lower_ok = other.lower > self.lower or (
+            other.lower == self.lower and (self.lower_closed or not other.lower_closed)
+        )
+        upper_ok = other.upper < self.upper or (
+            other.upper == self.upper and (self.upper_closed or not other.upper_closed)
+        )
+        return lower_ok and upper_ok
+
+    def contains_values(self, v: torch.Tensor) -> torch.Tensor:
+        """Elementwise membership of the entries of ``v`` (a boolean tensor of its shape)."""
+        above = v >= self.lower if self.lower_closed else v > self.lower
+        below = v <= self.upper if self.upper_closed else v < self.upper
+        return above & below
+
+    @property
+    def is_real_line(self) -> bool:
+        """True for the whole real line."""
+        return math.isinf(self.lower) and math.isinf(self.upper)
+
+    def describe(self) -> str:
+        """The interval in the usual notation, e.g. ``(-inf, 0)``."""
+        left = "[" if self.lower_closed else "("
+        right = "]" if self.upper_closed else ")"
+        return f"{left}{self.lower:g}, {self.upper:g}{right}"
+
+
+#: The whole real line, the natural-parameter domain of most families.
+REAL_LINE = Interval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,8 +255,12 @@ class ExpFamily:
         The canonical link $(A')^{-1}$, mapping a mean of $T(y)$ to the natural parameter.
     in_support, support_text
         Elementwise support check of observations and its description for error messages.
-    in_domain, domain_text
-        Elementwise check of the natural-parameter domain and its description.
+    domain
+        The natural-parameter domain, an :class:`Interval` (:meth:`in_domain` checks values
+        against it, :attr:`domain_text` describes it).
+    domain_hint
+        What to do to stay inside a restricted domain, appended to error messages (e.g.
+        ``"use R = -ReLU_tau"``); empty for the real line.
     distribution
         Maps $v$ to the Pyro distribution with the same density (the single source of the
         density inside Pyro models).
@@ -195,10 +279,22 @@ class ExpFamily:
     link: Fn
     in_support: Fn
     support_text: str
-    in_domain: Fn
-    domain_text: str
+    domain: Interval
     distribution: Callable[[torch.Tensor], dist.Distribution]
     curvature_bound: float
+    domain_hint: str = ""
+
+    def in_domain(self, v: torch.Tensor) -> torch.Tensor:
+        """Elementwise check that ``v`` lies in the natural-parameter domain."""
+        return self.domain.contains_values(v)
+
+    @property
+    def domain_text(self) -> str:
+        """The domain in words, for error messages, e.g. ``a natural parameter in (-inf, 0)``."""
+        if self.domain.is_real_line:
+            return "any real natural parameter"
+        hint = f" ({self.domain_hint})" if self.domain_hint else ""
+        return f"a natural parameter in {self.domain.describe()}{hint}"
 
     def log_prob(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r"""Elementwise $\log p(y\mid v) = \log h(y) + vT(y) - A(v)$."""
@@ -259,8 +355,7 @@ def _is_integer(y: torch.Tensor) -> torch.Tensor:
 
 def gaussian(precision: float = 1.0) -> ExpFamily:
     r"""Gaussian with known precision $\lambda_0$: $T=\sqrt{\lambda_0}y$, $A=v^2/2$."""
-    if not (precision > 0 and math.isfinite(precision)):
-        raise ValueError(f"gaussian precision must be positive and finite, got {precision}")
+    precision = check_real(precision, "gaussian precision", minimum=0.0, exclusive_minimum=True)
     root = math.sqrt(precision)
     return ExpFamily(
         name="gaussian",
@@ -273,8 +368,7 @@ def gaussian(precision: float = 1.0) -> ExpFamily:
         link=lambda m: m,
         in_support=_all_real,
         support_text="any real number",
-        in_domain=_all_real,
-        domain_text="any real natural parameter",
+        domain=REAL_LINE,
         distribution=lambda v: dist.Normal(v / root, 1.0 / root),
         curvature_bound=1.0,
     )
@@ -293,8 +387,7 @@ def bernoulli() -> ExpFamily:
         link=torch.logit,
         in_support=lambda y: (y == 0) | (y == 1),
         support_text="0 or 1",
-        in_domain=_all_real,
-        domain_text="any real natural parameter",
+        domain=REAL_LINE,
         distribution=lambda v: dist.Bernoulli(logits=v),
         curvature_bound=0.25,
     )
@@ -302,8 +395,14 @@ def bernoulli() -> ExpFamily:
 
 def binomial(total_count: int) -> ExpFamily:
     r"""Binomial($t$) on $\{0,\dots,t\}$: $A=t\log(1+e^v)$, mean $t\,$sigmoid."""
-    if int(total_count) != total_count or total_count < 1:
-        raise ValueError(f"binomial total_count must be a positive integer, got {total_count}")
+    # a number (not a bool, not a string), finite, whole and >= 1; 16.0 is accepted as 16
+    if isinstance(total_count, bool) or not isinstance(total_count, numbers.Real):
+        raise TypeError(
+            f"binomial total_count must be a positive integer, got {type(total_count).__name__} "
+            f"{total_count!r}"
+        )
+    if not (math.isfinite(total_count) and total_count == int(total_count) and total_count >= 1):
+        raise ValueError(f"binomial total_count must be a positive integer, got {total_count!r}")
     t = int(total_count)
     return ExpFamily(
         name="binomial",
@@ -316,8 +415,7 @@ def binomial(total_count: int) -> ExpFamily:
         link=lambda m: torch.logit(m / t),
         in_support=lambda y: _is_integer(y) & (y >= 0) & (y <= t),
         support_text=f"integers 0..{t}",
-        in_domain=_all_real,
-        domain_text="any real natural parameter",
+        domain=REAL_LINE,
         distribution=lambda v: dist.Binomial(total_count=t, logits=v),
         curvature_bound=t / 4.0,
     )
@@ -336,8 +434,7 @@ def poisson() -> ExpFamily:
         link=torch.log,
         in_support=lambda y: _is_integer(y) & (y >= 0),
         support_text="non-negative integer counts",
-        in_domain=_all_real,
-        domain_text="any real natural parameter",
+        domain=REAL_LINE,
         distribution=lambda v: dist.Poisson(torch.exp(v)),
         curvature_bound=math.inf,
     )
@@ -356,8 +453,7 @@ def ising() -> ExpFamily:
         link=torch.atanh,
         in_support=lambda y: (y == 1) | (y == -1),
         support_text="-1 or +1",
-        in_domain=_all_real,
-        domain_text="any real natural parameter",
+        domain=REAL_LINE,
         distribution=lambda v: Ising(v),
         curvature_bound=1.0,
     )
@@ -427,8 +523,7 @@ def continuous_bernoulli() -> ExpFamily:
         link=_cb_link,
         in_support=lambda y: (y >= 0) & (y <= 1),
         support_text="numbers in [0, 1]",
-        in_domain=_all_real,
-        domain_text="any real natural parameter",
+        domain=REAL_LINE,
         distribution=lambda v: dist.ContinuousBernoulli(logits=v),
         curvature_bound=1.0 / 12.0,
     )
@@ -447,10 +542,10 @@ def exponential() -> ExpFamily:
         link=lambda m: -1.0 / m,
         in_support=lambda y: y >= 0,
         support_text="non-negative numbers",
-        in_domain=lambda v: v < 0,
-        domain_text="a negative natural parameter (use R = -ReLU_tau)",
+        domain=Interval(upper=0.0),
         distribution=lambda v: dist.Exponential(-v),
         curvature_bound=math.inf,
+        domain_hint="use R = neg_smooth_relu",
     )
 
 
@@ -501,6 +596,12 @@ class Nonlinearity:
         The map, its derivative (the soft-dropout mask) and second derivative.
     gaussian_only
         True when $R$ is only meaningful with the Gaussian family (:func:`from_activation`).
+    range
+        An :class:`Interval` holding every value of $R$ (the closure of its image is enough
+        where the image is open); :class:`Likelihood` requires it to lie in the family's
+        natural-parameter domain. The default, the real line, is the safe claim for a
+        user-made $R$ whose range is not stated: it pairs with every family whose natural
+        parameter may be any real number.
     """
 
     name: str
@@ -508,6 +609,7 @@ class Nonlinearity:
     rho: Fn
     drho: Fn
     gaussian_only: bool = False
+    range: Interval = REAL_LINE
 
     @property
     def is_identity(self) -> bool:
@@ -534,8 +636,12 @@ def _phi(x: torch.Tensor) -> torch.Tensor:
     return _INV_SQRT_2PI * torch.exp(-0.5 * x**2)
 
 
+_POSITIVE = Interval(lower=0.0)
+
+
 def _check_tau(tau: float) -> float:
-    if not (math.isfinite(tau) and tau != 0):
+    tau = check_real(tau, "smooth ReLU temperature tau")
+    if tau == 0:
         raise ValueError(f"smooth ReLU temperature tau must be finite and non-zero, got {tau}")
     return abs(float(tau))
 
@@ -548,7 +654,11 @@ def identity() -> Nonlinearity:
 def relu() -> Nonlinearity:
     r"""$R=\mathrm{ReLU}$, $\rho=\Theta$ (hard dropout; Theorem 2 of Tsuchida & Ong, 2023)."""
     return Nonlinearity(
-        "relu", torch.relu, lambda e: (e > 0).to(e.dtype), torch.zeros_like
+        "relu",
+        torch.relu,
+        lambda e: (e > 0).to(e.dtype),
+        torch.zeros_like,
+        range=Interval(lower=0.0, lower_closed=True),
     )
 
 
@@ -560,13 +670,13 @@ def smooth_relu(tau: float = 1.0) -> Nonlinearity:
         lambda e: e * _Phi(e / t) + t * _phi(e / t),
         lambda e: _Phi(e / t),
         lambda e: _phi(e / t) / t,
+        range=_POSITIVE,  # ReLU_tau > 0: it is increasing with limit 0 at -inf
     )
 
 
 def leaky_smooth_relu(tau: float = 1.0, slope: float = 0.1) -> Nonlinearity:
     r"""$(1-m)\mathrm{ReLU}_\tau(\eta)+m\eta$ with leak $m$ = ``slope`` in $[0, 1]$."""
-    if not 0.0 <= slope <= 1.0:
-        raise ValueError(f"leaky smooth ReLU slope must lie in [0, 1], got {slope}")
+    slope = check_real(slope, "leaky smooth ReLU slope", minimum=0.0, maximum=1.0)
     base = smooth_relu(tau)
     m = float(slope)
     return Nonlinearity(
@@ -574,6 +684,8 @@ def leaky_smooth_relu(tau: float = 1.0, slope: float = 0.1) -> Nonlinearity:
         lambda e: (1 - m) * base.R(e) + m * e,
         lambda e: (1 - m) * base.rho(e) + m,
         lambda e: (1 - m) * base.drho(e),
+        # with a leak the m * eta term reaches every real number; without, ReLU_tau > 0
+        range=REAL_LINE if m > 0 else _POSITIVE,
     )
 
 
@@ -588,6 +700,7 @@ def neg_smooth_relu(tau: float = 1.0) -> Nonlinearity:
         lambda e: -base.R(e),
         lambda e: -base.rho(e),
         lambda e: -base.drho(e),
+        range=Interval(upper=0.0),
     )
 
 
@@ -598,8 +711,13 @@ def log_cosh() -> Nonlinearity:
         a = e.abs()  # log cosh e = |e| + log1p(e^{-2|e|}) - log 2, stable for large |e|
         return e + a + torch.log1p(torch.exp(-2 * a)) - math.log(2.0)
 
+    # R is increasing (rho = 1 + tanh > 0) from its limit -log 2 at -inf (eta + |eta| -> 0)
     return Nonlinearity(
-        "log_cosh", R, lambda e: 1 + torch.tanh(e), lambda e: 1 - torch.tanh(e) ** 2
+        "log_cosh",
+        R,
+        lambda e: 1 + torch.tanh(e),
+        lambda e: 1 - torch.tanh(e) ** 2,
+        range=Interval(lower=-math.log(2.0)),
     )
 
 
@@ -644,7 +762,10 @@ def from_activation(
         r = R(e)
         return dsigma(e) / r - activation(e) ** 2 / r**3
 
-    return Nonlinearity(f"from_activation({name})", R, rho, drho, gaussian_only=True)
+    # S > 0 makes R = sqrt(2 S) > 0
+    return Nonlinearity(
+        f"from_activation({name})", R, rho, drho, gaussian_only=True, range=_POSITIVE
+    )
 
 
 def sigmoid_gaussian() -> Nonlinearity:
@@ -676,6 +797,27 @@ def nonlinearity(name: str, **params: float) -> Nonlinearity:
     return factory(**params)
 
 
+def compatible_nonlinearities(fam: ExpFamily) -> list[str]:
+    """Names of the table's nonlinearities (default parameters) that can be paired with ``fam``.
+
+    A nonlinearity fits when its range lies in the family's natural-parameter domain (and it
+    is not restricted to another family).
+
+    Examples
+    --------
+    >>> compatible_nonlinearities(exponential())
+    ['neg_smooth_relu']
+    """
+    names = []
+    for name, factory in NONLINEARITIES.items():
+        nl = factory()
+        if nl.gaussian_only and fam.name != "gaussian":
+            continue
+        if fam.domain.contains(nl.range):
+            names.append(name)
+    return names
+
+
 # --------------------------------------------------------------------------------------------
 # A family paired with a nonlinearity
 # --------------------------------------------------------------------------------------------
@@ -686,22 +828,52 @@ class Likelihood:
     Derives the activation $\sigma=(A\circ R)'$ and its derivative, the quantities a PED layer
     (SPEC eq. 6) and its Jacobian need.
 
+    Raises
+    ------
+    TypeError
+        If ``family`` or ``nonlinearity`` is not a row of the tables.
+    ValueError
+        If the range of $R$ (``nonlinearity.range``) does not lie in the family's
+        natural-parameter domain (``family.domain``): then some pre-activation would give an
+        invalid natural parameter. The message names both and lists the table's
+        nonlinearities that fit.
+
     Examples
     --------
     >>> import torch
     >>> lik = Likelihood(gaussian(), identity())
     >>> lik.activation(torch.tensor([2.0]))
     tensor([2.])
+    >>> Likelihood(exponential(), identity())
+    Traceback (most recent call last):
+    ...
+    ValueError: nonlinearity identity takes values in (-inf, inf), which leaves the natural-parameter domain (-inf, 0) of exponential(); ...
     """
 
     family: ExpFamily
     nonlinearity: Nonlinearity = field(default_factory=identity)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.family, ExpFamily):
+            raise TypeError(f"family must be an ExpFamily row, got {type(self.family).__name__}")
+        if not isinstance(self.nonlinearity, Nonlinearity):
+            raise TypeError(
+                f"nonlinearity must be a Nonlinearity row, got {type(self.nonlinearity).__name__}"
+            )
         if self.nonlinearity.gaussian_only and self.family.name != "gaussian":
             raise ValueError(
                 f"nonlinearity {self.nonlinearity.name} is defined for the gaussian family "
                 f"only, got {self.family.describe()}"
+            )
+        domain, image = self.family.domain, self.nonlinearity.range
+        if not domain.contains(image):
+            fits = compatible_nonlinearities(self.family)
+            raise ValueError(
+                f"nonlinearity {self.nonlinearity.name} takes values in {image.describe()}, "
+                f"which leaves the natural-parameter domain {domain.describe()} of "
+                f"{self.family.describe()}; pair {self.family.describe()} with a nonlinearity "
+                f"whose range lies in {domain.describe()}, e.g. one of the table's "
+                f"{', '.join(fits) if fits else '(none)'}"
             )
 
     def natural(self, eta: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deqppl._validation import as_tensor, check_finite
+from deqppl.validation import as_tensor, check_finite
 
 __all__ = [
     "AbstractKernel",

@@ -1,6 +1,6 @@
 """The deqppl model zoo (installed as ``deqppl.models``)."""
 
-from ._simulation import Simulation
+from deqppl.protocols import Simulation
 from .expfam_pca import ExpFamPCA
 from .hierarchical import HierarchicalExpFamPCA
 from .kernel_glm import KernelGLM

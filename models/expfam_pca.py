@@ -16,49 +16,16 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions import constraints
 
-from deqppl._validation import check_shape
 from deqppl.expfam import ExpFamily, Likelihood, Nonlinearity, identity
-from deqppl.inference.log_joint import log_joint as _log_joint
-
-from ._simulation import Simulation, simulate_from
+from deqppl.protocols import AbstractModel, Simulation, num_rows, param_prior, simulate_from
+from deqppl.validation import check_data_keys, check_int, check_real, check_shape
 
 __all__ = ["ExpFamPCA"]
 
 
-def _check_data_keys(data: Mapping, names: tuple[str, ...], model: str) -> None:
-    if not isinstance(data, Mapping):
-        raise TypeError(f"{model} data must be a mapping {{name: tensor}}, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(names))
-    missing = sorted(set(names) - set(data))
-    if unknown or missing:
-        raise ValueError(
-            f"{model} data must have exactly the keys {list(names)}; "
-            f"unknown: {unknown}, missing: {missing}"
-        )
-
-
-def _param_prior(scale: float | None, shape: tuple[int, ...], dtype: torch.dtype):
-    """$\\mathcal N(0, s^2)$ entries, or an improper flat prior when ``scale`` is None."""
-    if scale is None:
-        return dist.ImproperUniform(constraints.real, (), shape)
-    zero = torch.zeros((), dtype=dtype)
-    return dist.Normal(zero, scale).expand(shape).to_event(len(shape))
-
-
-def _num_rows(y: torch.Tensor | None, num_data: int | None) -> int:
-    if y is None:
-        if num_data is None:
-            raise ValueError("pass num_data when y is None (the model then samples y)")
-        return int(num_data)
-    if num_data is not None and int(num_data) != y.shape[0]:
-        raise ValueError(f"num_data={num_data} disagrees with y, which has {y.shape[0]} rows")
-    return y.shape[0]
-
-
 @dataclass(frozen=True, kw_only=True)
-class ExpFamPCA:
+class ExpFamPCA(AbstractModel):
     r"""Exponential-family PCA as a Pyro model.
 
     Parameters
@@ -78,10 +45,17 @@ class ExpFamPCA:
         paper's unregularised setting; :meth:`simulate` then draws them from
         $\mathcal N(0, 1)$).
 
+    Raises
+    ------
+    ValueError
+        Bad sizes or precisions, or a nonlinearity whose range leaves the family's
+        natural-parameter domain (e.g. ``exponential()`` needs ``neg_smooth_relu``).
+
     Notes
     -----
-    Sites: globals ``W`` $(d, l)$ and ``B`` $(d,)$; local ``z`` $(N, l)$ inside the plate
-    ``"data"``; observation ``y`` $(N, d)$.
+    A model of the protocol (:class:`deqppl.protocols.AbstractModel`): sites: globals ``W``
+    $(d, l)$ and ``B`` $(d,)$; local ``z`` $(N, l)$ inside the plate ``"data"``; observation
+    ``y`` $(N, d)$. ``log_joint(data, values, *, per_datum=False)`` comes from the trace.
 
     Examples
     --------
@@ -92,6 +66,11 @@ class ExpFamPCA:
     (torch.Size([10, 5]), torch.Size([5, 2]))
     >>> bool(model.log_joint(sim.data, sim.truth).isfinite())
     True
+    >>> from deqppl.expfam import exponential
+    >>> ExpFamPCA(family=exponential(), obs_dim=5, latent_dim=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: nonlinearity identity takes values in (-inf, inf), which leaves the natural-parameter domain (-inf, 0) of exponential(); ...
     """
 
     family: ExpFamily
@@ -109,16 +88,13 @@ class ExpFamPCA:
         if not isinstance(self.family, ExpFamily):
             raise TypeError(f"family must be an ExpFamily, got {type(self.family).__name__}")
         for name in ("obs_dim", "latent_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (self.lam > 0 and math.isfinite(self.lam)):
-            raise ValueError(f"lam (latent prior precision) must be positive and finite, got {self.lam}")
-        if self.param_scale is not None and not (
-            self.param_scale > 0 and math.isfinite(self.param_scale)
-        ):
-            raise ValueError(f"param_scale must be positive and finite or None, got {self.param_scale}")
-        Likelihood(self.family, self.nonlinearity)  # rejects gaussian-only R with other families
+            check_int(getattr(self, name), name, minimum=1)
+        check_real(self.lam, "lam (latent prior precision)", minimum=0.0, exclusive_minimum=True)
+        if self.param_scale is not None:
+            check_real(self.param_scale, "param_scale", minimum=0.0, exclusive_minimum=True)
+        # rejects a nonlinearity whose range leaves the family's natural-parameter domain
+        # (and gaussian-only R with other families), before any fitting
+        Likelihood(self.family, self.nonlinearity)
 
     @property
     def likelihood(self) -> Likelihood:
@@ -136,11 +112,11 @@ class ExpFamPCA:
 
         Returns the observations of the (sub)sampled rows, shape ``(n, obs_dim)``.
         """
-        n = _num_rows(y, num_data)
+        n = num_rows(y, num_data)
         dtype = y.dtype if y is not None else torch.get_default_dtype()
         d, l = self.obs_dim, self.latent_dim
-        W = pyro.sample("W", _param_prior(self.param_scale, (d, l), dtype))
-        B = pyro.sample("B", _param_prior(self.param_scale, (d,), dtype))
+        W = pyro.sample("W", param_prior(self.param_scale, (d, l), dtype=dtype))
+        B = pyro.sample("B", param_prior(self.param_scale, (d,), dtype=dtype))
         z_scale = torch.tensor(self.lam, dtype=dtype).rsqrt()
         with pyro.plate("data", n, subsample_size=subsample_size, dim=-1) as idx:
             z = pyro.sample("z", dist.Normal(0.0, z_scale).expand([len(idx), l]).to_event(1))
@@ -159,13 +135,16 @@ class ExpFamPCA:
             Wrong keys, wrong shape, NaN/Inf or values outside the support; the message names
             the value, its row and column and what is allowed.
         """
-        _check_data_keys(data, self.data_names, "ExpFamPCA")
+        check_data_keys(data, self.data_names, "ExpFamPCA")
         y = self.family.validate(data["y"], "y")
         check_shape(y, (None, self.obs_dim), "y")
         return {"y": y}
 
     def simulate(self, num_data: int, *, seed: int, dtype: torch.dtype | None = None) -> Simulation:
-        """Draw $(W, B, z, y)$ from the model; see :func:`models._simulation.simulate_from`."""
+        r"""Draw $(W, B, z, y)$ from the model; see :func:`deqppl.protocols.simulate_from`.
+
+        With the flat prior (``param_scale=None``) $W, B$ are drawn from $\mathcal N(0, 1)$.
+        """
         fixed = None
         if self.param_scale is None:
             d, l = self.obs_dim, self.latent_dim
@@ -179,9 +158,3 @@ class ExpFamPCA:
             fixed=fixed,
             dtype=dtype,
         )
-
-    def log_joint(
-        self, data: Mapping[str, object], values: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """$\\log p(y, z, W, B)$ from the Pyro trace (:func:`deqppl.inference.log_joint`)."""
-        return _log_joint(self, self.validate(data), values)

@@ -11,6 +11,7 @@ $\mathcal N(0, s^2)$ entries (or a flat prior).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,18 +19,15 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from deqppl._validation import check_shape
 from deqppl.expfam import Likelihood, Nonlinearity, gaussian, identity
-from deqppl.inference.log_joint import log_joint as _log_joint
-
-from ._simulation import Simulation, simulate_from
-from .expfam_pca import _check_data_keys, _num_rows, _param_prior
+from deqppl.protocols import AbstractModel, Simulation, num_rows, param_prior, simulate_from
+from deqppl.validation import check_data_keys, check_real, check_shape
 
 __all__ = ["HierarchicalExpFamPCA"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class HierarchicalExpFamPCA:
+class HierarchicalExpFamPCA(AbstractModel):
     r"""$L$ layers of Gaussian latents linked by canonical nonlinearities.
 
     Parameters
@@ -47,7 +45,7 @@ class HierarchicalExpFamPCA:
 
     Notes
     -----
-    Sites: globals ``W1..WL`` $(d_{l-1}, d_l)$, ``b1..bL`` $(d_{l-1},)$; locals ``z1..zL``
+    A model of the protocol (:class:`deqppl.protocols.AbstractModel`). Sites: globals ``W1..WL`` $(d_{l-1}, d_l)$, ``b1..bL`` $(d_{l-1},)$; locals ``z1..zL``
     $(N, d_l)$ in the plate ``"data"``; observation ``y`` $(N, d_0)$.
 
     Examples
@@ -81,13 +79,18 @@ class HierarchicalExpFamPCA:
             raise ValueError(f"nonlinearities must be {depth} Nonlinearity objects (one per layer), got {nls!r}")
         object.__setattr__(self, "nonlinearities", nls)
         precs = (1.0,) * (depth + 1) if self.precisions is None else tuple(self.precisions)
-        if len(precs) != depth + 1 or not all(p > 0 and math.isfinite(p) for p in precs):
+        if len(precs) != depth + 1 or not all(
+            not isinstance(p, bool) and isinstance(p, numbers.Real) and p > 0 and math.isfinite(p)
+            for p in precs
+        ):
             raise ValueError(
                 f"precisions must be {depth + 1} positive finite numbers (lambda^(0)..lambda^(L)), got {precs!r}"
             )
         object.__setattr__(self, "precisions", tuple(float(p) for p in precs))
-        if self.param_scale is not None and not (self.param_scale > 0 and math.isfinite(self.param_scale)):
-            raise ValueError(f"param_scale must be positive and finite or None, got {self.param_scale}")
+        if self.param_scale is not None:
+            check_real(self.param_scale, "param_scale", minimum=0.0, exclusive_minimum=True)
+        for layer in range(1, depth + 1):
+            self.likelihood(layer)  # each R^(l) must map into the Gaussian's natural parameters
 
     @property
     def depth(self) -> int:
@@ -96,10 +99,12 @@ class HierarchicalExpFamPCA:
 
     @property
     def local_sites(self) -> tuple[str, ...]:
+        """``("z1", ..., "zL")``, bottom layer first."""
         return tuple(f"z{l}" for l in range(1, self.depth + 1))
 
     @property
     def global_sites(self) -> tuple[str, ...]:
+        """``("W1", ..., "WL", "b1", ..., "bL")``."""
         layers = range(1, self.depth + 1)
         return tuple(f"W{l}" for l in layers) + tuple(f"b{l}" for l in layers)
 
@@ -115,11 +120,11 @@ class HierarchicalExpFamPCA:
         subsample_size: int | None = None,
     ) -> torch.Tensor:
         """The Pyro program; ``y=None`` samples observations (then ``num_data`` is required)."""
-        n = _num_rows(y, num_data)
+        n = num_rows(y, num_data)
         dtype = y.dtype if y is not None else torch.get_default_dtype()
         d, L = self.widths, self.depth
-        W = {l: pyro.sample(f"W{l}", _param_prior(self.param_scale, (d[l - 1], d[l]), dtype)) for l in range(1, L + 1)}
-        b = {l: pyro.sample(f"b{l}", _param_prior(self.param_scale, (d[l - 1],), dtype)) for l in range(1, L + 1)}
+        W = {l: pyro.sample(f"W{l}", param_prior(self.param_scale, (d[l - 1], d[l]), dtype=dtype)) for l in range(1, L + 1)}
+        b = {l: pyro.sample(f"b{l}", param_prior(self.param_scale, (d[l - 1],), dtype=dtype)) for l in range(1, L + 1)}
         top_scale = torch.tensor(self.precisions[L], dtype=dtype).rsqrt()
         with pyro.plate("data", n, subsample_size=subsample_size, dim=-1) as idx:
             z = pyro.sample(f"z{L}", dist.Normal(0.0, top_scale).expand([len(idx), d[L]]).to_event(1))
@@ -135,13 +140,13 @@ class HierarchicalExpFamPCA:
 
     def validate(self, data: Mapping[str, object]) -> dict[str, torch.Tensor]:
         """Check ``{"y": (N, d_0)}`` (numeric, finite); raises naming the row and column."""
-        _check_data_keys(data, self.data_names, "HierarchicalExpFamPCA")
+        check_data_keys(data, self.data_names, "HierarchicalExpFamPCA")
         y = gaussian().validate(data["y"], "y")
         check_shape(y, (None, self.widths[0]), "y")
         return {"y": y}
 
     def simulate(self, num_data: int, *, seed: int, dtype: torch.dtype | None = None) -> Simulation:
-        """Draw every site from the model; see :func:`models._simulation.simulate_from`."""
+        """Draw every site from the model; see :func:`deqppl.protocols.simulate_from`."""
         fixed = None
         if self.param_scale is None:
             d = self.widths
@@ -158,7 +163,3 @@ class HierarchicalExpFamPCA:
             fixed=fixed,
             dtype=dtype,
         )
-
-    def log_joint(self, data: Mapping[str, object], values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """$\\log p(y, z^{(1:L)}, W, b)$ from the Pyro trace."""
-        return _log_joint(self, self.validate(data), values)

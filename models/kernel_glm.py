@@ -37,12 +37,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from deqppl._validation import as_tensor, check_finite
 from deqppl.expfam import ExpFamily
-from deqppl.inference import log_joint as _log_joint
 from deqppl.kernels import AbstractKernel
-
-from ._simulation import Simulation, simulate_from
+from deqppl.protocols import AbstractModel, Simulation, simulate_from
+from deqppl.validation import as_tensor, check_data_keys, check_finite, check_real
 
 __all__ = ["DEQWeights", "KernelGLM"]
 
@@ -72,7 +70,7 @@ class DEQWeights(NamedTuple):
 
 
 @dataclass(frozen=True)
-class KernelGLM:
+class KernelGLM(AbstractModel):
     r"""Kernel GLM $y_i\sim\mathrm{ExpFam}_A(v=f(x_i))$, $f\sim\mathcal N(0,K/\lambda)$ (SPEC §4).
 
     Parameters
@@ -93,7 +91,8 @@ class KernelGLM:
 
     Notes
     -----
-    Sites: latent ``u`` (shape ``(n,)``, the whitened function values), deterministic ``f``
+    A model of the protocol (:class:`deqppl.protocols.AbstractModel`) with coupled locals
+    (``plate_name = None``). Sites: latent ``u`` (shape ``(n,)``, the whitened function values), deterministic ``f``
     $=Lu$ and observed ``y``. The coordinates of $f$ are coupled through $L$, so there is no
     ``"data"`` plate (a plate would assert a conditional independence that does not hold) and
     no minibatch subsampling. Each call factorises $K_j$: $O(n^3)$.
@@ -105,19 +104,21 @@ class KernelGLM:
     jitter: float | None = None
 
     data_names: ClassVar[tuple[str, ...]] = ("x", "y")
+    observed_sites: ClassVar[tuple[str, ...]] = ("y",)  # x is a covariate, not a sample site
     local_sites: ClassVar[tuple[str, ...]] = ("u",)
     global_sites: ClassVar[tuple[str, ...]] = ()
+    #: No data plate: every coordinate of f = L u depends on all of u (locals coupled).
+    plate_name: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.family, ExpFamily):
             raise TypeError(f"family must be an ExpFamily, got {self.family!r}")
         if not isinstance(self.kernel, AbstractKernel):
             raise TypeError(f"kernel must be a deqppl.kernels kernel, got {self.kernel!r}")
-        if not (math.isfinite(self.lam) and self.lam > 0):
-            raise ValueError(f"lam must be positive and finite, got {self.lam}")
-        if self.jitter is not None and not (math.isfinite(self.jitter) and self.jitter >= 0):
-            raise ValueError(f"jitter must be non-negative and finite or None, got {self.jitter}")
-        if not bool(self.family.in_domain(torch.tensor([-1.0, 0.0, 1.0])).all()):
+        check_real(self.lam, "lam", minimum=0.0, exclusive_minimum=True)
+        if self.jitter is not None:
+            check_real(self.jitter, "jitter", minimum=0.0)
+        if not self.family.domain.is_real_line:  # f = L u ranges over every real number
             raise ValueError(
                 f"KernelGLM needs a family whose natural parameter may be any real number; "
                 f"{self.family.describe()} needs {self.family.domain_text}"
@@ -175,11 +176,7 @@ class KernelGLM:
         ...
         ValueError: y has value 2.0 at row 1, column 0, outside the allowed values ...
         """
-        missing = [name for name in self.data_names if name not in data]
-        if missing:
-            raise ValueError(
-                f"KernelGLM data needs the keys {self.data_names}, missing {missing}"
-            )
+        check_data_keys(data, self.data_names, "KernelGLM")
         x = as_tensor(data["x"], "x")
         if x.dim() not in (1, 2) or x.shape[0] == 0:
             raise ValueError(f"x must have shape (n,) or (n, p) with n >= 1, got {tuple(x.shape)}")
@@ -202,26 +199,23 @@ class KernelGLM:
             raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
         dtype = dtype or torch.get_default_dtype()
         x = torch.linspace(-3.0, 3.0, int(num_data), dtype=dtype)
-        sim = simulate_from(
-            lambda num_data: self(x),
+        return simulate_from(
+            self,
             num_data=int(num_data),
             seed=seed,
-            data_names=("y",),
+            data_names=self.observed_sites,
             latent_names=self.local_sites,
+            covariates={"x": x},
             dtype=dtype,
         )
-        return Simulation(data={"x": x, "y": sim.data["y"]}, truth=sim.truth)
-
-    def log_joint(self, data: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]):
-        """$\\log p(y, u)$ from the Pyro trace (:func:`deqppl.inference.log_joint`)."""
-        return _log_joint(self, data, values)
 
     # ---------------------------------------------------------------------------------------
     # kGLM helpers (SPEC §4)
     # ---------------------------------------------------------------------------------------
     def gram(self, x: torch.Tensor) -> torch.Tensor:
         """The jittered kernel matrix $K_j=K+jI$ of shape ``(n, n)`` used by the model."""
-        K = self.kernel(x)
+        # named x (the model's data name), not x1 (the kernel's argument); O(n p) next to K's O(n^2 p)
+        K = self.kernel(_check_inputs(x, "x"))
         jitter = _DEFAULT_JITTER.get(K.dtype, 1e-4) if self.jitter is None else self.jitter
         return K + jitter * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
 
@@ -258,6 +252,7 @@ class KernelGLM:
         x_new
             New inputs, shape ``(m,)`` or ``(m, p)``.
         """
+        x_train, x_new = (_check_inputs(x, name) for x, name in ((x_train, "x_train"), (x_new, "x_new")))
         alpha = (self.family.T(y_train) - self.family.mean(f)) / self.lam
         return self.kernel(x_new, x_train) @ alpha
 
@@ -278,3 +273,12 @@ class KernelGLM:
         """
         K = self.gram(x)
         return DEQWeights(W=-K / self.lam, U=K / self.lam, b=torch.zeros_like(K[0]))
+
+
+def _check_inputs(x: object, name: str) -> torch.Tensor:
+    """Inputs as a finite ``(n,)`` or ``(n, p)`` tensor, errors naming them by ``name``."""
+    t = as_tensor(x, name)
+    if t.dim() not in (1, 2):
+        raise ValueError(f"{name} must have shape (n,) or (n, p), got {tuple(t.shape)}")
+    check_finite(t, name)
+    return t

@@ -363,8 +363,86 @@ def _(tmp):
     return load_map(tmp / "nope.pt")
 
 
+# ---------------------------------------------------------------------------- model params
+# Hyperparameters are checked when the object is built: type (no strings, no bools) and range.
+from deqppl.expfam import binomial, leaky_smooth_relu, smooth_relu  # noqa: E402
+from deqppl.models import HierarchicalExpFamPCA  # noqa: E402
+
+_POIS = family("poisson")
+for _id, _fn, _exc, _match in [
+    ("lam_string", lambda: ExpFamPCA(family=_POIS, obs_dim=3, latent_dim=1, lam="1"), TypeError,
+     r"^lam \(latent prior precision\) must be a real number, got str '1'$"),
+    ("lam_nan", lambda: ExpFamPCA(family=_POIS, obs_dim=3, latent_dim=1, lam=math.nan), ValueError,
+     r"^lam \(latent prior precision\) must be positive and finite, got nan$"),
+    ("lam_bool", lambda: ExpFamPCA(family=_POIS, obs_dim=3, latent_dim=1, lam=True), TypeError,
+     r"must be a real number, got bool True"),
+    ("obs_dim_fractional", lambda: ExpFamPCA(family=_POIS, obs_dim=2.5, latent_dim=1), TypeError,
+     r"^obs_dim must be an integer, got float 2\.5$"),
+    ("latent_dim_zero", lambda: ExpFamPCA(family=_POIS, obs_dim=3, latent_dim=0), ValueError,
+     r"^latent_dim must be an integer >= 1, got 0$"),
+    ("param_scale_inf", lambda: ExpFamPCA(family=_POIS, obs_dim=3, latent_dim=1, param_scale=math.inf), ValueError,
+     r"^param_scale must be positive and finite, got inf$"),
+    ("total_count_nan", lambda: binomial(math.nan), ValueError, r"^binomial total_count must be a positive integer, got nan$"),
+    ("total_count_bool", lambda: binomial(True), TypeError, r"^binomial total_count must be a positive integer, got bool True$"),
+    ("total_count_string", lambda: family("binomial", total_count="16"), TypeError,
+     r"family 'binomial': binomial total_count must be a positive integer, got str '16'"),
+    ("total_count_fractional", lambda: binomial(2.5), ValueError, r"^binomial total_count must be a positive integer, got 2\.5$"),
+    ("gaussian_precision_string", lambda: gaussian("1"), TypeError, r"^gaussian precision must be a real number, got str '1'$"),
+    ("tau_nan", lambda: smooth_relu(math.nan), ValueError, r"smooth ReLU temperature tau must be"),
+    ("slope_out_of_range", lambda: leaky_smooth_relu(slope=2.0), ValueError,
+     r"^leaky smooth ReLU slope must be a finite number >= 0 and <= 1, got 2\.0$"),
+    ("exponential_with_identity", lambda: ExpFamPCA(family=family("exponential"), obs_dim=3, latent_dim=1), ValueError,
+     r"nonlinearity identity takes values in \(-inf, inf\), which leaves the natural-parameter domain \(-inf, 0\) of exponential\(\); pair exponential\(\) with a nonlinearity whose range lies in \(-inf, 0\)"),
+    ("kernel_glm_lam_string", lambda: KernelGLM(gaussian(), SquaredExponential(), lam="1"), TypeError,
+     r"^lam must be a real number, got str '1'$"),
+    ("kernel_glm_jitter_negative", lambda: KernelGLM(gaussian(), SquaredExponential(), jitter=-1e-3), ValueError,
+     r"^jitter must be non-negative and finite, got -0\.001$"),
+    ("hierarchical_precision_string", lambda: HierarchicalExpFamPCA(widths=(3, 2), precisions=("1", 1.0)), ValueError,
+     r"precisions must be 2 positive finite numbers"),
+]:
+    case("model_params", _id, _exc, _match)(lambda tmp, fn=_fn: fn())
+
+
+# -------------------------------------------------------------------------- encoder params
+from deqppl.encoders import DeepPEDEncoder, PEDEncoder  # noqa: E402
+
+for _id, _fn, _exc, _match in [
+    ("ped_W_nan", lambda: PEDEncoder(_pca(), W=torch.full((3, 1), math.nan)), ValueError,
+     r"^W contains a non-finite value nan at row 0, column 0 \(3 non-finite entries in all\); only finite numbers are allowed$"),
+    ("ped_B_inf", lambda: PEDEncoder(_pca(), B=torch.tensor([0.0, math.inf, 0.0])), ValueError,
+     r"^B contains a non-finite value inf at position 1"),
+    ("ped_W_wrong_shape", lambda: PEDEncoder(_pca(), W=torch.zeros(2, 1)), ValueError, r"^W must have shape \(3, 1\), got \(2, 1\)$"),
+    ("ped_W_string", lambda: PEDEncoder(_pca(), W="a"), TypeError, r"^W must have a real or integer dtype|^W must be numeric"),
+    ("ped_W_half", lambda: PEDEncoder(_pca(), W=torch.zeros(3, 1, dtype=torch.float16)), TypeError, "^W " + _HALF),
+    ("ped_solve_nan_y", lambda: PEDEncoder(_pca()).solve(torch.full((2, 3), math.nan)), ValueError,
+     r"^y contains a non-finite value nan at row 0, column 0"),
+    ("deep_values_nan", lambda: DeepPEDEncoder(
+        HierarchicalExpFamPCA(widths=(3, 2)), {"W1": torch.full((3, 2), math.nan), "b1": torch.zeros(3)}),
+     ValueError, r"^W1 contains a non-finite value nan at row 0, column 0"),
+]:
+    case("encoder_params", _id, _exc, _match)(lambda tmp, fn=_fn: fn())
+
+
+# ---------------------------------------------------------------------------------- naming
+# Messages name arguments by their public names: the model's data names, the caller's keywords.
+_KGLM = KernelGLM(gaussian(), SquaredExponential())
+for _id, _fn, _match in [
+    ("kglm_log_joint_names_x", lambda: _KGLM.log_joint({"x": torch.tensor([0.0, math.nan]), "y": torch.zeros(2)}, {"u": torch.zeros(2)}),
+     r"^x contains a non-finite value nan at position 1"),
+    ("kglm_log_joint_checks_shapes", lambda: _KGLM.log_joint({"x": torch.zeros(3), "y": torch.zeros(2)}, {"u": torch.zeros(3)}),
+     r"^y must have shape \(3,\) to match x, got \(2,\)$"),
+    ("kglm_program_names_x", lambda: _KGLM(torch.tensor([0.0, math.nan])), r"^x contains a non-finite value nan"),
+    ("kglm_predict_names_x_new", lambda: _KGLM.predict(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.tensor([math.nan])),
+     r"^x_new contains a non-finite value nan"),
+]:
+    case("naming", _id, ValueError, _match)(lambda tmp, fn=_fn: fn())
+
+
 # ------------------------------------------------------------------------------- the tests
-CLASSES = {"csv", "dtype", "kernel", "stored_unit", "run_settings", "map_file"}
+CLASSES = {
+    "csv", "dtype", "kernel", "stored_unit", "run_settings", "map_file", "model_params", "encoder_params",
+    "naming",
+}
 
 
 @pytest.mark.parametrize("c", CASES, ids=[f"{c.klass}-{c.id}" for c in CASES])

@@ -6,6 +6,7 @@ import math
 from fractions import Fraction
 
 import numpy as np
+import pyro
 import pytest
 import scipy.integrate
 import scipy.stats as st
@@ -14,10 +15,13 @@ import torch
 from deqppl.expfam import (
     FAMILIES,
     NONLINEARITIES,
+    REAL_LINE,
+    Interval,
     Ising,
     Likelihood,
     bernoulli,
     binomial,
+    compatible_nonlinearities,
     continuous_bernoulli,
     exponential,
     family,
@@ -359,8 +363,8 @@ def _lik_table():
             nl = nlp.values[0]
             if nl.gaussian_only and fam.name != "gaussian":
                 continue  # rejected, see test_gaussian_only_rejected
-            if fam.name == "exponential" and not nl.name.startswith("neg_smooth_relu"):
-                continue  # needs R < 0
+            if not fam.domain.contains(nl.range):
+                continue  # rejected, see test_likelihood_requires_range_in_domain
             yield pytest.param(Likelihood(fam, nl), id=f"{fp.id}-{nlp.id}")
 
 
@@ -401,6 +405,118 @@ def test_sigmoid_gaussian_activation_is_sigmoid() -> None:
 def test_gaussian_only_rejected(fam) -> None:
     with pytest.raises(ValueError, match="gaussian family only"):
         Likelihood(fam, sigmoid_gaussian())
+
+
+# ------------------------------------------------------------------------------------------
+# Family x nonlinearity compatibility: the range of R must lie in the natural-parameter domain
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nl", NONLINEARITY_TABLE)
+def test_range_holds_every_value_of_R(nl) -> None:
+    # [-8, 8] keeps ReLU_tau(eta) (tau >= 0.3) clear of underflow to exactly 0 in float64
+    eta = torch.linspace(-8.0, 8.0, 16001, dtype=F64)
+    v = nl.R(eta)
+    outside = ~nl.range.contains_values(v)
+    assert not bool(outside.any()), f"{nl.name}: R = {v[outside][:3]} outside {nl.range.describe()}"
+
+
+def test_ranges_are_tight_where_bounded() -> None:
+    # the stated end points are limits of R, not loose bounds: e.g. log_cosh -> -log 2
+    far = _t([-60.0, 60.0])
+    assert float(log_cosh().R(far[:1])) == pytest.approx(-math.log(2.0), rel=1e-12)
+    assert log_cosh().range.lower == pytest.approx(-math.log(2.0), rel=1e-15)
+    assert float(neg_smooth_relu(0.5).R(far[1:])) < -50 and neg_smooth_relu(0.5).range.upper == 0.0
+    assert float(smooth_relu(0.5).R(_t([-8.0]))) < 1e-12 and smooth_relu(0.5).range.lower == 0.0
+    assert float(leaky_smooth_relu(0.5, slope=0.1).R(_t([-1e3]))) < -50
+    assert leaky_smooth_relu(0.5, slope=0.1).range == REAL_LINE
+    assert leaky_smooth_relu(0.5, slope=0.0).range == Interval(lower=0.0)
+
+
+FAMILY_ROWS = [pytest.param(p.values[0], id=p.id) for p in FAMILY_TABLE]
+
+
+@pytest.mark.parametrize("fam", FAMILY_ROWS)
+def test_domain_is_where_the_pyro_distribution_exists(fam) -> None:
+    # Independent oracle: Pyro's own parameter constraints. Inside the domain the distribution
+    # builds with validate_args; just outside a restricted domain it is rejected.
+    dom = fam.domain
+    inside = [v for v in (-3.0, -0.5, 0.5, 3.0) if bool(dom.contains_values(_t(v)))]
+    assert inside, "every family row has natural parameters on both sides of 0 or one side"
+    for v in inside:
+        with pyro.validation_enabled(True):
+            fam.distribution(_t(v))
+        assert bool(torch.isfinite(fam.A(_t(v))))
+    if not dom.is_real_line:
+        beyond = dom.upper + 0.5 if math.isfinite(dom.upper) else dom.lower - 0.5
+        with pytest.raises(ValueError):
+            with pyro.validation_enabled(True):
+                fam.distribution(_t(beyond))
+
+
+@pytest.mark.parametrize("nl", NONLINEARITY_TABLE)
+@pytest.mark.parametrize("fam", FAMILY_ROWS)
+def test_likelihood_requires_range_in_domain(fam, nl) -> None:
+    if nl.gaussian_only and fam.name != "gaussian":
+        return  # test_gaussian_only_rejected
+    if fam.domain.contains(nl.range):
+        Likelihood(fam, nl)
+        return
+    with pytest.raises(ValueError) as info:
+        Likelihood(fam, nl)
+    message = str(info.value)
+    for part in (nl.name, fam.describe(), nl.range.describe(), fam.domain.describe()):
+        assert part in message
+    assert all(name in message for name in compatible_nonlinearities(fam))
+
+
+def test_exponential_needs_a_negative_nonlinearity() -> None:
+    with pytest.raises(ValueError, match=r"identity takes values in \(-inf, inf\).*exponential\(\)"
+                       r".*\(-inf, 0\).*neg_smooth_relu"):
+        Likelihood(exponential(), identity())
+    with pytest.raises(ValueError, match=r"relu takes values in \[0, inf\)"):
+        Likelihood(exponential(), relu())
+    Likelihood(exponential(), neg_smooth_relu(0.5))
+    assert compatible_nonlinearities(exponential()) == ["neg_smooth_relu"]
+    assert set(compatible_nonlinearities(poisson())) == set(NONLINEARITIES) - {"sigmoid_gaussian"}
+
+
+def test_user_nonlinearity_defaults_to_the_real_line() -> None:
+    from deqppl.expfam import Nonlinearity
+
+    tanh = Nonlinearity("tanh", torch.tanh, lambda e: 1 - torch.tanh(e) ** 2, lambda e: 0 * e)
+    assert tanh.range == REAL_LINE
+    Likelihood(poisson(), tanh)
+    with pytest.raises(ValueError, match="tanh takes values in"):
+        Likelihood(exponential(), tanh)
+    bounded = Nonlinearity(
+        "-1-softplus", lambda e: -1 - torch.nn.functional.softplus(e), torch.sigmoid,
+        torch.sigmoid, range=Interval(upper=-1.0),
+    )
+    Likelihood(exponential(), bounded)
+
+
+@pytest.mark.parametrize(
+    ("outer", "inner", "contains"),
+    [
+        (Interval(upper=0.0), Interval(upper=0.0), True),
+        (Interval(upper=0.0), Interval(upper=0.0, lower=-1.0, upper_closed=False), True),
+        (Interval(upper=0.0), Interval(lower=-1.0, upper=0.0, lower_closed=True, upper_closed=True), False),
+        (Interval(lower=0.0, lower_closed=True), Interval(lower=0.0), True),
+        (Interval(lower=0.0), Interval(lower=0.0, lower_closed=True), False),
+        (REAL_LINE, Interval(lower=-1.0, upper=2.0, lower_closed=True, upper_closed=True), True),
+        (Interval(lower=-1.0, upper=1.0), REAL_LINE, False),
+    ],
+)
+def test_interval_containment(outer, inner, contains) -> None:
+    assert outer.contains(inner) is contains
+
+
+def test_interval_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="lower <= upper"):
+        Interval(lower=1.0, upper=0.0)
+    with pytest.raises(ValueError, match="infinite end point"):
+        Interval(lower_closed=True)
+    with pytest.raises(ValueError, match="closed at both ends"):
+        Interval(lower=0.0, upper=0.0)
 
 
 def test_unknown_names_list_valid_ones() -> None:

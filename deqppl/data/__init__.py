@@ -117,7 +117,7 @@ def load_table(
     ...
     ValueError: .../t.csv: the header names column 'a' twice (columns 1 and 2); ...
     """
-    from deqppl._validation import FLOAT_DTYPES
+    from deqppl.validation import FLOAT_DTYPES
 
     if dtype not in FLOAT_DTYPES:
         raise TypeError(

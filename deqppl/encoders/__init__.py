@@ -1,15 +1,22 @@
-"""Learnable amortisers y -> z*(y) whose fixed points are MAP estimates."""
+"""Learnable amortisers data -> z*(data) whose fixed points are MAP estimates.
 
+Every encoder implements the encoder protocol :class:`AbstractMAPEncoder` (``deqppl.encoders.base``).
+"""
+
+from .base import AbstractMAPEncoder, LaplaceResult, default_adjoint, default_rtol, weighted_gram
 from .deep import DeepPEDEncoder
-from .ped import LaplaceResult, PEDEncoder, UniquenessReport, default_adjoint, default_solver
+from .ped import PEDEncoder, UniquenessReport, default_solver
 
 __all__ = [
+    "AbstractMAPEncoder",
     "DeepPEDEncoder",
     "LaplaceResult",
     "PEDEncoder",
     "UniquenessReport",
     "default_adjoint",
+    "default_rtol",
     "default_solver",
+    "weighted_gram",
 ]
 
 from .fit import EncoderFitResult, EncoderFitStatus, encoder_loss, fit_encoder  # noqa: E402

@@ -39,17 +39,25 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from deqppl._validation import as_tensor, check_shape
-from deqppl.deq import AbstractAdjoint, AbstractSolver, Anderson, Solution, fixed_point
-from deqppl.expfam import gaussian
+from deqppl.deq import AbstractAdjoint, AbstractSolver, Anderson, Solution
 
-from .ped import NEWTON_MAX_DIM, default_adjoint, default_solver
+from .base import AbstractMAPEncoder, default_rtol, weighted_gram
+from .ped import NEWTON_MAX_DIM, default_solver
 
 __all__ = ["DeepPEDEncoder"]
 
 
-class DeepPEDEncoder(nn.Module):
+def _observations(data: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """``y`` from validated data (a bare ``y`` tensor is accepted for the tensor-level methods)."""
+    return data["y"] if isinstance(data, Mapping) else data
+
+
+class DeepPEDEncoder(AbstractMAPEncoder):
     r"""DEQ encoder whose fixed point is the MAP of all latents of a hierarchical model.
+
+    An encoder of the protocol (:class:`~deqppl.encoders.AbstractMAPEncoder`): data
+    ``{"y": (n, d_0)}`` (or the bare ``y``), fixed point $\zeta$ ``(n, sum d_l)``, sites
+    ``{"z1": (n, d_1), ..., "zL": (n, d_L)}``, globals ``W1..WL``, ``b1..bL``.
 
     Parameters
     ----------
@@ -62,7 +70,8 @@ class DeepPEDEncoder(nn.Module):
     solver
         Forward solver; default :meth:`default_solver`: Newton with the analytic
         block-tridiagonal Jacobian when $F$ is convex (one layer, or every $R^{(l)}$ the
-        identity, where $F$ is quadratic) and $\sum_l d_l\le 64$, else safeguarded Anderson.
+        identity, where $F$ is quadratic) and $\sum_l d_l\le 64$, else safeguarded Anderson,
+        both at :func:`~deqppl.encoders.base.default_rtol`.
     adjoint
         How gradients reach the globals; default :func:`~deqppl.encoders.default_adjoint`.
     throw
@@ -83,7 +92,12 @@ class DeepPEDEncoder(nn.Module):
     >>> zeta = torch.cat([z1, z2], dim=1)
     >>> bool(torch.allclose(enc.layer(zeta, y), zeta, atol=1e-10))
     True
+    >>> sorted(enc.to_sites(zeta))
+    ['z1', 'z2']
     """
+
+    required_model_attributes = ("widths", "nonlinearities", "precisions", "depth", "likelihood")
+    model_kind = "a HierarchicalExpFamPCA-like model"
 
     def __init__(
         self,
@@ -95,45 +109,16 @@ class DeepPEDEncoder(nn.Module):
         throw: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        for attr in ("widths", "nonlinearities", "precisions", "depth", "likelihood"):
-            if not hasattr(model, attr):
-                raise TypeError(
-                    f"DeepPEDEncoder needs a HierarchicalExpFamPCA-like model with {attr!r}; "
-                    f"got {type(model).__name__}"
-                )
-        self.model = model
+        super().__init__(model, solver=solver, adjoint=adjoint, throw=throw)
         d, L = model.widths, model.depth
         self.likelihoods = tuple(model.likelihood(l) for l in range(1, L + 1))
         gen = torch.Generator().manual_seed(seed)
-        dtype = None
-        if values is not None:
-            missing = [k for k in model.global_sites if k not in values]
-            if missing:
-                raise ValueError(
-                    f"values must give every global site {list(model.global_sites)}; "
-                    f"missing {missing}"
-                )
-            dtype = as_tensor(values["W1"], "W1").dtype
         for l in range(1, L + 1):
-            if values is None:
-                W = torch.randn(d[l - 1], d[l], generator=gen) / math.sqrt(d[l - 1])
-                b = torch.zeros(d[l - 1])
-            else:
-                W = as_tensor(values[f"W{l}"], f"W{l}", dtype=dtype)
-                b = as_tensor(values[f"b{l}"], f"b{l}", dtype=dtype)
-            check_shape(W, (d[l - 1], d[l]), f"W{l}")
-            check_shape(b, (d[l - 1],), f"b{l}")
-            self.register_parameter(f"W{l}", nn.Parameter(W.detach().clone()))
-            self.register_parameter(f"b{l}", nn.Parameter(b.detach().clone()))
-        self.solver = solver
-        self.adjoint = adjoint
-        self.throw = throw
-
-    @classmethod
-    def from_values(cls, model, values: Mapping[str, torch.Tensor], **options) -> DeepPEDEncoder:
-        """An encoder sharing the globals of a fitted Pyro model (e.g. ``MAPResult.values``)."""
-        return cls(model, values, **options)
+            W = torch.randn(d[l - 1], d[l], generator=gen) / math.sqrt(d[l - 1])
+            self.register_parameter(f"W{l}", nn.Parameter(W))
+            self.register_parameter(f"b{l}", nn.Parameter(torch.zeros(d[l - 1])))
+        if values is not None:
+            self.load_values(values)
 
     # ---------------------------------------------------------------- shapes and globals
     @property
@@ -149,23 +134,28 @@ class DeepPEDEncoder(nn.Module):
         r"""Split $\zeta$ ``(n, sum d_l)`` into ``[z1 (n, d_1), ..., zL (n, d_L)]``."""
         return list(torch.split(zeta, list(self.model.widths[1:]), dim=-1))
 
-    def values(self) -> dict[str, torch.Tensor]:
-        """The Pyro model's global sites ``{"W1", ..., "b1", ...}`` (detached copies)."""
-        out = {}
-        for l, (W, b) in enumerate(self.weights(), start=1):
-            out[f"W{l}"] = W.detach().clone()
-            out[f"b{l}"] = b.detach().clone()
-        return out
+    def to_sites(self, zeta: torch.Tensor, data=None) -> dict[str, torch.Tensor]:
+        r"""$\zeta$ as the model's local sites ``{"z1": (n, d_1), ..., "zL": (n, d_L)}``."""
+        return dict(zip(self.model.local_sites, self.split(zeta), strict=True))
+
+    def latent_shape(self, data) -> tuple[int, int]:
+        r"""``(n, sum d_l)``, the shape of the stacked latent $\zeta$."""
+        return (_observations(data).shape[0], self.latent_dim)
+
+    def initial_guess(self, data) -> torch.Tensor:
+        """Zeros ``(n, sum d_l)``: the prior mode of every layer."""
+        y = _observations(data)
+        return y.new_zeros(y.shape[0], self.latent_dim)
 
     # ---------------------------------------------------------------- the layer (SPEC §3)
-    def _terms(self, zeta: torch.Tensor, y: torch.Tensor):
-        zs = [y, *self.split(zeta)]
+    def _terms(self, zeta: torch.Tensor, data):
+        zs = [_observations(data), *self.split(zeta)]
         etas = [z @ W.T + b for z, (W, b) in zip(zs[1:], self.weights())]
         return zs, etas
 
-    def layer(self, zeta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def layer(self, zeta: torch.Tensor, data) -> torch.Tensor:
         r"""The wide layer $G(\zeta)$ of SPEC §3, ``(n, sum d_l) -> (n, sum d_l)``."""
-        zs, etas = self._terms(zeta, y)
+        zs, etas = self._terms(zeta, data)
         lams, L = self.model.precisions, self.model.depth
         blocks = []
         for l in range(1, L + 1):
@@ -178,9 +168,12 @@ class DeepPEDEncoder(nn.Module):
             blocks.append(block)
         return torch.cat(blocks, dim=-1)
 
-    def layer_jacobian(self, zeta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        r"""Exact block-tridiagonal Jacobian $\partial G/\partial\zeta$, ``(n, D, D)``."""
-        zs, etas = self._terms(zeta, y)
+    def layer_jacobian(self, zeta: torch.Tensor, data) -> torch.Tensor:
+        r"""Exact block-tridiagonal Jacobian $\partial G/\partial\zeta$, ``(n, D, D)``.
+
+        Diagonal blocks are one GEMM each (:func:`~deqppl.encoders.base.weighted_gram`).
+        """
+        zs, etas = self._terms(zeta, data)
         lams, L, d = self.model.precisions, self.model.depth, self.model.widths
         offsets = [0]
         for w in d[1:]:
@@ -192,7 +185,7 @@ class DeepPEDEncoder(nn.Module):
             W = weights[l - 1][0]
             sl = slice(offsets[l - 1], offsets[l])
             c = self.likelihoods[l - 1].curvature(zs[l - 1], etas[l - 1])
-            jac[:, sl, sl] = -torch.einsum("di,nd,dj->nij", W, c, W) / lams[l]
+            jac[:, sl, sl] = -weighted_gram(W, c) / lams[l]
             if l < L:
                 above = slice(offsets[l], offsets[l + 1])
                 rho = self.likelihoods[l].nonlinearity.rho(etas[l])  # (n, d_l)
@@ -202,13 +195,13 @@ class DeepPEDEncoder(nn.Module):
                 jac[:, above, sl] = upper.transpose(1, 2) * (math.sqrt(lams[l]) / lams[l + 1])
         return jac
 
-    def hessian(self, zeta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def hessian(self, zeta: torch.Tensor, data) -> torch.Tensor:
         r"""Hessian of the negative log posterior $H = \Lambda(I - J_G)$, ``(n, D, D)``."""
         scale = torch.cat(
             [zeta.new_full((w,), lam) for w, lam in zip(self.model.widths[1:], self.model.precisions[1:])]
         )
         eye = torch.eye(self.latent_dim, dtype=zeta.dtype, device=zeta.device)
-        return scale[:, None] * (eye - self.layer_jacobian(zeta, y))
+        return scale[:, None] * (eye - self.layer_jacobian(zeta, data))
 
     # ---------------------------------------------------------------- solving
     def default_solver(self, dtype: torch.dtype) -> AbstractSolver:
@@ -226,43 +219,15 @@ class DeepPEDEncoder(nn.Module):
         convex = self.model.depth == 1 or all(r.is_identity for r in self.model.nonlinearities)
         if convex and D <= NEWTON_MAX_DIM:
             return default_solver(D, dtype)
-        rtol = 1e-8 if dtype == torch.float64 else 1e-5  # as default_solver
-        return Anderson(rtol=rtol, atol=0.0, max_steps=2000)
-
-    def _check_y(self, y: torch.Tensor) -> torch.Tensor:
-        y = gaussian().validate(y, "y")
-        check_shape(y, (None, self.model.widths[0]), "y")
-        W1 = self.weights()[0][0]
-        return y.to(dtype=W1.dtype, device=W1.device)
-
-    def solve(
-        self, y: torch.Tensor, *, zeta0: torch.Tensor | None = None, throw: bool | None = None
-    ) -> Solution:
-        r"""Solve $\zeta = G(\zeta)$ for every row of ``y`` ``(n, d_0)``; value ``(n, sum d_l)``."""
-        y = self._check_y(y)
-        D = self.latent_dim
-        if zeta0 is None:
-            zeta0 = y.new_zeros(y.shape[0], D)
-        else:
-            check_shape(zeta0, (y.shape[0], D), "zeta0")
-            zeta0 = zeta0.to(y.dtype)
-        solver = self.solver or self.default_solver(y.dtype)
-        adjoint = self.adjoint or default_adjoint(y.dtype)
-        return fixed_point(
-            lambda zeta: self.layer(zeta, y),
-            zeta0,
-            solver=solver,
-            adjoint=adjoint,
-            jacobian=lambda zeta: self.layer_jacobian(zeta, y),
-            throw=self.throw if throw is None else throw,
-        )
+        return Anderson(rtol=default_rtol(dtype), atol=0.0, max_steps=2000)
 
     def forward(
-        self, y: torch.Tensor, *, zeta0: torch.Tensor | None = None
+        self, data, *, z0: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], Solution]:
         """MAP latents ``[z1 (n, d_1), ..., zL (n, d_L)]`` for ``y`` ``(n, d_0)``, and the solve.
 
         Differentiable in the globals through the fixed point (the adjoint decides how).
+        ``z0`` is a start for the stacked $\\zeta$, ``(n, sum d_l)``.
         """
-        sol = self.solve(y, zeta0=zeta0)
+        sol = self.solve(data, z0=z0)
         return self.split(sol.value), sol

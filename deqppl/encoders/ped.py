@@ -20,25 +20,20 @@ i.e. Newton's method on $F$, whose cost is a few batched $l\times l$ solves.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from deqppl._validation import as_tensor, check_shape
-from deqppl.deq import (
-    AbstractAdjoint,
-    AbstractSolver,
-    Anderson,
-    ImplicitAdjoint,
-    Newton,
-    Solution,
-    fixed_point,
-    spectral_radius,
-)
+from deqppl.deq import AbstractAdjoint, AbstractSolver, Anderson, Newton
 from deqppl.expfam import Likelihood, relu
+from deqppl.validation import as_tensor, check_finite, check_shape
+
+from .base import AbstractMAPEncoder, LaplaceResult, default_adjoint, default_rtol, weighted_gram
 
 __all__ = ["LaplaceResult", "PEDEncoder", "UniquenessReport", "default_adjoint", "default_solver"]
+# LaplaceResult and default_adjoint live in .base (shared by every encoder); re-exported here.
 
 #: Latent dimensions up to this use Newton by default (its per-step cost is O(l^3) per sample;
 #: above a few dozen, Anderson's O(m l) per step wins).
@@ -46,64 +41,19 @@ NEWTON_MAX_DIM = 64
 
 
 def default_solver(latent_dim: int, dtype: torch.dtype) -> AbstractSolver:
-    """Newton for small latent dimensions, Anderson otherwise, at a dtype-aware tolerance.
+    """Newton for small latent dimensions, Anderson otherwise, at :func:`default_rtol`.
 
-    The tolerance is on the relative residual $\\lVert f(z)-z\\rVert/\\lVert f(z)\\rVert$:
-    1e-8 in float64 and 1e-4 in float32. Since $f(z) = z - \\nabla F(z)/\\lambda$ and
-    $H \\succeq \\lambda I$, the distance to the MAP is at most the residual, so 1e-8 gives latents
-    within ~1e-8 relative of the MAP; much tighter is not attainable in float64 for counts in the
-    thousands, where $T(y) - A'(\\eta)$ cancels to round-off (measured: relative residual floor
-    ~4e-9 on simulated Poisson PCA with counts up to ~1e5). The same cancellation put float32
-    Poisson fits with counts in the hundreds at a floor just under 1e-5, hence 1e-4 there.
+    The tolerance is on the relative residual $\\lVert f(z)-z\\rVert/\\lVert f(z)\\rVert$
+    (1e-8 in float64, 1e-4 in float32; see :func:`~deqppl.encoders.base.default_rtol` for the
+    measurements behind them). Since $f(z) = z - \\nabla F(z)/\\lambda$ and
+    $H \\succeq \\lambda I$, the distance to the MAP is at most the residual.
     """
-    rtol = 1e-8 if dtype == torch.float64 else 1e-4
+    rtol = default_rtol(dtype)
     if latent_dim <= NEWTON_MAX_DIM:
         # Generous backtracking: far from the MAP of an exp-type family (Poisson) a full Newton
         # step overshoots by orders of magnitude, and halvings are only paid where needed.
         return Newton(rtol=rtol, atol=0.0, max_steps=100, max_backtracks=40)
     return Anderson(rtol=rtol, atol=0.0, max_steps=2000)
-
-
-def default_adjoint(dtype: torch.dtype) -> ImplicitAdjoint:
-    """Implicit differentiation with an exact Newton solve of the (linear) adjoint problem.
-
-    The adjoint system $(I - J^\\top)u = g$ is solved exactly in one Newton step; the
-    tolerance only has to sit above the dtype's round-off: 1e-10 in float64, 1e-5 in float32
-    (a fixed 1e-10 made every float32 backward pass fail, measured relative residual floor
-    ~5e-8 in float32).
-    """
-    rtol = 1e-10 if dtype == torch.float64 else 1e-5
-    return ImplicitAdjoint(solver=Newton(rtol=rtol, atol=0.0))
-
-
-@dataclass(frozen=True)
-class LaplaceResult:
-    r"""Laplace approximation $q(z\mid y)=\mathcal N(z^*, H^{-1})$ per datapoint (SPEC §2.5).
-
-    Attributes
-    ----------
-    mean
-        MAP latents $z^*$, ``(n, l)``.
-    precision
-        $H(z^*)$, ``(n, l, l)``.
-    covariance
-        $H^{-1}$, ``(n, l, l)``.
-    """
-
-    mean: torch.Tensor
-    precision: torch.Tensor
-    covariance: torch.Tensor
-
-    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw ``(num_samples, n, l)`` latents from the Laplace approximation."""
-        chol = torch.linalg.cholesky(self.covariance)
-        eps = torch.randn(
-            (num_samples, *self.mean.shape),
-            generator=generator,
-            dtype=self.mean.dtype,
-            device=self.mean.device,
-        )
-        return self.mean + torch.einsum("nij,snj->sni", chol, eps)
 
 
 @dataclass(frozen=True)
@@ -130,8 +80,17 @@ class UniquenessReport:
     detail: str
 
 
-class PEDEncoder(nn.Module):
+def _observations(data: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """``y`` from validated data (a bare ``y`` tensor is accepted for the tensor-level methods)."""
+    return data["y"] if isinstance(data, Mapping) else data
+
+
+class PEDEncoder(AbstractMAPEncoder):
     r"""DEQ encoder whose fixed point is the conditional MAP of an ExpFamPCA's latents.
+
+    An encoder of the protocol (:class:`~deqppl.encoders.AbstractMAPEncoder`): data
+    ``{"y": (n, obs_dim)}`` (or the bare ``y``), fixed point ``(n, latent_dim)``, sites
+    ``{"z": z}``, globals ``W`` and ``B``.
 
     Parameters
     ----------
@@ -159,6 +118,9 @@ class PEDEncoder(nn.Module):
     $\eta_i = 0$, and the MAP can sit exactly on it; there $f$ jumps and has no fixed point, so
     the solve reports non-convergence for that datapoint rather than returning it.
 
+    The tensor-level methods (:meth:`layer`, :meth:`layer_jacobian`, :meth:`hessian`,
+    :meth:`initial_guess`) take validated data or the bare ``y`` and do not check it.
+
     Examples
     --------
     >>> import torch
@@ -172,7 +134,13 @@ class PEDEncoder(nn.Module):
     >>> closed = torch.linalg.solve(torch.eye(2, dtype=W.dtype) + W.T @ W, (W.T @ (y - B).T)).T
     >>> bool(torch.allclose(z, closed, atol=1e-10)), bool(sol.converged.all())
     (True, True)
+    >>> sites, _ = enc.sites({"y": y})
+    >>> sorted(sites), sorted(enc.values())
+    (['z'], ['B', 'W'])
     """
+
+    required_model_attributes = ("family", "nonlinearity", "obs_dim", "latent_dim", "lam")
+    model_kind = "an ExpFamPCA-like model"
 
     def __init__(
         self,
@@ -185,30 +153,21 @@ class PEDEncoder(nn.Module):
         throw: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        for attr in ("family", "nonlinearity", "obs_dim", "latent_dim", "lam"):
-            if not hasattr(model, attr):
-                raise TypeError(
-                    f"PEDEncoder needs an ExpFamPCA-like model with {attr!r}; "
-                    f"got {type(model).__name__}"
-                )
-        self.model = model
+        super().__init__(model, solver=solver, adjoint=adjoint, throw=throw)
         self.likelihood = Likelihood(model.family, model.nonlinearity)
         d, l = model.obs_dim, model.latent_dim
         gen = torch.Generator().manual_seed(seed)
         if W is None:
             W = torch.randn(d, l, generator=gen) / math.sqrt(d)
-        if B is None:
-            B = torch.zeros(d, dtype=W.dtype)
         W = as_tensor(W, "W")
-        B = as_tensor(B, "B", dtype=W.dtype)
+        B = torch.zeros(d, dtype=W.dtype) if B is None else as_tensor(B, "B", dtype=W.dtype)
         check_shape(W, (d, l), "W")
         check_shape(B, (d,), "B")
+        # named here: a NaN would otherwise surface later as a residual of f, naming neither
+        check_finite(W, "W")
+        check_finite(B, "B")
         self.W = nn.Parameter(W.detach().clone())
         self.B = nn.Parameter(B.detach().clone())
-        self.solver = solver
-        self.adjoint = adjoint
-        self.throw = throw
 
     # ---------------------------------------------------------------- the layer (SPEC eq. 6)
     @property
@@ -219,57 +178,37 @@ class PEDEncoder(nn.Module):
         """Pre-activation $\\eta = Wz + B$, ``(n, d)``."""
         return z @ self.W.T + self.B
 
-    def layer(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def layer(self, z: torch.Tensor, data) -> torch.Tensor:
         r"""One PED layer $f(z;y)=\lambda^{-1}W^\top(T(y)\odot\rho(\eta)-\sigma(\eta))$."""
         eta = self.eta(z)
-        return self.likelihood.drive(y, eta) @ self.W / self.lam
+        return self.likelihood.drive(_observations(data), eta) @ self.W / self.lam
 
-    def layer_jacobian(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def layer_jacobian(self, z: torch.Tensor, data) -> torch.Tensor:
         r"""Exact per-sample Jacobian $J_f=-\lambda^{-1}W^\top\mathrm{diag}(c)W$, ``(n, l, l)``.
 
-        $c = \sigma'(\eta)-T(y)\rho'(\eta)$ is :meth:`~deqppl.expfam.Likelihood.curvature`.
+        $c = \sigma'(\eta)-T(y)\rho'(\eta)$ is :meth:`~deqppl.expfam.Likelihood.curvature`;
+        the product is one GEMM (:func:`~deqppl.encoders.base.weighted_gram`).
         """
-        c = self.likelihood.curvature(y, self.eta(z))
-        # W^T diag(c) W = sum_k c_k W_k W_k^T: one (n, d) x (d, l*l) matrix product against the
-        # outer products of W's rows, a single GEMM (measured ~4x faster than the equivalent
-        # einsum, which materialises an (n, d, l) intermediate).
-        d, l = self.W.shape
-        outer = (self.W[:, :, None] * self.W[:, None, :]).reshape(d, l * l)
-        return -(c @ outer).reshape(-1, l, l) / self.lam
+        c = self.likelihood.curvature(_observations(data), self.eta(z))
+        return -weighted_gram(self.W, c) / self.lam
 
-    def hessian(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def hessian(self, z: torch.Tensor, data) -> torch.Tensor:
         r"""Hessian of the negative log posterior $H=\lambda(I-J_f)$, ``(n, l, l)``."""
         eye = torch.eye(self.model.latent_dim, dtype=z.dtype, device=z.device)
-        return self.lam * (eye - self.layer_jacobian(z, y))
+        return self.lam * (eye - self.layer_jacobian(z, data))
 
-    # ---------------------------------------------------------------- solving
+    # ---------------------------------------------------------------- the protocol
+    def latent_shape(self, data) -> tuple[int, int]:
+        """``(n, latent_dim)``."""
+        return (_observations(data).shape[0], self.model.latent_dim)
+
+    def to_sites(self, z: torch.Tensor, data=None) -> dict[str, torch.Tensor]:
+        """``{"z": z}``: the fixed point is the model's local site."""
+        return {"z": z}
+
     def _check_y(self, y: torch.Tensor) -> torch.Tensor:
-        y = self.model.family.validate(y, "y")
-        check_shape(y, (None, self.model.obs_dim), "y")
-        return y.to(dtype=self.W.dtype, device=self.W.device)
-
-    def solve(
-        self, y: torch.Tensor, *, z0: torch.Tensor | None = None, throw: bool | None = None
-    ) -> Solution:
-        """Solve the PED fixed point for every row of ``y`` ``(n, obs_dim)``.
-
-        Returns the full :class:`~deqppl.deq.Solution` (value ``(n, latent_dim)``, per-sample
-        residuals and convergence mask).
-        """
-        y = self._check_y(y)
-        n, l = y.shape[0], self.model.latent_dim
-        if z0 is None:
-            z0 = self.initial_guess(y)
-        solver = self.solver or self.default_solver(y.dtype)
-        adjoint = self.adjoint or default_adjoint(y.dtype)
-        return fixed_point(
-            lambda z: self.layer(z, y),
-            z0,
-            solver=solver,
-            adjoint=adjoint,
-            jacobian=lambda z: self.layer_jacobian(z, y),
-            throw=self.throw if throw is None else throw,
-        )
+        # Kept for callers written before check_data (the harness); use check_data.
+        return self.check_data(y)["y"]
 
     def default_solver(self, dtype: torch.dtype) -> AbstractSolver:
         """The solver used when none was given, for this model's nonlinearity and ``dtype``."""
@@ -281,8 +220,7 @@ class PEDEncoder(nn.Module):
             # Measured on 600 rectified-Gaussian rows (W ~ N(0, s^2), s in {0.2, 0.4, 1},
             # y >= 0): full-step Newton failed on 0, Newton with line search on ~18%,
             # Anderson on 3%.
-            rtol = default_solver(l, dtype).rtol
-            return Newton(rtol=rtol, atol=0.0, max_steps=100, line_search=False)
+            return Newton(rtol=default_rtol(dtype), atol=0.0, max_steps=100, line_search=False)
         solver = default_solver(l, dtype)
         if isinstance(solver, Newton) and not self.model.nonlinearity.is_identity:
             # The 40 halvings are for exp-type families far from the MAP, which only the identity
@@ -293,7 +231,7 @@ class PEDEncoder(nn.Module):
             solver = Newton(rtol=solver.rtol, atol=0.0, max_steps=50, max_backtracks=10)
         return solver
 
-    def initial_guess(self, y: torch.Tensor) -> torch.Tensor:
+    def initial_guess(self, data) -> torch.Tensor:
         r"""A cheap start for the solver: ridge regression in natural-parameter space.
 
         For $R$ = identity, the observations are mapped to natural parameters by the canonical
@@ -303,6 +241,7 @@ class PEDEncoder(nn.Module):
         Gaussian family and puts Newton in its quadratic region for Poisson counts spanning
         orders of magnitude. Other nonlinearities, or a non-finite result, start from zero.
         """
+        y = _observations(data)
         n, l = y.shape[0], self.model.latent_dim
         zeros = torch.zeros(n, l, dtype=y.dtype, device=y.device)
         fam = self.model.family
@@ -318,64 +257,7 @@ class PEDEncoder(nn.Module):
             z0 = torch.linalg.solve(self.lam * eye + W.T @ W, W.T @ (eta_hat - B).T).T
         return torch.where(torch.isfinite(z0).all(-1, keepdim=True), z0, zeros)
 
-    def forward(
-        self, y: torch.Tensor, *, z0: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Solution]:
-        """MAP latents ``(n, latent_dim)`` for observations ``y`` ``(n, obs_dim)``, and the solve.
-
-        Differentiable in $(W, B)$ through the fixed point (the adjoint decides how).
-        """
-        sol = self.solve(y, z0=z0)
-        return sol.value, sol
-
-    # ---------------------------------------------------------------- the Pyro model's globals
-    def values(self) -> dict[str, torch.Tensor]:
-        """The Pyro model's global sites ``{"W": ..., "B": ...}`` (detached copies)."""
-        return {"W": self.W.detach().clone(), "B": self.B.detach().clone()}
-
-    @classmethod
-    def from_values(cls, model, values: dict[str, torch.Tensor], **options) -> PEDEncoder:
-        """An encoder sharing the globals of a fitted Pyro model (e.g. ``MAPResult.values``)."""
-        W = as_tensor(values["W"], "W")
-        return cls(model, W=W, B=values["B"], **options).to(W.dtype)
-
     # ---------------------------------------------------------------- diagnostics
-    def laplace(self, y: torch.Tensor, z: torch.Tensor | None = None) -> LaplaceResult:
-        """Laplace approximation at the MAP (SPEC §2.5); solves for $z^*$ if not given.
-
-        Raises
-        ------
-        ValueError
-            If the Hessian is not positive definite at some datapoint (possible with rectified
-            nonlinearities outside Theorem 1), naming the first such row.
-        """
-        y = self._check_y(y)
-        with torch.no_grad():
-            if z is None:
-                z = self.solve(y).value
-            H = self.hessian(z, y)
-        chol, info = torch.linalg.cholesky_ex(H)
-        if bool((info != 0).any()):
-            row = int(torch.nonzero(info)[0])
-            raise ValueError(
-                f"the Hessian of the negative log posterior is not positive definite at row {row}"
-                f": the fixed point there is not a strict local minimum, so no Laplace "
-                f"approximation exists (check the Theorem 1 condition with uniqueness())"
-            )
-        cov = torch.cholesky_inverse(chol)
-        return LaplaceResult(mean=z.detach(), precision=H, covariance=cov)
-
-    def spectral_radius(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample spectral radius of $\\partial f/\\partial z$ at $z^*$ ``(n,)``.
-
-        Values $\\ge 1$ mean plain fixed-point iteration would not converge there.
-        """
-        y = self._check_y(y)
-        with torch.no_grad():
-            if z is None:
-                z = self.solve(y).value
-        return spectral_radius(lambda u: self.layer(u, y), z.detach())
-
     def uniqueness(self, y: torch.Tensor | None = None) -> UniquenessReport:
         r"""Check Theorem 1 (or Theorem 2 for hard ReLU) of Tsuchida & Ong (2023).
 
@@ -406,7 +288,7 @@ class PEDEncoder(nn.Module):
                     )
                 t_values = torch.zeros(1, dtype=self.W.dtype)  # rho' = 0: T(y) drops out
             else:
-                y = self._check_y(y)
+                y = self.check_data(y)["y"]
                 t_values = self.model.family.T(y).reshape(-1)
                 t_values = torch.stack([t_values.min(), t_values.max()])
             lik = self.likelihood

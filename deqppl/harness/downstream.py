@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LogisticRegressionResult", "PCABaseline", "check_pca_baseline", "fit_classifier", "fit_pca"]
+__all__ = ["LogisticRegressionResult", "PCABaseline", "fit_classifier", "fit_pca"]
 
 # Penalty per datum on the (standardised) weights: weak, only there to keep the optimum finite
 # on separable classes; equals scikit-learn's C = 1 / (n * alpha).
@@ -171,39 +171,11 @@ def fit_pca(y: torch.Tensor, num_components: int) -> PCABaseline:
     >>> fit_pca(y, 1).components.abs()
     tensor([[1., 0.]])
     """
-    if y.dim() != 2:
-        raise ValueError(f"fit_pca needs y of shape (n, d), got {tuple(y.shape)}")
-    check_pca_baseline(num_rows=y.shape[0], num_columns=y.shape[1], num_components=num_components)
+    if y.dim() != 2 or not 1 <= num_components <= min(y.shape):
+        raise ValueError(
+            f"need y (n, d) and 1 <= num_components <= min(n, d); got {tuple(y.shape)} and "
+            f"{num_components}"
+        )
     mean = y.mean(0)
     _, _, vh = torch.linalg.svd(y - mean, full_matrices=False)
     return PCABaseline(mean=mean, components=vh[:num_components].clone())
-
-
-def check_pca_baseline(*, num_rows: int, num_columns: int, num_components: int) -> None:
-    """Raise unless plain PCA can give ``num_components`` scores from ``(num_rows, num_columns)``.
-
-    :func:`deqppl.harness.compare` runs the PCA baseline with the model's latent dimension
-    whenever labels are given, and calls this before fitting anything, so that a comparison
-    cannot fail after every fit was done.
-
-    Raises
-    ------
-    ValueError
-        Naming the three numbers and what is allowed:
-        ``1 <= num_components <= min(num_rows, num_columns)``.
-
-    Examples
-    --------
-    >>> check_pca_baseline(num_rows=8, num_columns=3, num_components=5)
-    Traceback (most recent call last):
-    ...
-    ValueError: the plain-PCA baseline (run when labels are given) needs 1 <= latent_dim <= min(training rows, columns) = min(8, 3) = 3; got latent_dim=5: ...
-    """
-    limit = min(int(num_rows), int(num_columns))
-    if not 1 <= int(num_components) <= limit:
-        raise ValueError(
-            f"the plain-PCA baseline (run when labels are given) needs 1 <= latent_dim <= "
-            f"min(training rows, columns) = min({num_rows}, {num_columns}) = {limit}; got "
-            f"latent_dim={num_components}: use a smaller latent_dim or more rows, or leave out "
-            f"the labels"
-        )

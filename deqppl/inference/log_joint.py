@@ -29,6 +29,7 @@ def log_joint(
     *,
     per_datum: bool = False,
     data_scale: float = 1.0,
+    plate_name: str = "data",
 ) -> torch.Tensor:
     r"""$\log p(\text{data}, \text{values})$ of ``model``, from its Pyro trace.
 
@@ -45,12 +46,14 @@ def log_joint(
         Site name -> value for every latent site.
     per_datum
         If true, return the ``(N,)`` per-row contributions of the sites inside the plate
-        ``"data"`` (local latents and observations) instead of the total. The total log joint
-        is their sum plus the log prior of the global sites.
+        ``plate_name`` (local latents and observations) instead of the total. The total log
+        joint is their sum plus the log prior of the global sites.
     data_scale
-        Multiplies the terms of the sites inside the plate ``"data"`` in the total: with
+        Multiplies the terms of the sites inside the plate ``plate_name`` in the total: with
         ``N / n`` for a minibatch of ``n`` of ``N`` rows the total is an unbiased estimate of
         the full-data log joint (one trace, as SVI's subsampled plates do).
+    plate_name
+        The plate over data rows (a model's ``plate_name``, see :mod:`deqppl.protocols`).
 
     Returns
     -------
@@ -89,7 +92,7 @@ def log_joint(
     for site in trace.nodes.values():
         if site["type"] != "sample":
             continue
-        frames = [f for f in site["cond_indep_stack"] if f.name == "data"]
+        frames = [f for f in site["cond_indep_stack"] if f.name == plate_name]
         if not frames:
             outside = outside + site["log_prob_sum"]
             continue
@@ -98,7 +101,10 @@ def log_joint(
         rows = rows.reshape(rows.shape[0], -1).sum(1)
         total = rows if total is None else total + rows
     if total is None:
-        raise ValueError('per_datum=True or data_scale needs a plate named "data" in the model')
+        raise ValueError(
+            f"per_datum=True or data_scale needs a plate named {plate_name!r} in the model; "
+            f"a model whose locals are coupled (no data plate) has only a total log joint"
+        )
     if per_datum:
         return total
     return outside + data_scale * total.sum()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from deqppl.encoders import DeepPEDEncoder, PEDEncoder
+from deqppl.encoders import AbstractMAPEncoder, DeepPEDEncoder, PEDEncoder, default_rtol
 from deqppl.expfam import gaussian, identity, smooth_relu
 from deqppl.inference import fit_map
 from deqppl.models import ExpFamPCA, HierarchicalExpFamPCA
@@ -178,3 +178,58 @@ def test_default_solver_choice():
     sr, _, g2 = _setup((6, 4, 2), (SR, SR), (1.0, 1.0, 1.0))
     assert isinstance(DeepPEDEncoder(lin, g).default_solver(torch.float64), Newton)
     assert isinstance(DeepPEDEncoder(sr, g2).default_solver(torch.float64), Anderson)
+
+
+# ------------------------------------------------------------------------- the encoder protocol
+def test_deep_implements_the_encoder_protocol():
+    widths, nls, precs = CASES[3][1:]
+    model, y, globals_ = _setup(widths, nls, precs)
+    enc = DeepPEDEncoder.from_values(model, globals_)
+    assert isinstance(enc, AbstractMAPEncoder)
+    sites, sol = enc.sites({"y": y})
+    assert list(sites) == list(model.local_sites)
+    assert [sites[k].shape for k in model.local_sites] == [(N, w) for w in widths[1:]]
+    assert torch.equal(torch.cat(list(sites.values()), dim=1), sol.value)
+    assert enc.values().keys() == set(model.global_sites)
+    # the stacked start is z0 (formerly zeta0), warm start converges at once
+    again = enc.solve(y, z0=sol.value)
+    assert again.num_steps <= 1
+    with pytest.raises(ValueError, match=r"z0 must have shape \(10, 6\)"):
+        enc.solve(y, z0=sol.value[:, :-1])
+
+
+@pytest.mark.parametrize("widths, nls, precs", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_deep_hessian_and_laplace_from_the_protocol(widths, nls, precs):
+    # The analytic H = Lambda (I - J_G) against the base class's autograd Hessian of the Pyro
+    # log joint, and the Laplace approximation the protocol now gives the deep encoder.
+    model, y, globals_ = _setup(widths, nls, precs)
+    enc = DeepPEDEncoder.from_values(model, globals_)
+    data = enc.check_data(y)
+    zeta = enc.solve(data, validated=True).value
+    torch.testing.assert_close(enc.hessian(zeta, data), AbstractMAPEncoder.hessian(enc, zeta, data),
+                               rtol=1e-10, atol=1e-12)
+    lap = enc.laplace(y, zeta)
+    _, H = _grad_and_hessian(model, y, globals_, zeta, list(widths[1:]))
+    torch.testing.assert_close(lap.precision, H, rtol=1e-10, atol=1e-12)
+    eye = torch.eye(zeta.shape[1], dtype=torch.float64).expand_as(H)
+    torch.testing.assert_close(lap.precision @ lap.covariance, eye, rtol=0, atol=1e-9)
+    assert bool((enc.spectral_radius(y, zeta) >= 0).all())
+
+
+def test_deep_float32_uses_the_shared_tolerance():
+    widths, nls, precs = CASES[3][1:]
+    model, y, globals_ = _setup(widths, nls, precs)
+    enc = DeepPEDEncoder.from_values(model, {k: v.float() for k, v in globals_.items()})
+    assert enc.default_solver(torch.float32).rtol == default_rtol(torch.float32) == 1e-4
+    with torch.no_grad():
+        zs, sol = enc(y.float())
+    assert bool(sol.converged.all()) and zs[0].dtype == torch.float32
+    # What the tolerance promises, recomputed in float64 with the float64 encoder: the relative
+    # residual of the float32 fixed point is within 1e-4 plus float32 rounding of the iterate
+    # (~1e-7 relative), so 2e-4.
+    enc64 = DeepPEDEncoder.from_values(model, globals_)
+    with torch.no_grad():
+        z = sol.value.double()
+        g = enc64.layer(z, y)
+        rel = torch.linalg.vector_norm(g - z, dim=1) / torch.linalg.vector_norm(g, dim=1)
+    assert float(rel.max()) <= 2e-4

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deqppl.deq import ConvergenceError, FixedPointIteration, Newton
-from deqppl.encoders import PEDEncoder
+from deqppl.encoders import AbstractMAPEncoder, PEDEncoder, default_rtol
 from deqppl.expfam import (
     bernoulli,
     binomial,
@@ -382,8 +382,9 @@ def test_float32_follows_dtype():
     assert z.dtype == torch.float32 and bool(sol.converged.all())
     W64 = W.double()
     closed = torch.linalg.solve(torch.eye(L, dtype=W64.dtype) + W64.T @ W64, W64.T @ y.double().T).T
-    # float32: default rtol 1e-5 and a distance to the MAP <= residual (H >= lam I), plus
-    # float32 round-off of the ~1e0 entries (eps 1.2e-7).
+    # float32, Gaussian: the ridge start is the MAP itself, so z carries only float32
+    # round-off of the ~1e0 entries (eps 1.2e-7) through the l x l solve; 1e-5 allows ~80 eps
+    # and sits below the default rtol 1e-4 (default_rtol), which a wrong start would show.
     assert torch.allclose(z.double(), closed, rtol=1e-5, atol=1e-5)
     z.sum().backward()  # the float32 adjoint converges too (it used to demand 1e-10)
     assert enc.W.grad is not None and enc.W.grad.dtype == torch.float32
@@ -395,3 +396,67 @@ def test_values_round_trip_through_from_values():
     vals = enc.values()
     assert set(vals) == {"W", "B"} and torch.equal(vals["W"], W) and torch.equal(vals["B"], B)
     assert not vals["W"].requires_grad
+
+
+# ------------------------------------------------------------------------- the encoder protocol
+def test_ped_implements_the_encoder_protocol():
+    model, y, W, B = _setup(poisson(), identity(), 1.0, 0.5)
+    enc = PEDEncoder(model, W=W, B=B)
+    assert isinstance(enc, AbstractMAPEncoder) and enc.model is model
+    sol_tensor = enc.solve(y)
+    sol_mapping = enc.solve({"y": y})
+    assert torch.equal(sol_tensor.value, sol_mapping.value)
+    data = enc.check_data({"y": y})
+    assert torch.equal(enc.solve(data, validated=True).value, sol_tensor.value)
+    sites, _ = enc.sites(y)
+    assert set(sites) == set(model.local_sites) and torch.equal(sites["z"], sol_tensor.value)
+    assert set(enc.values()) == set(model.global_sites)
+    assert all(p is getattr(enc, k) for k, p in enc.site_parameters().items())
+    assert enc.latent_shape(data) == (N, L)
+    # warm start from the solution: already converged
+    again = enc.solve(y, z0=sol_tensor.value)
+    assert again.num_steps <= 1 and torch.allclose(again.value, sol_tensor.value, atol=1e-12)
+    # the fixed point is a stationary point of the model's log joint at the encoder's globals
+    g = _grad_log_joint(model, y, W, B, sol_tensor.value)
+    assert float(g.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("idx", [4, 8, 12], ids=lambda i: THEOREM1[i][0])
+def test_analytic_hessian_equals_protocol_default_from_the_trace(idx):
+    # The base class differentiates the Pyro log joint twice; the PED closed form must agree.
+    _, fam, nl, lam, scale = THEOREM1[idx]
+    model, y, W, B = _setup(fam, nl, lam, scale)
+    enc = PEDEncoder(model, W=W, B=B)
+    data = enc.check_data(y)
+    z = enc.solve(data, validated=True).value
+    default = AbstractMAPEncoder.hessian(enc, z, data)
+    torch.testing.assert_close(enc.hessian(z, data), default, rtol=1e-10, atol=1e-12)
+
+
+def test_protocol_input_checks():
+    model, y, W, B = _setup(gaussian(), identity(), 1.0, 1.0)
+    enc = PEDEncoder(model, W=W, B=B)
+    with pytest.raises(ValueError, match="keys"):
+        enc.solve({"x": y})
+    with pytest.raises(ValueError, match=r"z0 must have shape \(8, 2\)"):
+        enc.solve(y, z0=torch.zeros(N, L + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="z0 contains a non-finite"):
+        enc.solve(y, z0=torch.full((N, L), float("nan"), dtype=torch.float64))
+    with pytest.raises(TypeError, match="solver must be"):
+        PEDEncoder(model, solver="newton")
+    with pytest.raises(TypeError, match="adjoint must be"):
+        PEDEncoder(model, adjoint="implicit")
+    with pytest.raises(TypeError, match="throw must be"):
+        PEDEncoder(model, throw="yes")
+    with pytest.raises(TypeError, match=r"PEDEncoder needs an ExpFamPCA-like model .*object, which lacks \['data_names'.*'family'"):
+        PEDEncoder(object())
+    with pytest.raises(ValueError, match="missing \\['B'\\]"):
+        PEDEncoder.from_values(model, {"W": W})
+    with pytest.raises(ValueError, match="W contains a non-finite"):
+        PEDEncoder.from_values(model, {"W": torch.full_like(W, float("nan")), "B": B})
+
+
+def test_default_rtol_is_shared():
+    model = ExpFamPCA(family=poisson(), obs_dim=D, latent_dim=L)
+    for dtype in (torch.float32, torch.float64):
+        assert PEDEncoder(model).default_solver(dtype).rtol == default_rtol(dtype)

@@ -1,6 +1,7 @@
 """Contract every zoo model passes: one table of (model factory, num_data, recovery check).
 
-Adding a model is one row in ``ZOO``.
+Adding a model is one row in ``ZOO`` (and in ``CHECKED``, the table the shipped
+:func:`deqppl.protocols.check_model` runs on).
 """
 
 import math
@@ -8,10 +9,11 @@ import math
 import pytest
 import torch
 
-from deqppl.expfam import family
+from deqppl.expfam import binomial, exponential, family, identity, neg_smooth_relu, relu, smooth_relu
 from deqppl.inference import fit_map, principal_angles
-from deqppl.kernels import SquaredExponential
+from deqppl.kernels import Matern32, SquaredExponential
 from deqppl.models import ExpFamPCA, HierarchicalExpFamPCA, KernelGLM
+from deqppl.protocols import MODEL_RULES, check_model
 
 
 def _subspace_error(model, sim, values):
@@ -106,3 +108,71 @@ def test_validate_rejects_bad_input(make, num_data, metric, tol):
         model.validate({"wrong_name": y})
     with pytest.raises(TypeError):
         model.validate({**data, "y": "not numbers"})
+
+
+# The shipped contract check on every zoo model: ExpFamPCA for every family (the exponential
+# with the nonlinearity its domain needs), rectified and flat-prior variants, the hierarchy and
+# the kernel GLM (coupled locals).
+CHECKED = [
+    *[
+        pytest.param(lambda name=name: ExpFamPCA(family=family(name), obs_dim=4, latent_dim=2), id=f"pca-{name}")
+        for name in ("gaussian", "bernoulli", "poisson", "ising", "continuous_bernoulli")
+    ],
+    pytest.param(lambda: ExpFamPCA(family=binomial(16), obs_dim=4, latent_dim=2), id="pca-binomial16"),
+    pytest.param(
+        lambda: ExpFamPCA(family=exponential(), nonlinearity=neg_smooth_relu(0.5), obs_dim=4, latent_dim=2),
+        id="pca-exponential-neg_smooth_relu",
+    ),
+    pytest.param(
+        lambda: ExpFamPCA(family=family("poisson"), nonlinearity=smooth_relu(0.5), obs_dim=4, latent_dim=2),
+        id="pca-poisson-smooth_relu",
+    ),
+    pytest.param(
+        lambda: ExpFamPCA(family=family("gaussian"), nonlinearity=relu(), obs_dim=4, latent_dim=1, param_scale=None),
+        id="pca-gaussian-relu-flat",
+    ),
+    pytest.param(lambda: HierarchicalExpFamPCA(widths=(5, 3, 2)), id="hierarchical-2layer"),
+    pytest.param(
+        lambda: HierarchicalExpFamPCA(
+            widths=(5, 3, 2, 1), nonlinearities=(smooth_relu(0.5),) * 3, precisions=(2.0, 1.0, 0.5, 1.0),
+            param_scale=None,
+        ),
+        id="hierarchical-3layer-smooth_relu-flat",
+    ),
+    pytest.param(lambda: KernelGLM(family("gaussian"), SquaredExponential(lengthscale=1.0)), id="kglm-gaussian"),
+    pytest.param(lambda: KernelGLM(family("bernoulli"), Matern32(), lam=0.5), id="kglm-bernoulli"),
+    pytest.param(lambda: KernelGLM(family("poisson"), SquaredExponential()), id="kglm-poisson"),
+]
+
+
+@pytest.mark.parametrize("make", CHECKED)
+def test_check_model_passes(make):
+    model = make()
+    report = check_model(model)
+    skipped = {name for name, _ in report.skipped}
+    assert set(report.passed) | skipped == {rule.name for rule in MODEL_RULES}
+    if model.locals_coupled:  # kernel GLM: no plate, so the plate rules do not apply
+        assert skipped >= {"locals_in_plate", "globals_outside_plate", "per_datum_factorises"}
+        assert "per_datum_sums_to_total" in skipped  # it checked that per_datum=True raises
+    else:
+        assert skipped <= {"validate_rejects_outside_support"}
+
+
+@pytest.mark.parametrize("make", CHECKED)
+def test_zoo_declarations(make):
+    model = make()
+    assert model.observed_sites == ("y",)
+    assert model.plate_name == (None if isinstance(model, KernelGLM) else "data")
+
+
+def test_family_nonlinearity_domain_is_checked_at_construction():
+    with pytest.raises(ValueError, match=r"identity takes values in \(-inf, inf\).*domain \(-inf, 0\) of "
+                       r"exponential\(\).*neg_smooth_relu"):
+        ExpFamPCA(family=exponential(), nonlinearity=identity(), obs_dim=3, latent_dim=1)
+    with pytest.raises(ValueError, match=r"relu takes values in \[0, inf\)"):
+        ExpFamPCA(family=exponential(), nonlinearity=relu(), obs_dim=3, latent_dim=1)
+    model = ExpFamPCA(family=exponential(), nonlinearity=neg_smooth_relu(1.0), obs_dim=3, latent_dim=1)
+    sim = model.simulate(5, seed=0, dtype=torch.float64)
+    assert math.isfinite(float(model.log_joint(sim.data, sim.truth)))
+    with pytest.raises(ValueError, match="natural parameter may be any real"):
+        KernelGLM(exponential(), SquaredExponential())
