@@ -3,7 +3,8 @@
 Runs DEQ vs SVI vs L-BFGS on the built-in digits as Binomial(16) exponential-family PCA with
 five latent dimensions (the ``deqppl compare`` defaults) on a random subset of rows, so that it
 finishes in a few minutes on a laptop core, and saves the report's headline figure (convergence
-traces, held-out latents of SVI and L-BFGS against the DEQ's, wall times with ratios to the DEQ)
+traces, held-out latents against the reference, wall times with ratios to the DEQ; below, the
+DEQ's latent space coloured by digit and held-out digits reconstructed by each method's MAP)
 to ``docs/figures/digits_report.png``. The full report and tables go to ``--out``; finished
 units are stored there, so an interrupted run resumes.
 

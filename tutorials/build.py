@@ -310,7 +310,7 @@ page = paths["html"].read_text()
 # Self-contained: figures inline as PNG, nothing fetched from the network.
 assert not re.search(r"https?://", page)
 images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-assert len(images) == 4 and all(base64.b64decode(i)[:4] == b"\\x89PNG" for i in images)
+assert len(images) == len(paths) - 2 and all(base64.b64decode(i)[:4] == b"\\x89PNG" for i in images)
 assert set(comparison.summary.index) == {"deq", "svi", "lbfgs"}
 # All three methods find the same held-out MAP latents (L-BFGS is the reference).
 assert comparison.summary.loc["deq", "max_abs_dz"] < 1e-4

@@ -3,88 +3,131 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
-from ._core import _Problem
-from ._solution import ConvergenceError, Solution, Status
+from ._function import _ClosureGate, _FixedPoint, _LinearSpec, _Record, _SolveSpec
+from ._solution import AdjointLog, Solution
 from .adjoints import AbstractAdjoint, ImplicitAdjoint
-from .solvers import AbstractSolver, Anderson
+from .protocol import AbstractSolver
+from .solvers import Anderson
 
 __all__ = ["fixed_point"]
 
 
-def _flat_map(f, shape: torch.Size, dtype: torch.dtype, device: torch.device):
-    batch, n = shape[0], math.prod(shape[1:])
-
-    def fn(z: torch.Tensor) -> torch.Tensor:
-        out = f(z.reshape(shape))
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"f must return a torch.Tensor, got {type(out).__name__}")
-        if out.shape != shape:
-            raise ValueError(
-                f"f must map a tensor of shape {tuple(shape)} to the same shape, "
-                f"got output shape {tuple(out.shape)}")
-        if out.dtype != dtype:
-            raise TypeError(f"f must preserve the dtype: input {dtype}, output {out.dtype}")
-        if out.device != device:
-            raise ValueError(f"f must preserve the device: input {device}, output {out.device}")
-        return out.reshape(batch, n)
-
-    return fn
+def _functorch_level(t: torch.Tensor) -> int:
+    """Level of the innermost torch.func transform wrapping ``t`` (-1: a plain tensor)."""
+    # torch has no public API for this; without it the check below is skipped.
+    get_level = getattr(torch._C._functorch, "maybe_get_level", None)
+    return -1 if get_level is None else int(get_level(t))
 
 
-def _flat_jacobian(jacobian, shape: torch.Size, dtype: torch.dtype):
-    batch, n = shape[0], math.prod(shape[1:])
+def _in_functorch_transform() -> bool:
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
-    def jac(z: torch.Tensor) -> torch.Tensor:
-        out = jacobian(z.reshape(shape))
-        if not isinstance(out, torch.Tensor) or out.shape != (batch, n, n):
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"jacobian must return a tensor of shape {(batch, n, n)} "
-                             f"(batch, n, n) with n = prod(event shape), got {got}")
-        if out.dtype != dtype:
-            raise TypeError(f"jacobian must return dtype {dtype}, got {out.dtype}")
-        return out
 
-    return jac
+class _FlatMap:
+    """``f`` on flattened ``(B, n)`` tensors with its tensor arguments passed positionally.
+
+    The output of the first call is validated (shape, dtype, device); later calls are not.
+    """
+
+    def __init__(self, f, shape, dtype, device, leaves, treedef, tensor_pos, *,
+                 is_jacobian: bool):
+        self.f = f
+        self.shape = tuple(shape)
+        self.event = tuple(shape[1:])
+        self.n = math.prod(shape[1:])
+        self.dtype, self.device = dtype, device
+        self.leaves, self.treedef, self.tensor_pos = list(leaves), treedef, tensor_pos
+        self.is_jacobian = is_jacobian
+        self.checked = False
+
+    def _args(self, tensors):
+        leaves = list(self.leaves)
+        for pos, t in zip(self.tensor_pos, tensors):
+            leaves[pos] = t
+        return pytree.tree_unflatten(leaves, self.treedef)
+
+    def __call__(self, z: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[0]
+        out = self.f(z.reshape(batch, *self.event), *self._args(tensors))
+        if not self.checked:
+            self._check(out, batch)
+            self.checked = True
+        return out if self.is_jacobian else out.reshape(batch, self.n)
+
+    def _check(self, out, batch):
+        if not self.is_jacobian:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"f must return a torch.Tensor, got {type(out).__name__}")
+            if tuple(out.shape) != (batch, *self.event):
+                raise ValueError(
+                    f"f must map a tensor of shape {(batch, *self.event)} to the same shape, "
+                    f"got output shape {tuple(out.shape)}")
+            if out.dtype != self.dtype:
+                raise TypeError(f"f must preserve the dtype: input {self.dtype}, "
+                                f"output {out.dtype}")
+            if out.device != self.device:
+                raise ValueError(f"f must preserve the device: input {self.device}, "
+                                 f"output {out.device}")
+        else:
+            want = (batch, self.n, self.n)
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"jacobian must return a tensor of shape {want} "
+                                 f"(batch, n, n) with n = prod(event shape), got {got}")
+            if out.dtype != self.dtype:
+                raise TypeError(f"jacobian must return dtype {self.dtype}, got {out.dtype}")
 
 
 def fixed_point(
-    f: Callable[[torch.Tensor], torch.Tensor],
+    f: Callable[..., torch.Tensor],
     z0: torch.Tensor,
     *,
+    args: tuple[Any, ...] = (),
     solver: AbstractSolver | None = None,
     adjoint: AbstractAdjoint | None = None,
-    jacobian: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    jacobian: Callable[..., torch.Tensor] | None = None,
     throw: bool = True,
     trace: bool = False,
 ) -> Solution:
-    """Solve $z = f(z)$ for a batch of independent problems and attach the result to autograd.
+    """Solve $z = f(z, \\theta)$ for a batch of independent problems, differentiably.
 
     Parameters
     ----------
     f
-        Map from a tensor of shape ``(B, *event)`` to the same shape, dtype and device. Sample
-        ``b`` of ``f(z)`` must depend only on ``z[b]``: the batch holds independent problems,
-        each judged for convergence on its own. Parameters that ``f`` closes over may require
-        grad; gradients reach them as ``adjoint`` prescribes.
+        ``f(z, *args)``: maps ``z`` of shape ``(B, *event)`` to the same shape, dtype and
+        device. Sample ``b`` of the output must depend only on ``z[b]`` (the batch holds
+        independent problems, each judged for convergence on its own), and on ``args``.
     z0
         Starting point ``(B, *event)``, floating point. It is detached: no gradient reaches it.
+    args
+        The parameters $\\theta$ of ``f``, passed explicitly: a tuple whose entries may be
+        tensors, or (nested) lists, tuples and dicts of tensors (pytrees), e.g.
+        ``args=(params_dict, x)``. Derivatives with respect to them follow ``adjoint`` in every
+        autograd mode: ``backward``, `torch.func.grad`, `jacrev`, `jvp`, `jacfwd`, `vmap`, and
+        compositions (Hessian-vector products). ``f`` may instead close over its parameters;
+        then ordinary first-order autograd still works (the implicit adjoint finds the captured
+        tensors through the graph of one evaluation of ``f``), but torch.func transforms need
+        ``args`` and raise `TypeError` if ``f`` closes over a tensor they transform.
     solver
-        A solver object; ``None`` means ``Anderson()``, safeguarded so that it converges on the
-        MAP maps of strongly convex objectives even where ``f`` is not a contraction.
+        An `AbstractSolver`; ``None`` means ``Anderson()``, safeguarded so that it converges on
+        the MAP maps of strongly convex objectives even where ``f`` is not a contraction.
     adjoint
-        How gradients flow through the fixed point; ``None`` means ``ImplicitAdjoint()``.
+        How derivatives flow through the fixed point; ``None`` means ``ImplicitAdjoint()``.
     jacobian
-        Optional ``z (B, *event) -> (B, n, n)``, the exact per-sample Jacobian of ``f`` with
-        ``n = prod(event)``; `Newton` (forward, or as the adjoint's solver) uses it instead of
-        ``n`` vector-Jacobian products.
+        Optional ``jacobian(z, *args) -> (B, n, n)``, the exact per-sample Jacobian of ``f``
+        with ``n = prod(event)``; `Newton` and `DirectLinearSolver` use it instead of ``n``
+        vector-Jacobian products.
     throw
         Raise `ConvergenceError` if any sample did not converge; ``False`` records it in
-        ``Solution.converged`` and ``Solution.status`` instead.
+        ``Solution.converged`` and ``Solution.status`` (and such samples get NaN derivatives
+        from `ImplicitAdjoint`).
     trace
         Record the largest residual over the batch after every step in ``Solution.trace``.
 
@@ -93,8 +136,10 @@ def fixed_point(
     Solution
         ``value`` of shape ``(B, *event)``, per-sample ``residual`` $\\lVert f(z)-z\\rVert_2$
         (over the flattened event dimensions), ``rel_residual``, ``converged`` mask, ``status``,
-        step and evaluation counts and wall time. A sample converges when
-        $\\lVert f(z)-z\\rVert_2 \\le \\text{atol} + \\text{rtol}\\lVert f(z)\\rVert_2$.
+        step and evaluation counts, wall time and ``adjoint_log``. A sample converges when
+        $\\lVert f(z)-z\\rVert_2 \\le \\text{atol} + \\text{rtol}\\lVert f(z)\\rVert_2$. Under
+        `torch.func.vmap` the per-sample fields are batched like ``value``; the counts and the
+        status describe the one solve of all ``V * B`` samples that vmap folds into.
 
     Raises
     ------
@@ -105,7 +150,7 @@ def fixed_point(
         If ``f`` changes the shape (or device) of its input, or ``z0`` has no batch dimension.
     TypeError
         If ``f`` changes the dtype, or ``z0`` is not floating point, or ``solver``/``adjoint`` are
-        not solver/adjoint objects.
+        not solver/adjoint objects, or ``f`` closes over a tensor a torch.func transform tracks.
 
     Examples
     --------
@@ -113,11 +158,16 @@ def fixed_point(
     >>> from deqppl.deq import fixed_point
     >>> W = torch.tensor([[0.0, 0.5], [0.5, 0.0]], dtype=torch.float64)
     >>> u = torch.tensor([[1.0, -1.0], [0.5, 0.5]], dtype=torch.float64)
-    >>> sol = fixed_point(lambda z: torch.tanh(z @ W + u), torch.zeros_like(u))
+    >>> sol = fixed_point(lambda z, W: torch.tanh(z @ W + u), torch.zeros_like(u), args=(W,))
     >>> sol.status.name, sol.converged.tolist()
     ('CONVERGED', [True, True])
     >>> bool(torch.allclose(sol.value, torch.tanh(sol.value @ W + u), atol=1e-6))
     True
+    >>> def loss(W):
+    ...     return fixed_point(lambda z, W: torch.tanh(z @ W + u), torch.zeros_like(u),
+    ...                        args=(W,)).value.sum()
+    >>> torch.func.jacrev(loss)(W).shape
+    torch.Size([2, 2])
     """
     if not isinstance(z0, torch.Tensor):
         raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
@@ -125,6 +175,8 @@ def fixed_point(
         raise TypeError(f"z0 must have a real floating-point dtype, got {z0.dtype}")
     if z0.ndim < 1:
         raise ValueError("z0 must have a leading batch dimension, shape (B, *event); got a scalar")
+    if not isinstance(args, tuple):
+        raise TypeError(f"args must be a tuple of f's extra arguments, got {type(args).__name__}")
     solver = Anderson() if solver is None else solver
     adjoint = ImplicitAdjoint() if adjoint is None else adjoint
     if not isinstance(solver, AbstractSolver):
@@ -135,27 +187,60 @@ def fixed_point(
 
     shape = z0.shape
     batch, n = shape[0], math.prod(shape[1:])
-    fn = _flat_map(f, shape, z0.dtype, z0.device)
-    jac = None if jacobian is None else _flat_jacobian(jacobian, shape, z0.dtype)
-    start = time.perf_counter()
-    with torch.no_grad():
-        raw = solver._solve(_Problem(fn, jac), z0.detach().reshape(batch, n),
-                            record_trace=bool(trace))
-    wall_time = time.perf_counter() - start
+    leaves, treedef = pytree.tree_flatten(args)
+    tensor_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    tensors = tuple(leaves[i] for i in tensor_pos)
+    f_flat = _FlatMap(f, shape, z0.dtype, z0.device, leaves, treedef, tensor_pos, is_jacobian=False)
+    jac_flat = None if jacobian is None else _FlatMap(
+        jacobian, shape, z0.dtype, z0.device, leaves, treedef, tensor_pos, is_jacobian=True)
+    z0_flat = z0.detach().reshape(batch, n)
 
-    converged = bool(raw.converged.all())
-    value = raw.z
-    if converged or not throw:
-        value = adjoint._attach(fn, raw.z, jac)
-    solution = Solution(
-        value=value.reshape(shape), residual=raw.residual, rel_residual=raw.rel_residual,
-        converged=raw.converged, status=raw.status, num_steps=raw.num_steps,
-        num_fevals=raw.num_fevals, num_jac_evals=raw.num_jac_evals, wall_time=wall_time,
-        trace=raw.trace, solver=solver.name)
-    if throw and not converged:
-        hint = solver._hint()
-        if raw.status is Status.NONFINITE:
-            hint = ("f produced non-finite values (inf or NaN) for some samples: check f for "
-                    "overflow or invalid inputs, or try a damping < 1. " + hint)
-        raise ConvergenceError(solution, hint=hint)
-    return solution
+    implicit = isinstance(adjoint, ImplicitAdjoint)
+    closure = False
+    fz0 = None
+    if (implicit and torch.is_grad_enabled()) or _in_functorch_transform():
+        # One evaluation of f with the explicit arguments detached tells whether f closes over
+        # tensors that autograd (or a torch.func transform) tracks.
+        with torch.enable_grad():
+            probe = f_flat(z0_flat, *(t.detach() for t in tensors))
+        inner = max([_functorch_level(z0)] + [_functorch_level(t) for t in tensors])
+        if _functorch_level(probe) > inner:
+            raise TypeError(
+                "f closes over a tensor that a torch.func transform (vmap, grad, jacrev, jvp, "
+                "...) is tracking; pass every such tensor through fixed_point(f, z0, args=(...)) "
+                "as an argument of f(z, *args), so that the implicit adjoint can see it.")
+        closure = implicit and probe.requires_grad and torch.is_grad_enabled()
+        if closure and _in_functorch_transform():
+            raise TypeError(
+                "inside a torch.func transform, f must not close over tensors that require "
+                "grad; pass them through fixed_point(f, z0, args=(...)).")
+        if not _in_functorch_transform():
+            fz0 = probe.detach()  # the solve's first evaluation: not repeated
+
+    record = _Record()
+    log = AdjointLog() if implicit else None
+    linear_solver = adjoint.linear_solver_for(n) if implicit else None
+    spec = _SolveSpec(
+        f=f_flat, jac=jac_flat, solver=solver,
+        linear_solver=None if closure else linear_solver,
+        throw=bool(throw), adjoint_throw=adjoint.throw if implicit else True,
+        trace=bool(trace), record=record, log=log, hint=solver._hint(), fz0=fz0)
+    z_star, residual, rel_residual, converged = _FixedPoint.apply(spec, z0_flat, *tensors)
+    if closure:
+        with torch.enable_grad():
+            z_leaf = z_star.detach().requires_grad_(True)
+            fz = f_flat(z_leaf, *tensors)
+        gate = _LinearSpec(f=f_flat, jac=None if jac_flat is None else
+                           (lambda z: jac_flat(z, *tensors)),
+                           transpose=True, linear_solver=linear_solver, forward_solver=solver,
+                           throw=adjoint.throw, log=log)
+        value = _ClosureGate.apply(gate, record, fz, z_leaf, z_star)
+    else:
+        value = adjoint._attach(f_flat, z_star, tensors)
+    raw = record.solution
+    return Solution(
+        value=value.reshape(shape),
+        residual=residual, rel_residual=rel_residual, converged=converged,
+        status=raw.status, num_steps=raw.num_steps, num_fevals=raw.num_fevals,
+        num_jac_evals=raw.num_jac_evals, wall_time=raw.wall_time, trace=raw.trace,
+        solver=raw.solver, solver_info=raw.solver_info, adjoint_log=log)

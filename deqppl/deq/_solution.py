@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Status", "Solution", "ConvergenceError", "ConvergenceWarning"]
+__all__ = ["Status", "Solution", "AdjointLog", "ConvergenceError", "ConvergenceWarning"]
 
 
 class Status(enum.Enum):
@@ -25,6 +25,9 @@ class Status(enum.Enum):
     DIVERGED = "diverged"
     #: Some sample produced a non-finite iterate or a non-finite ``f(z)``.
     NONFINITE = "nonfinite"
+    #: The solver gave up on some sample before ``max_steps`` (its ``terminate`` said it could
+    #: make no progress there); its residual did not grow.
+    STAGNATED = "stagnated"
 
 
 @dataclass(frozen=True, kw_only=True, repr=False, eq=False)
@@ -60,6 +63,12 @@ class Solution:
         ``fixed_point(..., trace=True)``.
     solver
         Name of the solver that produced the result.
+    solver_info
+        What the solver's ``postprocess`` returned (e.g. its history), or ``None``.
+    adjoint_log
+        For `fixed_point` with `ImplicitAdjoint`: an `AdjointLog` that records every linear
+        solve of a backward (or forward-mode) pass through this fixed point, with its achieved
+        residual, once that pass has run; ``None`` otherwise.
     """
 
     value: torch.Tensor
@@ -73,6 +82,8 @@ class Solution:
     wall_time: float
     trace: torch.Tensor | None
     solver: str
+    solver_info: object = None
+    adjoint_log: AdjointLog | None = None
 
     @property
     def num_failed(self) -> int:
@@ -106,6 +117,49 @@ class Solution:
             f"num_jac_evals={self.num_jac_evals}, wall_time={self.wall_time * 1e3:.3g} ms, "
             f"shape={tuple(self.value.shape)}, dtype={self.value.dtype})"
         )
+
+
+class AdjointLog:
+    """The linear solves run by an implicit adjoint for one `fixed_point` call.
+
+    Filled during ``backward()`` (adjoint solves $u = J^\\top u + g$) and forward-mode passes
+    (tangent solves $\\dot z = J\\dot z + \\partial_\\theta f\\,\\dot\\theta$); read it afterwards.
+
+    Attributes
+    ----------
+    results
+        One `Solution` per linear solve, in the order run: ``value`` is the solution ``(B, n)``
+        (for a solve batched by `torch.func.vmap`, ``B`` counts every vmapped copy), with its
+        per-sample ``residual`` $\\lVert Mu + g - u\\rVert$, ``rel_residual``, ``converged``,
+        ``status`` and ``solver`` (the linear solver's name).
+    kinds
+        ``"adjoint"`` or ``"tangent"`` for each entry of ``results``.
+    """
+
+    def __init__(self):
+        self.results: list[Solution] = []
+        self.kinds: list[str] = []
+
+    def record(self, kind: str, result: Solution) -> None:
+        self.results.append(result)
+        self.kinds.append(kind)
+
+    @property
+    def last(self) -> Solution | None:
+        """The most recent linear solve, or ``None`` before any backward pass."""
+        return self.results[-1] if self.results else None
+
+    @property
+    def max_rel_residual(self) -> float:
+        """Largest relative residual over every recorded solve (``0.0`` if none)."""
+        if not self.results:
+            return 0.0
+        return max(float(r.rel_residual.max()) if r.rel_residual.numel() else 0.0
+                   for r in self.results)
+
+    def __repr__(self) -> str:
+        return (f"AdjointLog({len(self.results)} solves, "
+                f"max_rel_residual={self.max_rel_residual:.3g})")
 
 
 class ConvergenceWarning(RuntimeWarning):

@@ -1,157 +1,125 @@
 """How gradients flow through a fixed point $z^* = f(z^*, \\theta)$: adjoint objects.
 
 An adjoint turns the detached solution of the forward solve into ``Solution.value``. In every
-case the *forward value* is exactly the solver's $z^*$; only the gradient differs. No adjoint
-propagates gradients to ``z0``.
+case the *forward value* is exactly the solver's $z^*$; only the derivatives differ. No adjoint
+propagates derivatives to ``z0``.
 """
 
 from __future__ import annotations
 
 import abc
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ._core import _Problem, batched_jacobian
-from ._solution import ConvergenceError, ConvergenceWarning, Solution, Status
-from .solvers import AbstractSolver, Anderson, Newton, _check_int
+from .linear import AbstractLinearSolver, DirectLinearSolver, FixedPointLinearSolver, GMRES
+from .protocol import AbstractSolver, check_int
 
-__all__ = ["AbstractAdjoint", "ImplicitAdjoint", "UnrolledAdjoint", "OneStepAdjoint", "NoAdjoint"]
+__all__ = ["AbstractAdjoint", "ImplicitAdjoint", "UnrolledAdjoint", "OneStepAdjoint", "NoAdjoint",
+           "DIRECT_MAX_DIM"]
 
-FlatMap = Callable[[torch.Tensor], torch.Tensor]
+#: Flattened event dimensions up to which the default `ImplicitAdjoint` solves its linear
+#: problems densely (`DirectLinearSolver`): forming $J$ costs $n$ vector-Jacobian products
+#: (vectorized) and the LU $O(n^3)$, against the ~20-60 products of an iterative solve; above a
+#: few dozen the iterative `GMRES` wins (benchmarks/bench_solvers.py, $n = 256$).
+DIRECT_MAX_DIM = 32
+
+
+def _reattach(z_star: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    # Forward value exactly z_star, derivatives those of `out`.
+    return z_star + (out - out.detach())
 
 
 class AbstractAdjoint(abc.ABC):
     """Base of the adjoints; never instantiated."""
 
-    @abc.abstractmethod
-    def _attach(self, fn: FlatMap, z_star: torch.Tensor, jac: FlatMap | None) -> torch.Tensor:
-        """Return ``z_star (B, n)`` attached to autograd; ``fn`` is ``f`` on flattened tensors."""
+    def _attach(self, f, z_star: torch.Tensor, params: tuple) -> torch.Tensor:
+        """``z_star (B, n)`` attached to autograd; ``f(z, *params)`` is the flat map.
 
-
-def _depends_on_other_leaves(out: torch.Tensor, leaf: torch.Tensor) -> bool:
-    """Whether the autograd graph of ``out`` reaches a leaf requiring grad other than ``leaf``."""
-    if out.grad_fn is None:
-        return False
-    seen, stack = set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None and variable is not leaf:
-            return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
-
-
-def _reattach(z_star: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    # Forward value exactly z_star, gradient that of `out`.
-    return z_star + (out - out.detach())
+        The default (for adjoints without an implicit rule) is ``z_star`` itself: the solve
+        passes no derivative.
+        """
+        return z_star
 
 
 @dataclass(frozen=True, kw_only=True)
 class ImplicitAdjoint(AbstractAdjoint):
-    """Implicit differentiation (implicit function theorem).
+    """Implicit differentiation (implicit function theorem), in every autograd mode.
 
-    After the no-grad forward solve, ``f`` is evaluated once more at $z^*$ with autograd on, and
-    a hook on that evaluation replaces the incoming gradient $g = \\partial\\ell/\\partial z^*$ by
-    the solution of the adjoint fixed-point problem $u = J^\\top u + g$, $J = \\partial f/\\partial z$
-    at $z^*$, so that $\\partial\\ell/\\partial\\theta = u^\\top\\partial f/\\partial\\theta$ (SPEC 7;
-    Bai, Kolter & Koltun, 2019, NeurIPS). $J^\\top u$ are vector-Jacobian products of the retained
-    graph. The adjoint problem is solved by this object's own ``solver`` (started from $u = g$);
-    with `Newton` the $n\\times n$ system $(I - J^\\top)u = g$ is formed and solved exactly.
+    For $z^* = f(z^*, \\theta)$ with $J = \\partial f/\\partial z$ at $z^*$ (SPEC 7; Bai, Kolter &
+    Koltun, 2019, NeurIPS):
 
-    A failed adjoint solve never returns silently wrong gradients: it raises `ConvergenceError`
-    during ``backward()`` (``throw=True``) or issues a `ConvergenceWarning`.
+    * reverse mode (``backward``, `torch.func.grad`, `torch.func.jacrev`, `torch.func.vjp`)
+      solves the adjoint $u = J^\\top u + \\bar z$ and returns $\\bar\\theta = u^\\top\\partial_\\theta f$;
+    * forward mode (`torch.func.jvp`, `torch.func.jacfwd`) solves the tangent
+      $\\dot z = J\\dot z + \\partial_\\theta f\\,\\dot\\theta$;
+    * `torch.func.vmap` folds the mapped dimension into the solver's batch;
 
-    Double backward (``create_graph=True``) is not supported and raises; use `UnrolledAdjoint`
-    for higher-order derivatives.
+    all with ``linear_solver``, and composably (Hessian-vector products, Jacobians of
+    per-sample gradients), for parameters passed explicitly, ``fixed_point(f, z0,
+    args=(theta, ...))``. For tensors that ``f`` *closes over*, ordinary first-order autograd
+    (``.backward()``, `torch.autograd.grad`) works as before; torch.func transforms need
+    ``args``.
+
+    A failed linear solve never returns silently wrong derivatives: it raises `ConvergenceError`
+    (``throw=True``) or issues a `ConvergenceWarning`. Samples whose *forward* solve did not
+    converge (possible with ``fixed_point(..., throw=False)``) get NaN derivatives. Every linear
+    solve, with its achieved residual, is recorded in ``Solution.adjoint_log``.
 
     Parameters
     ----------
+    linear_solver
+        An `AbstractLinearSolver`. ``None`` (the default) means `DirectLinearSolver` for
+        flattened event dimensions up to `DIRECT_MAX_DIM` and `GMRES` above; both follow the
+        forward solve's tolerance (see `deqppl.deq.linear`).
     solver
-        Solver for the adjoint problem. The default ``Anderson(atol=0.0)`` uses a purely relative
-        tolerance so small gradients are not declared converged by ``atol`` alone.
+        Shorthand for ``linear_solver=FixedPointLinearSolver(solver=solver)``: a fixed-point
+        solver for the linear problems, e.g. ``Newton(rtol=1e-10)``, which asks for the dense
+        $J$ and solves them exactly in one step. Give at most one of the two.
     throw
-        Raise (``True``) or warn (``False``) when the adjoint solve does not converge.
+        Raise (``True``) or warn (``False``) when a linear solve does not converge.
 
     Examples
     --------
     >>> import torch
     >>> from deqppl.deq import fixed_point
-    >>> theta = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
-    >>> sol = fixed_point(lambda z: theta * z + 1.0, torch.zeros(1, 1, dtype=torch.float64))
-    >>> sol.value.sum().backward()  # z* = 1 / (1 - theta), dz*/dtheta = 1 / (1 - theta)^2
-    >>> round(float(theta.grad), 5)
+    >>> theta = torch.tensor(0.5, dtype=torch.float64)
+    >>> def z_star(theta):  # z* = 1 / (1 - theta)
+    ...     return fixed_point(lambda z, t: t * z + 1.0, torch.zeros(1, 1, dtype=torch.float64),
+    ...                        args=(theta,)).value.sum()
+    >>> round(float(torch.func.grad(z_star)(theta)), 8)  # 1 / (1 - theta)^2
     4.0
+    >>> round(float(torch.func.grad(torch.func.grad(z_star))(theta)), 6)  # 2 / (1 - theta)^3
+    16.0
     """
 
-    solver: AbstractSolver = field(default_factory=lambda: Anderson(atol=0.0))
+    linear_solver: AbstractLinearSolver | None = None
+    solver: AbstractSolver | None = None
     throw: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.solver, AbstractSolver):
-            raise TypeError(f"solver must be an AbstractSolver, got {type(self.solver).__name__}")
+        if self.solver is not None and not isinstance(self.solver, AbstractSolver):
+            raise TypeError(f"ImplicitAdjoint.solver must be an AbstractSolver such as "
+                            f"Anderson(), got {type(self.solver).__name__}")
+        if self.linear_solver is not None and not isinstance(self.linear_solver,
+                                                             AbstractLinearSolver):
+            raise TypeError(f"ImplicitAdjoint.linear_solver must be an AbstractLinearSolver "
+                            f"such as GMRES() or DirectLinearSolver(), got "
+                            f"{type(self.linear_solver).__name__}")
+        if self.solver is not None and self.linear_solver is not None:
+            raise ValueError("give ImplicitAdjoint at most one of solver= and linear_solver= "
+                             "(solver=S is shorthand for "
+                             "linear_solver=FixedPointLinearSolver(solver=S))")
         if not isinstance(self.throw, bool):
-            raise TypeError(f"throw must be a bool, got {self.throw!r}")
+            raise TypeError(f"ImplicitAdjoint.throw must be a bool, got {self.throw!r}")
 
-    def _attach(self, fn, z_star, jac):
-        if not torch.is_grad_enabled():
-            return z_star
-        with torch.enable_grad():
-            z_leaf = z_star.detach().requires_grad_(True)
-            fz = fn(z_leaf)
-        if not _depends_on_other_leaves(fz, z_leaf):
-            return z_star  # no parameter of f requires grad: nothing to differentiate
-        solver, throw = self.solver, self.throw
-
-        def backward_hook(grad: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled():
-                raise RuntimeError(
-                    "ImplicitAdjoint does not support double backward (create_graph=True); "
-                    "use UnrolledAdjoint for higher-order derivatives.")
-            if grad is None:  # an undefined (zero) incoming gradient stays undefined
-                return None
-            grad = grad.detach()
-
-            def adjoint_map(u: torch.Tensor) -> torch.Tensor:
-                (vjp,) = torch.autograd.grad(fz, z_leaf, u, retain_graph=True, allow_unused=True)
-                return grad if vjp is None else vjp + grad
-
-            adjoint_jac = None
-            if isinstance(solver, Newton):
-                if jac is not None:
-                    with torch.no_grad():
-                        jac_t = jac(z_star).transpose(1, 2)
-                else:
-                    jac_t = batched_jacobian(fz, z_leaf).transpose(1, 2)
-                adjoint_jac = lambda u: jac_t  # noqa: E731 - the adjoint map is linear
-            raw = solver._solve(_Problem(adjoint_map, adjoint_jac), grad, record_trace=False)
-            if raw.status is not Status.CONVERGED:
-                solution = Solution(
-                    value=raw.z, residual=raw.residual, rel_residual=raw.rel_residual,
-                    converged=raw.converged, status=raw.status, num_steps=raw.num_steps,
-                    num_fevals=raw.num_fevals, num_jac_evals=raw.num_jac_evals, wall_time=0.0,
-                    trace=None, solver=solver.name)
-                hint = ("The adjoint problem u = J^T u + g converges only if the forward fixed "
-                        "point is stable enough; " + solver._hint())
-                if throw:
-                    raise ConvergenceError(solution, hint=hint,
-                                           context="implicit adjoint solve (backward pass)")
-                warnings.warn(str(ConvergenceError(
-                    solution, hint=hint, context="implicit adjoint solve (backward pass)")),
-                    ConvergenceWarning, stacklevel=2)
-            return raw.z
-
-        # The hook sits on an alias of f(z*): the vector-Jacobian products inside it start from
-        # `fz` itself and so must not re-enter the hook.
-        carrier = fz.view_as(fz)
-        carrier.register_hook(backward_hook)
-        return _reattach(z_star, carrier)
+    def linear_solver_for(self, n: int) -> AbstractLinearSolver:
+        """The linear solver used for flattened event dimension ``n``."""
+        if self.linear_solver is not None:
+            return self.linear_solver
+        if self.solver is not None:
+            return FixedPointLinearSolver(solver=self.solver)
+        return DirectLinearSolver() if n <= DIRECT_MAX_DIM else GMRES()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,7 +129,8 @@ class UnrolledAdjoint(AbstractAdjoint):
     With $z_0 = z^*$ detached and $z_{k+1} = f(z_k)$, the gradient is that of $z_K$, i.e. the
     Neumann series $\\sum_{k<K} J^k\\,\\partial f/\\partial\\theta$ truncated after $K$ terms. It equals
     the implicit gradient up to $O(\\rho(J)^K)$ when $f$ is a contraction near $z^*$ and is
-    meaningless otherwise. Memory grows linearly with ``num_steps``; supports double backward.
+    meaningless otherwise. Memory grows linearly with ``num_steps``; supports double backward
+    and torch.func transforms.
 
     Parameters
     ----------
@@ -172,15 +141,15 @@ class UnrolledAdjoint(AbstractAdjoint):
     num_steps: int = 20
 
     def __post_init__(self):
-        _check_int("num_steps", self.num_steps, minimum=1)
+        check_int("num_steps", self.num_steps, minimum=1)
 
-    def _attach(self, fn, z_star, jac):
+    def _attach(self, f, z_star, params):
         if not torch.is_grad_enabled():
             return z_star
         z = z_star.detach()
         for _ in range(self.num_steps):
-            z = fn(z)
-        return _reattach(z_star, z) if z.requires_grad else z_star
+            z = f(z, *params)
+        return _reattach(z_star, z)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,8 +161,8 @@ class OneStepAdjoint(AbstractAdjoint):
     $z^*$; a descent direction under conditions given there.
     """
 
-    def _attach(self, fn, z_star, jac):
-        return UnrolledAdjoint(num_steps=1)._attach(fn, z_star, jac)
+    def _attach(self, f, z_star, params):
+        return UnrolledAdjoint(num_steps=1)._attach(f, z_star, params)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,5 +173,5 @@ class NoAdjoint(AbstractAdjoint):
     objective whose stationary point $z^*$ is (SPEC 2.4).
     """
 
-    def _attach(self, fn, z_star, jac):
+    def _attach(self, f, z_star, params):
         return z_star.detach()

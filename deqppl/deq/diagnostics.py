@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from .solvers import _check_int
+from .protocol import check_int as _check_int
 
 __all__ = ["spectral_radius", "jacobian_regularization"]
 

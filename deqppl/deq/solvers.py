@@ -7,63 +7,17 @@ $\\lVert f(z_b) - z_b\\rVert_2 \\le \\text{atol} + \\text{rtol}\\,\\lVert f(z_b)
 
 from __future__ import annotations
 
-import abc
 import math
 from dataclasses import dataclass
 
 import torch
 
-from ._core import Monitor, RawResult, _Problem, backtrack, batched_jacobian
+from .protocol import AbstractSolver, backtracking_line_search, check_int, check_real
 
-__all__ = ["AbstractSolver", "FixedPointIteration", "Anderson", "Broyden", "Newton"]
+__all__ = ["FixedPointIteration", "Anderson", "Broyden", "Newton"]
 
-
-def _check_int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_real(name: str, value, *, low: float, high: float = math.inf,
-                low_open: bool = False, high_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if below or above:
-        interval = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
-        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
-
-
-class AbstractSolver(abc.ABC):
-    """Base of the fixed-point solvers; never instantiated.
-
-    Concrete solvers are frozen dataclasses with at least the fields ``rtol``, ``atol`` and
-    ``max_steps``, and implement ``_solve``.
-    """
-
-    rtol: float
-    atol: float
-    max_steps: int
-
-    def _check_common(self) -> None:
-        _check_real("rtol", self.rtol, low=0.0)
-        _check_real("atol", self.atol, low=0.0)
-        if self.rtol == 0 and self.atol == 0:
-            raise ValueError("at least one of rtol and atol must be positive")
-        _check_int("max_steps", self.max_steps, minimum=1)
-
-    @property
-    def name(self) -> str:
-        """Name used in results and error messages."""
-        return type(self).__name__
-
-    def _hint(self) -> str:
-        """What to try when this solver fails; appended to `ConvergenceError` messages."""
-        return "Try a larger max_steps, or another solver."
-
-    @abc.abstractmethod
-    def _solve(self, problem: _Problem, z0: torch.Tensor, *, record_trace: bool) -> RawResult:
-        """Solve ``z = f(z)`` for flattened ``z0`` of shape ``(B, n)`` without autograd."""
+# Older private names, kept for modules that imported them.
+_check_int, _check_real = check_int, check_real
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,20 +61,14 @@ class FixedPointIteration(AbstractSolver):
                 "a larger max_steps, Anderson() (the default), or Newton() for small latent "
                 "dimensions.")
 
-    def _solve(self, problem, z0, *, record_trace):
-        # 1e12: no contraction regains twelve orders of magnitude of residual growth
-        monitor = Monitor(rtol=self.rtol, atol=self.atol, z0=z0, record_trace=record_trace,
-                          divergence_ratio=1e12)
-        z, fz, steps = z0, problem(z0), 0
-        beta = self.damping
-        while True:
-            g, active = monitor.observe(z, fz)
-            if steps >= self.max_steps or not bool(active.any()):
-                break
-            z = monitor.freeze(z + beta * g)
-            fz = problem(z)
-            steps += 1
-        return monitor.result(num_steps=steps, problem=problem)
+    # No contraction regains twelve orders of magnitude of residual growth: give such a sample up.
+    divergence_ratio = 1e12
+
+    def init(self, problem, z0, fz0):
+        return None
+
+    def step(self, problem, state, iterate):
+        return iterate.z + self.damping * iterate.residual, None, state
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -196,60 +144,65 @@ class Anderson(AbstractSolver):
         return ("Try a larger max_steps or memory, a damping < 1, or Newton() for small latent "
                 "dimensions.")
 
-    def _solve(self, problem, z0, *, record_trace):
+    def init(self, problem, z0, fz0):
         batch, n = z0.shape
         slots = self.memory + 1  # the current pair plus `memory` past ones
-        monitor = Monitor(rtol=self.rtol, atol=self.atol, z0=z0, record_trace=record_trace)
-        hist_z = z0.new_zeros(batch, slots, n)
-        hist_g = z0.new_zeros(batch, slots, n)
-        valid = torch.zeros(batch, slots, dtype=torch.bool, device=z0.device)
-        beta = torch.full((batch,), float(self.damping), dtype=z0.dtype, device=z0.device)
-        age = torch.zeros(batch, dtype=torch.long, device=z0.device)
-        eye = torch.eye(slots, dtype=z0.dtype, device=z0.device)
-        tiny = torch.finfo(z0.dtype).tiny
-        z, fz, steps, slot = z0, problem(z0), 0, 0
-        while True:
-            g, active = monitor.observe(z, fz)
-            if steps >= self.max_steps or not bool(active.any()):
-                break
-            res = torch.linalg.vector_norm(g, dim=1)
-            if self.safeguard is not None:
-                reject = active & (res > self.safeguard * monitor.best_res)
-            else:
-                reject = torch.zeros_like(active)
-            clear = reject
-            if self.restart is not None:
-                clear = clear | (age >= self.restart)
-            valid = valid & ~clear[:, None]
-            age = torch.where(clear, torch.zeros_like(age), age)
-            beta = torch.where(reject, 0.5 * beta, beta)
+        return _AndersonState(
+            hist_z=z0.new_zeros(batch, slots, n), hist_g=z0.new_zeros(batch, slots, n),
+            valid=torch.zeros(batch, slots, dtype=torch.bool, device=z0.device),
+            beta=torch.full((batch,), float(self.damping), dtype=z0.dtype, device=z0.device),
+            age=torch.zeros(batch, dtype=torch.long, device=z0.device), slot=0,
+            eye=torch.eye(slots, dtype=z0.dtype, device=z0.device))
 
-            hist_z[:, slot] = z
-            hist_g[:, slot] = g
-            valid[:, slot] = ~reject
-            mask = valid.clone()
-            mask[:, slot] = False
-            d_g = (g[:, None, :] - hist_g) * mask[..., None]
-            d_z = (z[:, None, :] - hist_z) * mask[..., None]
-            gram = d_g @ d_g.transpose(1, 2)
-            rhs = (d_g @ g[:, :, None]).squeeze(-1)
-            count = mask.sum(-1).clamp(min=1).to(z0.dtype)
-            scale = torch.diagonal(gram, dim1=1, dim2=2).sum(-1) / count
-            diag = torch.where(mask, (self.ridge * scale + tiny)[:, None],
-                               torch.ones_like(scale)[:, None])
-            gamma, info = torch.linalg.solve_ex(gram + diag[:, :, None] * eye, rhs)
-            bad = (info != 0) | ~torch.isfinite(gamma).all(-1)
-            gamma = torch.where(bad[:, None], torch.zeros_like(gamma), gamma)
-            b = beta[:, None]
-            z_mix = z + b * g - ((d_z + b[:, :, None] * d_g) * gamma[..., None]).sum(1)
-            best_g = monitor.best_fz - monitor.best_z
-            z_back = monitor.best_z + b * best_g
-            z = monitor.freeze(torch.where(reject[:, None], z_back, z_mix))
-            age = age + 1
-            slot = (slot + 1) % slots
-            fz = problem(z)
-            steps += 1
-        return monitor.result(num_steps=steps, problem=problem)
+    def step(self, problem, state, iterate):
+        z, g, active, res = iterate.z, iterate.residual, iterate.active, iterate.residual_norm
+        hist_z, hist_g, slot = state.hist_z, state.hist_g, state.slot
+        tiny = torch.finfo(z.dtype).tiny
+        if self.safeguard is not None:
+            reject = active & (res > self.safeguard * iterate.best_residual_norm)
+        else:
+            reject = torch.zeros_like(active)
+        clear = reject
+        if self.restart is not None:
+            clear = clear | (state.age >= self.restart)
+        valid = state.valid & ~clear[:, None]
+        age = torch.where(clear, torch.zeros_like(state.age), state.age)
+        beta = torch.where(reject, 0.5 * state.beta, state.beta)
+
+        hist_z[:, slot] = z
+        hist_g[:, slot] = g
+        valid[:, slot] = ~reject
+        mask = valid.clone()
+        mask[:, slot] = False
+        d_g = (g[:, None, :] - hist_g) * mask[..., None]
+        d_z = (z[:, None, :] - hist_z) * mask[..., None]
+        gram = d_g @ d_g.transpose(1, 2)
+        rhs = (d_g @ g[:, :, None]).squeeze(-1)
+        count = mask.sum(-1).clamp(min=1).to(z.dtype)
+        scale = torch.diagonal(gram, dim1=1, dim2=2).sum(-1) / count
+        diag = torch.where(mask, (self.ridge * scale + tiny)[:, None],
+                           torch.ones_like(scale)[:, None])
+        gamma, info = torch.linalg.solve_ex(gram + diag[:, :, None] * state.eye, rhs)
+        bad = (info != 0) | ~torch.isfinite(gamma).all(-1)
+        gamma = torch.where(bad[:, None], torch.zeros_like(gamma), gamma)
+        b = beta[:, None]
+        z_mix = z + b * g - ((d_z + b[:, :, None] * d_g) * gamma[..., None]).sum(1)
+        z_back = iterate.best_z + b * (iterate.best_fz - iterate.best_z)
+        z_next = torch.where(reject[:, None], z_back, z_mix)
+        state.valid, state.age, state.beta = valid, age + 1, beta
+        state.slot = (slot + 1) % (self.memory + 1)
+        return z_next, None, state
+
+
+@dataclass(eq=False)
+class _AndersonState:
+    hist_z: torch.Tensor  # (B, memory + 1, n) past iterates, a ring buffer
+    hist_g: torch.Tensor  # (B, memory + 1, n) their residuals f(z) - z
+    valid: torch.Tensor  # (B, memory + 1) which slots hold a usable pair
+    beta: torch.Tensor  # (B,) damping, halved on every rejected step
+    age: torch.Tensor  # (B,) steps since the last restart
+    slot: int  # ring-buffer position of the current pair
+    eye: torch.Tensor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,61 +254,65 @@ class Broyden(AbstractSolver):
     def _hint(self) -> str:
         return "Try a larger max_steps or memory, Anderson(), or Newton() for small dimensions."
 
-    def _solve(self, problem, z0, *, record_trace):
+    def init(self, problem, z0, fz0):
         batch, n = z0.shape
-        m = self.memory
-        monitor = Monitor(rtol=self.rtol, atol=self.atol, z0=z0, record_trace=record_trace)
-        us = z0.new_zeros(batch, m, n)
-        vs = z0.new_zeros(batch, m, n)
-        count = 0
-        eps = torch.finfo(z0.dtype).eps
-
-        def apply_h(x):  # H x = -x + sum_i u_i (v_i . x)
-            return -x + ((vs @ x[:, :, None]) * us).sum(1)
-
-        def apply_ht(x):  # H^T x = -x + sum_i v_i (u_i . x)
-            return -x + ((us @ x[:, :, None]) * vs).sum(1)
-
         # Broyden residuals are not monotone, so the line search compares with the largest of
         # the last `window` residuals (nonmonotone Armijo) rather than the current one.
         window = 10
-        recent = torch.full((batch, window), -math.inf, dtype=z0.dtype, device=z0.device)
-        z, fz, steps = z0, problem(z0), 0
-        while True:
-            g, active = monitor.observe(z, fz)
-            if steps >= self.max_steps or not bool(active.any()):
-                break
-            recent[:, steps % window] = torch.linalg.vector_norm(g, dim=1)
-            direction = -apply_h(g)
-            z_new, fz_new, failed, _ = backtrack(
-                problem, z, fz, direction, active, line_search=self.line_search,
-                max_backtracks=self.max_backtracks, armijo=1e-4,
-                reference=recent.max(1).values)
-            if count == m:
-                us.zero_()
-                vs.zero_()
-                count = 0
-            dz = z_new - z
-            dg = (fz_new - z_new) - g
-            h_dg = apply_h(dg)
-            denom = (dz * h_dg).sum(1)
-            ok = (torch.isfinite(denom) & (denom.abs() > eps * torch.linalg.vector_norm(dz, dim=1)
-                                           * torch.linalg.vector_norm(h_dg, dim=1))
-                  & active & ~failed)
-            safe = torch.where(ok, denom, torch.ones_like(denom))
-            u = torch.where(ok[:, None], (dz - h_dg) / safe[:, None], torch.zeros_like(dz))
-            v = torch.where(ok[:, None], apply_ht(dz), torch.zeros_like(dz))
-            us[:, count] = u
-            vs[:, count] = v
-            count += 1
-            # a failed line search means the model is poor: restart it for that sample
-            reset = failed[:, None, None]
-            us.masked_fill_(reset, 0.0)
-            vs.masked_fill_(reset, 0.0)
-            z = monitor.freeze(z_new)
-            fz = torch.where(monitor.active[:, None], fz_new, monitor.best_fz)
-            steps += 1
-        return monitor.result(num_steps=steps, problem=problem)
+        return _BroydenState(
+            us=z0.new_zeros(batch, self.memory, n), vs=z0.new_zeros(batch, self.memory, n),
+            count=0, recent=torch.full((batch, window), -math.inf, dtype=z0.dtype,
+                                       device=z0.device))
+
+    def step(self, problem, state, iterate):
+        z, fz, g, active = iterate.z, iterate.fz, iterate.residual, iterate.active
+        us, vs = state.us, state.vs
+        eps = torch.finfo(z.dtype).eps
+        window = state.recent.shape[1]
+        state.recent[:, iterate.num_steps % window] = iterate.residual_norm
+        direction = -_apply_h(us, vs, g)
+        z_new, fz_new, failed, _ = backtracking_line_search(
+            problem, z, fz, direction, active, line_search=self.line_search,
+            max_backtracks=self.max_backtracks, armijo=1e-4,
+            reference=state.recent.max(1).values)
+        if state.count == self.memory:
+            us.zero_()
+            vs.zero_()
+            state.count = 0
+        dz = z_new - z
+        dg = (fz_new - z_new) - g
+        h_dg = _apply_h(us, vs, dg)
+        denom = (dz * h_dg).sum(1)
+        ok = (torch.isfinite(denom) & (denom.abs() > eps * torch.linalg.vector_norm(dz, dim=1)
+                                       * torch.linalg.vector_norm(h_dg, dim=1))
+              & active & ~failed)
+        safe = torch.where(ok, denom, torch.ones_like(denom))
+        u = torch.where(ok[:, None], (dz - h_dg) / safe[:, None], torch.zeros_like(dz))
+        v = torch.where(ok[:, None], _apply_ht(us, vs, dz), torch.zeros_like(dz))
+        us[:, state.count] = u
+        vs[:, state.count] = v
+        state.count += 1
+        # a failed line search means the model is poor: restart it for that sample
+        reset = failed[:, None, None]
+        us.masked_fill_(reset, 0.0)
+        vs.masked_fill_(reset, 0.0)
+        return z_new, fz_new, state
+
+
+def _apply_h(us, vs, x):  # H x = -x + sum_i u_i (v_i . x)
+    return -x + ((vs @ x[:, :, None]) * us).sum(1)
+
+
+def _apply_ht(us, vs, x):  # H^T x = -x + sum_i v_i (u_i . x)
+    return -x + ((us @ x[:, :, None]) * vs).sum(1)
+
+
+@dataclass(eq=False)
+class _BroydenState:
+    us: torch.Tensor  # (B, memory, n): H = -I + sum_i u_i v_i^T estimates (J_f - I)^{-1}
+    vs: torch.Tensor
+    count: int  # rank-one updates stored since the last restart
+    recent: torch.Tensor  # (B, window) last residual norms, for the nonmonotone line search
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -404,55 +361,37 @@ class Newton(AbstractSolver):
         return ("Try a larger max_steps, or Anderson(): Newton stalls where I - J_f is singular "
                 "or f is not differentiable.")
 
-    def _solve(self, problem, z0, *, record_trace):
-        batch, n = z0.shape
-        monitor = Monitor(rtol=self.rtol, atol=self.atol, z0=z0, record_trace=record_trace)
-        eye = torch.eye(n, dtype=z0.dtype, device=z0.device)
-        graph = {}
+    def init(self, problem, z0, fz0):
+        return _NewtonState(linearization=None,
+                            eye=torch.eye(z0.shape[1], dtype=z0.dtype, device=z0.device))
 
-        def evaluate(z):
-            # Evaluate with the Jacobian-ready graph kept, so the last line-search trial (which
-            # is the accepted point) need not be recomputed to form the next Jacobian.
-            if problem.jac is not None:
-                return problem(z)
-            problem.num_fevals += 1
-            with torch.enable_grad():
-                zz = z.detach().requires_grad_(True)
-                out = problem.fn(zz)
-            graph["z"], graph["fz"] = zz, out
-            return out.detach()
+    def step(self, problem, state, iterate):
+        z, fz, g, active = iterate.z, iterate.fz, iterate.residual, iterate.active
+        if problem.jac is not None:
+            jac = problem.jacobian(z)
+        elif state.linearization is not None:
+            # the last line-search trial was evaluated exactly at this point: reuse its graph
+            jac = state.linearization.jacobian()
+        else:
+            jac = problem.linearize(z).jacobian()
+        direction, info = torch.linalg.solve_ex(state.eye - jac, g)
+        bad = (info != 0) | ~torch.isfinite(direction).all(-1)
+        direction = torch.where(bad[:, None], g, direction)
+        last = []
 
-        def jacobian(z, *, reuse):
-            problem.num_jac_evals += 1
-            if problem.jac is not None:
-                with torch.no_grad():
-                    return problem.jac(z)
-            if not reuse:
-                evaluate(z)
-            with torch.enable_grad():
-                jac = batched_jacobian(graph["fz"], graph["z"])
-            graph.clear()
-            return jac
+        def evaluate(z_try):
+            # Keep what the Jacobian needs, so the accepted point is not evaluated again.
+            last[:] = [problem.linearize(z_try)]
+            return last[0].fz
 
-        z, steps = z0, 0
-        fz = evaluate(z0)
-        jac = None
-        reuse = True
-        while True:
-            g, active = monitor.observe(z, fz)
-            if steps >= self.max_steps or not bool(active.any()):
-                break
-            if jac is None:
-                jac = jacobian(z, reuse=reuse)
-            direction, info = torch.linalg.solve_ex(eye - jac, g)
-            bad = (info != 0) | ~torch.isfinite(direction).all(-1)
-            direction = torch.where(bad[:, None], g, direction)
-            z_new, fz_new, failed, last_is_final = backtrack(
-                evaluate, z, fz, direction, active, line_search=self.line_search,
-                max_backtracks=self.max_backtracks, armijo=1e-4)
-            z = monitor.freeze(z_new)
-            fz = torch.where(monitor.active[:, None], fz_new, monitor.best_fz)
-            reuse = last_is_final
-            jac = None
-            steps += 1
-        return monitor.result(num_steps=steps, problem=problem)
+        z_new, fz_new, failed, last_is_final = backtracking_line_search(
+            evaluate, z, fz, direction, active, line_search=self.line_search,
+            max_backtracks=self.max_backtracks, armijo=1e-4)
+        state.linearization = last[0] if last_is_final else None
+        return z_new, fz_new, state
+
+
+@dataclass(eq=False)
+class _NewtonState:
+    linearization: object  # Linearization at the current iterate, or None
+    eye: torch.Tensor

@@ -106,6 +106,14 @@ class Comparison:
         Seed -> name of the method whose globals were shared in the ``"heldout"`` stage.
     reference
         Name of the reference method for ``max_abs_dz`` and ``subspace_angle``.
+    model
+        The model compared (the reports condition its Pyro program on the latents).
+    heldout_data
+        The validated held-out data mapping (data name -> tensor) of the first seed.
+    heldout_labels
+        Integer labels of the held-out rows, or None.
+    shared_globals
+        Global site -> tensor shared in the ``"heldout"`` stage of the first seed.
     """
 
     table: pd.DataFrame
@@ -115,6 +123,10 @@ class Comparison:
     model_name: str
     globals_source: dict[int, str] = field(default_factory=dict)
     reference: str = ""
+    model: object = None
+    heldout_data: dict[str, torch.Tensor] = field(default_factory=dict)
+    heldout_labels: torch.Tensor | None = None
+    shared_globals: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (
@@ -344,6 +356,7 @@ def compare(
     latents: dict[str, torch.Tensor] = {}
     traces: dict[str, torch.Tensor] = {}
     sources: dict[int, str] = {}
+    first_shared: dict[str, torch.Tensor] = {}
     for seed in _progress(seeds, enable=progress, desc="compare (seeds)"):
         fits: dict[str, StageResult] = {}
         for m in methods:
@@ -401,6 +414,7 @@ def compare(
         if seed == seeds[0]:
             latents = {name: r.values["z"] for name, r in held.items()}
             traces = {name: r.trace for name, r in fits.items()}
+            first_shared = shared
 
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["seed"] = table["seed"].astype("int64")
@@ -413,6 +427,10 @@ def compare(
         model_name=model_name,
         globals_source=sources,
         reference=reference,
+        model=model,
+        heldout_data={"y": y_ho},
+        heldout_labels=lab_ho,
+        shared_globals=first_shared,
     )
 
 

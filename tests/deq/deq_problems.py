@@ -92,3 +92,67 @@ def gaussian_pca() -> Problem:
 
 
 PROBLEMS = [linear_contraction, cosine, tanh_layer, quadratic_gradient_step, gaussian_pca]
+
+
+# ----------------------------------------------------------------------------------------------
+# The same problems with their parameters passed explicitly, f(z, *params), for derivative tests
+# through torch.func transforms. `data` is a per-sample input that vmap(grad) maps over.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamProblem:
+    """``z = f(z, *params)`` with ``params`` explicit; ``params[-1]`` is per-sample data."""
+
+    name: str
+    f: Callable[..., torch.Tensor]
+    params: tuple
+    z0: torch.Tensor
+    contractive: bool
+    jacobian: Callable[..., torch.Tensor] | None = None
+
+
+def p_linear() -> ParamProblem:
+    g = _gen(0)
+    n = 5
+    A = _spectral_scale(torch.randn(n, n, generator=g, dtype=DTYPE), 0.8)
+    b = torch.randn(BATCH, n, generator=g, dtype=DTYPE)
+    return ParamProblem("linear", lambda z, A, b: z @ A.T + b, (A, b), torch.zeros_like(b), True)
+
+
+def p_cosine() -> ParamProblem:
+    a = torch.tensor(0.9, dtype=DTYPE)
+    x = torch.linspace(-0.5, 0.5, BATCH * 3, dtype=DTYPE).reshape(BATCH, 3)
+    return ParamProblem("cos", lambda z, a, x: a * torch.cos(z) + x, (a, x),
+                        torch.zeros(BATCH, 3, dtype=DTYPE), True)
+
+
+def p_tanh() -> ParamProblem:
+    g = _gen(1)
+    n = 6
+    W = _spectral_scale(torch.randn(n, n, generator=g, dtype=DTYPE), 0.9)
+    u = torch.randn(BATCH, n, generator=g, dtype=DTYPE)
+    return ParamProblem("tanh", lambda z, W, u: torch.tanh(z @ W.T + u), (W, u),
+                        torch.zeros_like(u), True)
+
+
+def p_quadratic() -> ParamProblem:
+    g = _gen(2)
+    n = 4
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DTYPE))
+    Q = basis @ torch.diag(torch.linspace(1.0, 10.0, n, dtype=DTYPE)) @ basis.T
+    c = torch.randn(BATCH, n, generator=g, dtype=DTYPE)
+    # Q is used as (Q + Q^T) / 2 so that a perturbation of Q keeps the map a gradient step
+    f = lambda z, Q, c: z - 0.1 * (z @ (0.5 * (Q + Q.T)) - c)  # noqa: E731
+    return ParamProblem("quadratic", f, (Q, c), torch.zeros_like(c), True)
+
+
+def p_gaussian_pca() -> ParamProblem:
+    W, bias, y, lam = gaussian_pca_parts()
+    f = lambda z, W, y: (y - bias - z @ W.T) @ W / lam  # noqa: E731 - not a contraction
+    jac = lambda z, W, y: (-(W.T @ W) / lam).expand(z.shape[0], 2, 2)  # noqa: E731
+    return ParamProblem("gaussian_pca", f, (W, y), torch.zeros(BATCH, 2, dtype=DTYPE), False,
+                        jacobian=jac)
+
+
+PARAM_PROBLEMS = [p_linear, p_cosine, p_tanh, p_quadratic, p_gaussian_pca]

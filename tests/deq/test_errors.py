@@ -7,9 +7,11 @@ import torch
 from deq_problems import DTYPE
 
 from deqppl.deq import (
+    GMRES,
     Anderson,
     Broyden,
     ConvergenceError,
+    DirectLinearSolver,
     FixedPointIteration,
     ImplicitAdjoint,
     Newton,
@@ -102,3 +104,41 @@ def test_invalid_settings_rejected_at_construction(make):
 def test_adjoint_solver_must_be_a_solver():
     with pytest.raises(TypeError, match="AbstractSolver"):
         ImplicitAdjoint(solver="anderson")
+
+
+BAD_TOLERANCES = [
+    ("rtol", float("inf"), r"rtol must be a finite number in \[0, 1\)"),
+    ("rtol", 1.0, r"rtol must be a finite number in \[0, 1\)"),
+    ("rtol", 5.0, r"rtol must be a finite number in \[0, 1\)"),
+    ("rtol", -1e-6, r"rtol must be a finite number in \[0, 1\)"),
+    ("rtol", float("nan"), r"rtol must be a finite number in \[0, 1\)"),
+    ("atol", 1e300, r"atol must be a finite number in \[0, 1e\+100\]"),
+    ("atol", float("inf"), r"atol must be a finite number in \[0, 1e\+100\]"),
+    ("atol", float("nan"), r"atol must be a finite number in \[0, 1e\+100\]"),
+    ("atol", -1.0, r"atol must be a finite number in \[0, 1e\+100\]"),
+]
+SOLVER_CLASSES = [FixedPointIteration, Anderson, Broyden, Newton]
+
+
+@pytest.mark.parametrize("cls", SOLVER_CLASSES, ids=[c.__name__ for c in SOLVER_CLASSES])
+@pytest.mark.parametrize("field,value,message", BAD_TOLERANCES,
+                         ids=[f"{f}={v}" for f, v, _ in BAD_TOLERANCES])
+def test_meaningless_tolerances_are_refused(cls, field, value, message):
+    """Issue 12: Anderson(rtol=inf) and FixedPointIteration(atol=1e300) accepted any residual."""
+    with pytest.raises(ValueError, match=f"{cls.__name__} {message}.*got"):
+        cls(**{field: value})
+
+
+@pytest.mark.parametrize("cls", [GMRES, DirectLinearSolver], ids=["gmres", "direct"])
+@pytest.mark.parametrize("field,value,message", BAD_TOLERANCES,
+                         ids=[f"{f}={v}" for f, v, _ in BAD_TOLERANCES])
+def test_meaningless_linear_solver_tolerances_are_refused(cls, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**{field: value})
+
+
+def test_largest_meaningful_tolerances_are_accepted():
+    Anderson(rtol=0.999, atol=1e100)
+    GMRES(rtol=None, atol=0.0)
+    with pytest.raises(ValueError, match="restart"):
+        GMRES(restart=0)

@@ -18,6 +18,7 @@ from deqppl.deq import (
 )
 
 from deq_problems import BATCH, DTYPE, gaussian_pca, gaussian_pca_parts
+from user_solvers import AdaptiveRelaxation, DouglasRachford
 
 TIGHT = dict(rtol=1e-11, atol=1e-13)  # well above float64 round-off, so every solver can reach it
 
@@ -30,6 +31,8 @@ SOLVERS = {
     "broyden": Broyden(**TIGHT),
     "newton": Newton(**TIGHT),
     "newton_no_line_search": Newton(line_search=False, **TIGHT),
+    # written in tests/deq/user_solvers.py against the public protocol only
+    "user_adaptive_relaxation": AdaptiveRelaxation(**TIGHT),
 }
 
 
@@ -159,3 +162,73 @@ def test_solvers_are_frozen_and_keyword_only():
     with pytest.raises(TypeError):
         Anderson(5)
     assert dataclasses.replace(solver, memory=3).memory == 3
+
+
+def test_user_solver_gives_up_through_terminate():
+    """f(z) = z + 1 + z^2 has no real fixed point: every step grows the residual 1 + z^2, so
+    beta halves down to min_beta and the solver gives up."""
+    def f(z):
+        return z + 1.0 + z * z
+
+    sol = fixed_point(f, torch.zeros(2, 3, dtype=DTYPE),
+                      solver=AdaptiveRelaxation(min_beta=1e-3), throw=False)
+    assert sol.status is Status.STAGNATED and not sol.converged.any()
+    assert sol.num_steps < 50  # ten halvings, not max_steps
+    with pytest.raises(ConvergenceError, match="STAGNATED"):
+        fixed_point(f, torch.zeros(2, 3, dtype=DTYPE), solver=AdaptiveRelaxation(min_beta=1e-3))
+
+
+def _mondeq(seed=0, n=6, batch=4, m=0.5):
+    """z = relu(W z + x), W = (1 - m) I - A^T A + B - B^T (Winston & Kolter, 2020): I - W >= mI.
+
+    A is scaled so that ||W||_2 > 1: plain iteration is not guaranteed to converge.
+    """
+    g = torch.Generator().manual_seed(seed)
+    A = 1.5 * torch.randn(n, n, generator=g, dtype=DTYPE) / n**0.5
+    B = torch.randn(n, n, generator=g, dtype=DTYPE) / n**0.5
+    W = (1 - m) * torch.eye(n, dtype=DTYPE) - A.T @ A + B - B.T
+    x = torch.randn(batch, n, generator=g, dtype=DTYPE)
+    return W, x
+
+
+def _douglas_rachford_for(W, x):
+    n = W.shape[0]
+    eye = torch.eye(n, dtype=DTYPE)
+    # alpha = 1 / sqrt(m L) with L = ||I - W||_2 balances the two resolvents (a standard DR
+    # step-size choice for a strongly monotone, Lipschitz operator)
+    alpha = 1.0 / (0.5 * float(torch.linalg.matrix_norm(eye - W, ord=2))) ** 0.5
+    inverse = torch.linalg.inv(eye + alpha * (eye - W))
+
+    def resolvent(v):  # (I + alpha (I - W))^{-1} (v + alpha x)
+        return (v + alpha * x) @ inverse.T
+
+    return DouglasRachford(resolvent=resolvent, rtol=1e-12, atol=0.0)
+
+
+def test_user_splitting_solver_with_a_resolvent():
+    """Douglas-Rachford with the user's resolvent of the linear part, through the protocol."""
+    W, x = _mondeq()
+    assert float(torch.linalg.matrix_norm(W, ord=2)) > 1.0
+
+    def f(z, W):
+        return torch.relu(z @ W.T + x)
+
+    def solve(W):
+        return fixed_point(f, torch.zeros_like(x), args=(W,),
+                           solver=_douglas_rachford_for(W.detach(), x))
+
+    sol = solve(W)
+    assert sol.status is Status.CONVERGED and sol.solver == "DouglasRachford"
+    # oracle: the monotone inclusion has a unique solution, also found by full-step Newton
+    # (the map is piecewise linear: Newton is an active-set iteration, exact once it settles)
+    oracle = fixed_point(f, torch.zeros_like(x), args=(W,),
+                         solver=Newton(rtol=1e-13, atol=0.0, line_search=False, max_steps=100))
+    torch.testing.assert_close(sol.value, oracle.value, rtol=1e-10, atol=1e-11)
+    # the implicit gradient works with the user's solver like with any other
+    jac = torch.func.jacrev(lambda W: solve(W).value)(W)
+    v = torch.randn(W.shape, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    eps = 1e-6  # piecewise linear map: central differences exact away from kinks
+    with torch.no_grad():
+        fd = (solve(W + eps * v).value - solve(W - eps * v).value) / (2 * eps)
+    # fixed points to ~1e-12 relative, differenced over 2e-6: ~1e-6 noise
+    torch.testing.assert_close(torch.tensordot(jac, v, dims=2), fd, rtol=1e-5, atol=1e-5)

@@ -1,59 +1,79 @@
-"""A small comparison for the report tests: from the real harness when present, else hand-built."""
+"""Real comparisons on small data for the report tests (session-scoped: each runs once).
+
+* ``digits_comparison``: DEQ vs SVI vs L-BFGS on 120 of the built-in digits as Binomial(16) PCA
+  with 3 latent dimensions and labels (images, latent space by label, PCA projection).
+* ``poisson_comparison``: simulated Poisson PCA, 5 coordinates, 2 latent dimensions, no labels
+  (profile reconstructions, no latent-space figure).
+* ``digits_models``: Gaussian vs Poisson vs Binomial(16) PCA with 1 and 2 latent dimensions.
+
+Budgets are small so that the fits stop at their step limits: the reports must then say so.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-METHODS = ("deq", "svi", "lbfgs")
+from deqppl.data import load_digits
+from deqppl.expfam import binomial, family
+from deqppl.harness import DEQMethod, LBFGSMethod, SVIMethod, compare, compare_models
+from deqppl.models import ExpFamPCA
+
+NUM_DIGITS = 120
+NUM_HELDOUT = 24
 
 
-@dataclass(frozen=True)
-class HandBuiltComparison:
-    """Satisfies the ``deqppl.harness.Comparison`` contract of docs/CONVENTIONS.md."""
-
-    table: pd.DataFrame
-    summary: pd.DataFrame
-    latents: dict
-    traces: dict
-    model_name: str
-
-
-def hand_built_comparison() -> HandBuiltComparison:
-    rng = np.random.default_rng(0)
-    rows = []
-    for m, method in enumerate(METHODS):
-        for stage in ("fit", "heldout"):
-            metrics = {
-                "wall_time": 0.01 * 10.0**m * (1 + rng.random()),
-                "num_steps": float(5 + 100 * m),
-                "converged": 1.0,
-                "log_joint": -1234.5678 - m * rng.random(),
-                "max_abs_dz": 0.0 if m == 0 else 10.0 ** (-3 - m) * rng.random(),
-                "heldout_log_lik": -987.654321 - m * 1e-3,
-            }
-            for metric, value in metrics.items():
-                rows.append(("ExpFamPCA", method, 0, stage, metric, value))
-    table = pd.DataFrame(rows, columns=["model", "method", "seed", "stage", "metric", "value"])
-    held = table[table["stage"] == "heldout"]
-    summary = held.pivot_table(index="method", columns="metric", values="value").reindex(METHODS)
-    fit_time = table[(table["stage"] == "fit") & (table["metric"] == "wall_time")]
-    summary["fit_wall_time"] = fit_time.set_index("method")["value"].reindex(METHODS)
-    summary.columns.name = None
-    z = torch.randn(30, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    latents = {m: z + 1e-4 * i for i, m in enumerate(METHODS)}
-    traces = {
-        "deq": torch.logspace(0, -10, 6, dtype=torch.float64),  # residuals
-        "svi": torch.linspace(50.0, -20.0, 200, dtype=torch.float64),  # negative losses
-        "lbfgs": torch.linspace(50.0, 10.0, 20, dtype=torch.float64),
-    }
-    return HandBuiltComparison(table, summary, latents, traces, "ExpFamPCA")
+def _digits_split():
+    digits = load_digits()
+    rows = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))[:NUM_DIGITS]
+    held, train = rows[:NUM_HELDOUT], rows[NUM_HELDOUT:]
+    return digits, train, held
 
 
 @pytest.fixture(scope="session")
-def comparison():
-    return hand_built_comparison()
+def digits_comparison():
+    digits, train, held = _digits_split()
+    model = ExpFamPCA(family=binomial(16), obs_dim=64, latent_dim=3)
+    return compare(
+        model,
+        digits.y[train],
+        heldout=digits.y[held],
+        labels=digits.labels[train],
+        heldout_labels=digits.labels[held],
+        methods=[DEQMethod(num_epochs=20), SVIMethod(max_steps=200), LBFGSMethod(max_steps=100)],
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def poisson_comparison():
+    model = ExpFamPCA(family=family("poisson"), obs_dim=5, latent_dim=2)
+    y = model.simulate(40, seed=0, dtype=torch.float64).data["y"]
+    methods = [DEQMethod(num_epochs=20), SVIMethod(max_steps=300), LBFGSMethod(max_steps=100)]
+    return compare(model, y, methods=methods, progress=False)
+
+
+@pytest.fixture(scope="session")
+def digits_models():
+    digits, train, held = _digits_split()
+    y = digits.y.double()
+    models = {
+        f"{name}_l{l}": ExpFamPCA(family=fam, obs_dim=64, latent_dim=l)
+        for name, fam in (("gaussian", family("gaussian")), ("poisson", family("poisson")),
+                          ("binomial16", binomial(16)))
+        for l in (1, 2)
+    }
+    return compare_models(
+        models, y[train[:60]], y[held], num_draws=20, method=LBFGSMethod(max_steps=50), progress=False
+    )
+
+
+@pytest.fixture(scope="session")
+def digits_report(digits_comparison, digits_models, tmp_path_factory):
+    """Paths of the report of ``digits_comparison`` with ``digits_models`` (in a tmp folder)."""
+    from deqppl.report import write_report
+
+    out = tmp_path_factory.mktemp("digits-report")
+    return write_report(
+        digits_comparison, out, model_comparison=digits_models, title="Tiny <test> & report"
+    )

@@ -1,0 +1,560 @@
+"""The public solver protocol: a solver is a *step*; one driver owns everything else.
+
+A fixed-point solver subclasses `AbstractSolver` and implements three small methods, in the
+manner of optimistix (Rader, Lyons & Kidger, 2024):
+
+* ``init(problem, z0, fz0) -> state``: the solver's own state (any object), e.g. a history.
+* ``step(problem, state, iterate) -> (z_next, fz_next or None, state)``: propose the next iterate
+  for every sample from the current `Iterate`; return ``f(z_next)`` too if it was evaluated
+  (line searches do), else ``None`` and the driver evaluates it.
+* optionally ``terminate(problem, state, iterate)``: a ``(B,)`` mask of samples to give up on
+  (default: none), and ``postprocess(problem, state, iterate)``: what the solve learned, handed
+  to the adjoint (default ``None``).
+
+The driver `run_solver` owns, for every solver: the per-sample stopping rule
+$\\lVert f(z)-z\\rVert_2 \\le \\text{atol} + \\text{rtol}\\lVert f(z)\\rVert_2$, the per-sample
+convergence mask, freezing of samples that converged or failed (the value returned is exactly
+the iterate whose residual is reported), detection of non-finite values and of divergence, the
+best-iterate fallback, the residual trace, the step and evaluation counters and the `Status`.
+A solver never sees autograd: the driver runs without a graph and the `FixedPointProblem` it is
+given evaluates $f$ under ``torch.no_grad``.
+
+`fixed_point` flattens the event dimensions, so solvers work on ``(B, n)`` tensors.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ._solution import Solution, Status
+
+__all__ = [
+    "AbstractSolver",
+    "FixedPointProblem",
+    "Iterate",
+    "Linearization",
+    "run_solver",
+    "backtracking_line_search",
+    "check_real",
+    "check_int",
+    "check_tolerances",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# validation helpers, public so that user solvers validate their settings like the built-in ones
+# ----------------------------------------------------------------------------------------------
+
+def check_int(name: str, value, *, minimum: int) -> None:
+    """Raise `ValueError` naming ``name`` unless ``value`` is an integer ``>= minimum``.
+
+    Examples
+    --------
+    >>> check_int("memory", 0, minimum=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: memory must be an integer >= 1, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_real(name: str, value, *, low: float, high: float = math.inf,
+               low_open: bool = False, high_open: bool = False) -> None:
+    """Raise `ValueError` naming ``name`` unless ``value`` is a real number in the interval.
+
+    The interval is ``[low, high]``, with ``low_open`` / ``high_open`` making an end open. NaN
+    and booleans are refused.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        interval = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+
+
+#: Largest accepted ``atol``. The stopping rule compares it with $\lVert f(z)-z\rVert_2$; an
+#: ``atol`` near the largest float accepts any finite residual, i.e. declares a map without a
+#: fixed point converged (issue 12: ``FixedPointIteration(atol=1e300)`` did). 1e100 is far above
+#: any meaningful scale of a latent variable and far below the float64 maximum.
+MAX_ATOL = 1e100
+
+
+def check_tolerances(rtol, atol, *, owner: str = "solver") -> None:
+    """Validate a stopping rule $\\lVert f(z)-z\\rVert \\le \\text{atol}+\\text{rtol}\\lVert f(z)\\rVert$.
+
+    ``rtol`` must be finite and lie in ``[0, 1)``: with ``rtol >= 1`` the rule holds for every
+    $z$ with $\\lVert f(z)-z\\rVert \\le \\lVert f(z)\\rVert$, e.g. $z=0$ for any $f$, so it certifies
+    nothing. ``atol`` must be finite and lie in ``[0, 1e100]`` (`MAX_ATOL`); at least one of them
+    must be positive.
+
+    Raises
+    ------
+    ValueError
+        Naming the field, its value and the allowed range.
+
+    Examples
+    --------
+    >>> check_tolerances(float("inf"), 0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: solver rtol must be a finite number in [0, 1) (rtol >= 1 accepts z = 0 for any f), got inf
+    """
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{owner} {name} must be a real number, got {value!r}")
+    if not (math.isfinite(rtol) and 0.0 <= rtol < 1.0):
+        raise ValueError(f"{owner} rtol must be a finite number in [0, 1) (rtol >= 1 accepts "
+                         f"z = 0 for any f), got {rtol!r}")
+    if not (math.isfinite(atol) and 0.0 <= atol <= MAX_ATOL):
+        raise ValueError(f"{owner} atol must be a finite number in [0, {MAX_ATOL:g}] (a larger "
+                         f"atol accepts any finite residual), got {atol!r}")
+    if rtol == 0 and atol == 0:
+        raise ValueError(f"at least one of {owner} rtol and atol must be positive, got "
+                         f"rtol={rtol!r}, atol={atol!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the problem a solver sees
+# ----------------------------------------------------------------------------------------------
+
+class Linearization:
+    """$f$ evaluated at ``z`` with what is needed for its per-sample Jacobian there.
+
+    Returned by `FixedPointProblem.linearize`; ``jacobian()`` then costs no further evaluation
+    of $f$ (it reuses the recorded vector-Jacobian function, or calls the analytic Jacobian).
+    """
+
+    def __init__(self, problem: FixedPointProblem, z: torch.Tensor, fz: torch.Tensor, vjp_fn):
+        self._problem = problem
+        self.z = z
+        self.fz = fz
+        self._vjp_fn = vjp_fn
+
+    def jacobian(self) -> torch.Tensor:
+        """Per-sample Jacobian ``(B, n, n)``, ``J[b, i, j] = d f_i / d z_j`` at ``z``."""
+        problem = self._problem
+        problem.num_jac_evals += 1
+        if problem.jac is not None:
+            with torch.no_grad():
+                return problem.jac(self.z)
+        return jacobian_from_vjp(self._vjp_fn, self.z)
+
+
+def jacobian_from_vjp(vjp_fn, z: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jacobian ``(B, n, n)`` from a vector-Jacobian function of a batched map.
+
+    Samples are independent, so row ``i`` of every sample's Jacobian is one vector-Jacobian
+    product with the ``i``-th basis vector in every sample: ``n`` products, vectorized with
+    `torch.func.vmap` where ``f``'s operations support it and looped otherwise.
+    """
+    batch, n = z.shape
+    basis = torch.eye(n, dtype=z.dtype, device=z.device).unsqueeze(1).expand(n, batch, n)
+    try:
+        with warnings.catch_warnings():
+            # vmap may warn about a slow fallback for some operations; the result is exact.
+            warnings.simplefilter("ignore", UserWarning)
+            (rows,) = torch.func.vmap(vjp_fn)(basis)
+    except RuntimeError:
+        rows = torch.stack([vjp_fn(basis[i])[0] for i in range(n)])
+    return rows.transpose(0, 1)
+
+
+class FixedPointProblem:
+    """$z = f(z)$ on flattened ``(B, n)`` tensors, as a solver sees it, with counters.
+
+    Built by `fixed_point` (and by the adjoint for its linear problems); a solver calls it.
+    Every evaluation runs without an autograd graph and is counted in ``num_fevals``.
+
+    Parameters
+    ----------
+    fn
+        ``(B, n) -> (B, n)``, already validated; sample ``b`` of the output depends only on
+        ``z[b]``.
+    jac
+        Optional ``(B, n) -> (B, n, n)``, the exact per-sample Jacobian of ``fn``; without it,
+        `jacobian` forms it from ``n`` vector-Jacobian products.
+
+    Examples
+    --------
+    >>> import torch
+    >>> problem = FixedPointProblem(torch.cos)
+    >>> z = torch.zeros(2, 3, dtype=torch.float64)
+    >>> problem(z).tolist()[0], problem.num_fevals
+    ([1.0, 1.0, 1.0], 1)
+    >>> problem.jacobian(z + 1.0)[0].diagonal().tolist() == [-float(torch.sin(torch.tensor(1.0, dtype=torch.float64)))] * 3
+    True
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor],
+                 jac: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.fn = fn
+        self.jac = jac
+        self.num_fevals = 0
+        self.num_jac_evals = 0
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """``f(z)``, ``(B, n)``, without autograd."""
+        self.num_fevals += 1
+        with torch.no_grad():
+            return self.fn(z)
+
+    def linearize(self, z: torch.Tensor) -> Linearization:
+        """``f(z)`` together with what its Jacobian at ``z`` needs (one counted evaluation)."""
+        self.num_fevals += 1
+        if self.jac is not None:
+            with torch.no_grad():
+                return Linearization(self, z, self.fn(z), None)
+        fz, vjp_fn = torch.func.vjp(self.fn, z)
+        return Linearization(self, z, fz.detach(), vjp_fn)
+
+    def jacobian(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-sample Jacobian ``(B, n, n)`` at ``z`` (costs one evaluation without ``jac``)."""
+        if self.jac is not None:
+            self.num_jac_evals += 1
+            with torch.no_grad():
+                return self.jac(z)
+        return self.linearize(z).jacobian()
+
+
+@dataclass(frozen=True, eq=False)
+class Iterate:
+    """What the driver hands a solver's ``step``: the current iterate, observed.
+
+    Attributes
+    ----------
+    z, fz
+        ``(B, n)`` current iterate and ``f(z)``.
+    residual
+        ``(B, n)`` $g = f(z) - z$.
+    residual_norm
+        ``(B,)`` $\\lVert g\\rVert_2$.
+    active
+        ``(B,)`` mask of samples still iterating; the driver freezes the others whatever the
+        step proposes for them.
+    best_z, best_fz, best_residual_norm
+        Per sample, the iterate with the smallest residual so far, its ``f`` and residual norm.
+    num_steps
+        Steps taken so far.
+    """
+
+    z: torch.Tensor
+    fz: torch.Tensor
+    residual: torch.Tensor
+    residual_norm: torch.Tensor
+    active: torch.Tensor
+    best_z: torch.Tensor
+    best_fz: torch.Tensor
+    best_residual_norm: torch.Tensor
+    num_steps: int
+
+
+class AbstractSolver(abc.ABC):
+    """Base of every fixed-point solver, built-in or user-written; never instantiated.
+
+    A concrete solver is a frozen, keyword-only dataclass with at least the fields ``rtol``,
+    ``atol`` and ``max_steps`` (validated in ``__post_init__``, e.g. by calling
+    ``self._check_common()``), and implements `init` and `step`; see the module docstring and
+    `run_solver` for the contract. Set the class attribute ``divergence_ratio`` to have the
+    driver give up a sample whose residual grows past that multiple of its first residual.
+
+    Examples
+    --------
+    A relaxed iteration $z \\leftarrow z + \\beta (f(z) - z)$ in a few lines:
+
+    >>> import torch
+    >>> from dataclasses import dataclass
+    >>> from deqppl.deq import AbstractSolver, fixed_point
+    >>> @dataclass(frozen=True, kw_only=True)
+    ... class Relaxed(AbstractSolver):
+    ...     beta: float = 0.5
+    ...     rtol: float = 1e-10
+    ...     atol: float = 0.0
+    ...     max_steps: int = 500
+    ...     def __post_init__(self):
+    ...         self._check_common()
+    ...     def init(self, problem, z0, fz0):
+    ...         return None
+    ...     def step(self, problem, state, iterate):
+    ...         return iterate.z + self.beta * iterate.residual, None, state
+    >>> sol = fixed_point(torch.cos, torch.zeros(2, 1, dtype=torch.float64), solver=Relaxed())
+    >>> sol.status.name, round(float(sol.value[0, 0]), 8)
+    ('CONVERGED', 0.73908513)
+    """
+
+    rtol: float
+    atol: float
+    max_steps: int
+    #: Give up a sample whose residual exceeds this multiple of its first residual (``None``:
+    #: never; a solver with a safeguard that can recover should leave it ``None``).
+    divergence_ratio: ClassVar[float | None] = None
+
+    def _check_common(self) -> None:
+        """Validate ``rtol``, ``atol`` (see `check_tolerances`) and ``max_steps``."""
+        check_tolerances(self.rtol, self.atol, owner=type(self).__name__)
+        check_int("max_steps", self.max_steps, minimum=1)
+
+    @property
+    def name(self) -> str:
+        """Name used in results and error messages."""
+        return type(self).__name__
+
+    def _hint(self) -> str:
+        """What to try when this solver fails; appended to `ConvergenceError` messages."""
+        return "Try a larger max_steps, or another solver."
+
+    @abc.abstractmethod
+    def init(self, problem: FixedPointProblem, z0: torch.Tensor, fz0: torch.Tensor) -> Any:
+        """The solver's state before the first step; ``z0`` and ``fz0 = f(z0)`` are ``(B, n)``."""
+
+    @abc.abstractmethod
+    def step(self, problem: FixedPointProblem, state: Any,
+             iterate: Iterate) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """Propose ``z_next`` ``(B, n)`` for every sample; return it, ``f(z_next)`` or ``None``,
+        and the new state. Values proposed for inactive samples are discarded by the driver."""
+
+    def terminate(self, problem: FixedPointProblem, state: Any,
+                  iterate: Iterate) -> torch.Tensor | None:
+        """``(B,)`` mask of active samples this solver gives up on now, or ``None`` (default).
+
+        Samples given up are frozen at their best iterate and reported as not converged with
+        `Status.STAGNATED`; convergence itself is decided by the driver, never here.
+        """
+        return None
+
+    def postprocess(self, problem: FixedPointProblem, state: Any, iterate: Iterate) -> Any:
+        """What the solve learned, kept on ``Solution.solver_info`` (default ``None``)."""
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the one driver
+# ----------------------------------------------------------------------------------------------
+
+class _Monitor:
+    """Per-sample convergence bookkeeping of the driver.
+
+    A sample is *active* until it converges, produces a non-finite value, diverges or is given
+    up by the solver; inactive samples are frozen at their final (converged or best finite)
+    iterate. For a sample that never converges the iterate with the smallest residual is kept.
+    """
+
+    def __init__(self, *, rtol: float, atol: float, z0: torch.Tensor, record_trace: bool,
+                 divergence_ratio: float | None):
+        batch = z0.shape[0]
+        self.divergence_ratio = divergence_ratio
+        self.rtol = rtol
+        self.atol = atol
+        self.converged = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+        self.nonfinite = torch.zeros_like(self.converged)
+        self.diverged = torch.zeros_like(self.converged)
+        self.stagnated = torch.zeros_like(self.converged)
+        self.best_res = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
+        self.best_fnorm = torch.zeros_like(self.best_res)
+        self.best_z = z0.clone()
+        self.best_fz = z0.clone()
+        self.first_res: torch.Tensor | None = None
+        self.last_res = self.best_res.clone()
+        self.trace: list[torch.Tensor] | None = [] if record_trace else None
+
+    @property
+    def active(self) -> torch.Tensor:
+        return ~(self.converged | self.nonfinite | self.diverged | self.stagnated)
+
+    def observe(self, z: torch.Tensor, fz: torch.Tensor, num_steps: int) -> Iterate:
+        g = fz - z
+        res = torch.linalg.vector_norm(g, dim=1)
+        fnorm = torch.linalg.vector_norm(fz, dim=1)
+        finite = torch.isfinite(res) & torch.isfinite(fnorm)
+        was_active = self.active
+        if self.first_res is None:
+            self.first_res = torch.where(finite, res, torch.full_like(res, math.inf))
+        new_conv = was_active & finite & (res <= self.atol + self.rtol * fnorm)
+        keep = new_conv | (was_active & finite & (res < self.best_res))
+        self.best_res = torch.where(keep, res, self.best_res)
+        self.best_fnorm = torch.where(keep, fnorm, self.best_fnorm)
+        self.best_z = torch.where(keep[:, None], z, self.best_z)
+        self.best_fz = torch.where(keep[:, None], fz, self.best_fz)
+        self.last_res = torch.where(was_active, res, self.last_res)
+        self.converged |= new_conv
+        self.nonfinite |= was_active & ~finite
+        if self.divergence_ratio is not None:
+            self.diverged |= was_active & finite & (res > self.divergence_ratio * self.first_res)
+        if self.trace is not None:
+            self.trace.append(torch.nan_to_num(self.last_res, nan=math.inf).max().detach().cpu()
+                              if res.numel() else torch.tensor(0.0))
+        return Iterate(z=z, fz=fz, residual=g, residual_norm=res, active=self.active,
+                       best_z=self.best_z, best_fz=self.best_fz,
+                       best_residual_norm=self.best_res, num_steps=num_steps)
+
+    def give_up(self, mask: torch.Tensor) -> None:
+        self.stagnated |= mask & self.active
+
+    def freeze(self, z_new: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        return torch.where(active[:, None], z_new, self.best_z)
+
+    def status(self) -> Status:
+        if bool(self.converged.all()):
+            return Status.CONVERGED
+        if bool(self.nonfinite.any()):
+            return Status.NONFINITE
+        if bool(self.diverged.any()):
+            return Status.DIVERGED
+        if bool(self.stagnated.any()):
+            return Status.STAGNATED
+        if bool((~self.converged & (self.last_res > self.first_res)).any()):
+            return Status.DIVERGED
+        return Status.MAX_STEPS_REACHED
+
+
+def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Tensor, *,
+               trace: bool = False, fz0: torch.Tensor | None = None) -> Solution:
+    """Run ``solver`` on a flattened problem: the one driver loop shared by every solver.
+
+    Each iteration: observe ``(z, f(z))`` (per-sample stopping rule, best iterate, non-finite
+    values, divergence, trace), stop when no sample is active or after ``solver.max_steps``
+    steps, ask ``solver.terminate`` for samples to give up on, then ``solver.step`` for the next
+    iterate, freeze the inactive samples, and evaluate $f$ at the new iterate unless the step did.
+    No autograd graph is built; ``Solution.value`` is detached.
+
+    Parameters
+    ----------
+    solver
+        Any `AbstractSolver`.
+    problem
+        The `FixedPointProblem` on ``(B, n)`` tensors.
+    z0
+        ``(B, n)`` starting point.
+    trace
+        Record the largest residual over the batch after every step.
+    fz0
+        ``f(z0)`` if the caller has already evaluated it (counted as one evaluation all the
+        same), else ``None``.
+
+    Returns
+    -------
+    Solution
+        With ``value`` ``(B, n)`` and ``solver_info`` from ``solver.postprocess``; never raises
+        for non-convergence (`fixed_point` does, when asked).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from deqppl.deq import Anderson, FixedPointProblem, run_solver
+    >>> sol = run_solver(Anderson(rtol=1e-12), FixedPointProblem(torch.cos),
+    ...                  torch.zeros(2, 1, dtype=torch.float64))
+    >>> sol.status.name, round(float(sol.value[1, 0]), 8)
+    ('CONVERGED', 0.73908513)
+    """
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(f"solver must be an AbstractSolver, got {type(solver).__name__}")
+    start = time.perf_counter()
+    with torch.no_grad():
+        monitor = _Monitor(rtol=solver.rtol, atol=solver.atol, z0=z0, record_trace=trace,
+                           divergence_ratio=solver.divergence_ratio)
+        if fz0 is None:
+            fz0 = problem(z0)
+        else:
+            problem.num_fevals += 1
+        z, fz, steps = z0, fz0, 0
+        state = solver.init(problem, z0, fz)
+        while True:
+            iterate = monitor.observe(z, fz, steps)
+            if steps >= solver.max_steps or not bool(iterate.active.any()):
+                break
+            stop = solver.terminate(problem, state, iterate)
+            if stop is not None:
+                monitor.give_up(stop)
+                if not bool(monitor.active.any()):
+                    break
+            active = monitor.active
+            z_new, fz_new, state = solver.step(problem, state, iterate)
+            z = monitor.freeze(z_new, active)
+            if fz_new is None:
+                fz = problem(z)
+            else:
+                fz = torch.where(active[:, None], fz_new, monitor.best_fz)
+            steps += 1
+        info = solver.postprocess(problem, state, iterate)
+    tiny = torch.finfo(z0.dtype).tiny
+    return Solution(
+        value=monitor.best_z, residual=monitor.best_res,
+        rel_residual=monitor.best_res / (monitor.best_fnorm + tiny),
+        converged=monitor.converged.clone(), status=monitor.status(), num_steps=steps,
+        num_fevals=problem.num_fevals, num_jac_evals=problem.num_jac_evals,
+        wall_time=time.perf_counter() - start,
+        trace=torch.stack(monitor.trace) if monitor.trace else None,
+        solver=solver.name, solver_info=info)
+
+
+def backtracking_line_search(
+    evaluate: Callable[[torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    fz: torch.Tensor,
+    direction: torch.Tensor,
+    active: torch.Tensor,
+    *,
+    line_search: bool = True,
+    max_backtracks: int = 10,
+    armijo: float = 1e-4,
+    reference: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Per-sample backtracking line search on the residual norm ``||f(z) - z||``.
+
+    Tries ``z + t d`` with ``t = 1, 1/2, 1/4, ...`` and accepts, per sample, the first step with
+    ``||r(z + t d)|| <= (1 - armijo * t) ||r(z)||`` (the Armijo condition on $\\frac12\\lVert r
+    \\rVert^2$ to first order in ``armijo``). A sample for which no step is accepted stays at
+    ``z`` (``failed`` mask) so that the caller can reset its model of the Jacobian. Every trial
+    evaluates ``evaluate`` on the whole batch, with already-accepted samples held at their accepted
+    point, so the last trial is always evaluated exactly at the returned point unless a sample
+    failed (``last_is_final`` tells which). ``reference`` (per sample, default ``||r(z)||``)
+    replaces ``||r(z)||`` on the right-hand side, e.g. by the largest of the last few residuals
+    for a nonmonotone search (Grippo, Lampariello & Lucidi, 1986, SIAM J. Numer. Anal.).
+
+    Parameters
+    ----------
+    evaluate
+        ``z (B, n) -> f(z) (B, n)``, typically the `FixedPointProblem` (so trials are counted).
+    z, fz, direction
+        ``(B, n)`` current point, ``f(z)`` and search direction.
+    active
+        ``(B,)`` samples to search for; the others are accepted at ``z`` unchanged.
+    line_search
+        ``False`` takes the full step wherever it is finite.
+
+    Returns
+    -------
+    z_new, fz_new, failed, last_is_final
+    """
+    res0 = torch.linalg.vector_norm(fz - z, dim=1) if reference is None else reference
+    accepted = ~active
+    z_acc, fz_acc = z, fz
+    step = torch.ones_like(res0)
+    num_trials = max_backtracks + 1 if line_search else 1
+    for _ in range(num_trials):
+        z_try = torch.where(accepted[:, None], z_acc, z + step[:, None] * direction)
+        fz_try = evaluate(z_try)
+        res = torch.linalg.vector_norm(fz_try - z_try, dim=1)
+        finite = torch.isfinite(res)
+        if line_search:
+            ok = ~accepted & finite & (res <= (1.0 - armijo * step) * res0)
+        else:
+            ok = ~accepted & finite
+        accepted = accepted | ok
+        z_acc = torch.where(ok[:, None], z_try, z_acc)
+        fz_acc = torch.where(ok[:, None], fz_try, fz_acc)
+        if bool(accepted.all()):
+            return z_acc, fz_acc, torch.zeros_like(accepted), True
+        step = torch.where(accepted, step, 0.5 * step)
+    failed = ~accepted
+    return z_acc, fz_acc, failed, False

@@ -1,0 +1,218 @@
+r"""What every number in a report means: one row per metric, shared by the tables and the glossary.
+
+Each metric a report shows is looked up here for its unit, the table it belongs in and a
+one-sentence definition; the report's glossary lists exactly the metrics its tables show. A metric
+without a row (a new method diagnostic) is still shown, in the "Other diagnostics" table, with a
+note that its description is missing, so that nothing a comparison measured is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = ["MODEL_METRICS", "METRICS", "Group", "MetricInfo", "describe_metric"]
+
+
+class Group(Enum):
+    """The table of a report a method metric is shown in, in page order."""
+
+    AGREEMENT = "Agreement of the held-out latents"
+    DATA_FIT = "Fit to the held-out data"
+    TIME = "Wall time"
+    CONVERGENCE = "Convergence"
+    DIAGNOSTICS = "Other diagnostics"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricInfo:
+    """One glossary row.
+
+    Parameters
+    ----------
+    unit
+        Unit of the value as printed after the name, e.g. ``"s"``, ``"nats"``, ``"0/1"``.
+    group
+        Table the metric is shown in (method metrics; ignored for model-comparison columns).
+    description
+        One sentence a statistician can check the number against.
+    """
+
+    unit: str
+    group: Group
+    description: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group, Group):
+            raise TypeError(f"group must be a Group, got {type(self.group).__name__}")
+        if not self.description.strip():
+            raise ValueError("description must not be empty")
+
+
+_A, _F, _T, _C, _D = Group.AGREEMENT, Group.DATA_FIT, Group.TIME, Group.CONVERGENCE, Group.DIAGNOSTICS
+
+#: Metrics of :attr:`deqppl.harness.Comparison.table` (per method, seed and stage).
+METRICS: dict[str, MetricInfo] = {
+    "max_abs_dz": MetricInfo(
+        unit="latent units",
+        group=_A,
+        description="largest absolute difference, over held-out rows and latent dimensions, "
+        "between this method's conditional-MAP latents and the reference method's "
+        "(0 for the reference itself; latent units: the prior is N(0, 1/lam)).",
+    ),
+    "log_joint_gap": MetricInfo(
+        unit="nats",
+        group=_A,
+        description="best method's log joint minus this method's, at the same globals "
+        "(>= 0; 0 means this method found the highest log joint).",
+    ),
+    "amortization_gap": MetricInfo(
+        unit="nats",
+        group=_A,
+        description="sum over held-out rows of the best per-row log joint over all methods minus "
+        "this method's (>= 0): the log joint lost to not reaching each row's optimum.",
+    ),
+    "subspace_angle": MetricInfo(
+        unit="rad",
+        group=_A,
+        description="largest principal angle between this method's loadings W and the reference "
+        "method's (rotation invariant; 0 = the same subspace, pi/2 = orthogonal).",
+    ),
+    "log_joint": MetricInfo(
+        unit="nats",
+        group=_F,
+        description="log p(y, latents, globals) of the Pyro model's trace at this method's "
+        "estimate, summed over the rows of the stage.",
+    ),
+    "heldout_log_lik": MetricInfo(
+        unit="nats",
+        group=_F,
+        description="sum over held-out rows of log p(y | latents, globals), read from the "
+        "observation site of the Pyro trace at this method's latents.",
+    ),
+    "accuracy": MetricInfo(
+        unit="fraction",
+        group=_F,
+        description="fraction of held-out rows whose label a multinomial logistic regression, "
+        "trained on the training latents of the shared fit, predicts from this method's "
+        "held-out latents (row 'pca': the same classifier on plain-PCA scores).",
+    ),
+    "wall_time": MetricInfo(
+        unit="s",
+        group=_T,
+        description="wall-clock time of the stage (joint fit of the globals, or inference of the "
+        "held-out latents with the globals fixed), diagnostics excluded.",
+    ),
+    "fit_wall_time": MetricInfo(
+        unit="s",
+        group=_T,
+        description="wall-clock time of the joint fit of the globals on the training rows.",
+    ),
+    "time_ratio_vs_deq": MetricInfo(
+        unit="×",
+        group=_T,
+        description="this method's wall time divided by the DEQ's in the same stage "
+        "(> 1: slower than the DEQ).",
+    ),
+    "converged": MetricInfo(
+        unit="0/1",
+        group=_C,
+        description="1 if the method's own stopping criterion was met, 0 if it stopped at its "
+        "step budget (averaged over seeds: the fraction of seeds that converged).",
+    ),
+    "fraction_converged": MetricInfo(
+        unit="fraction",
+        group=_C,
+        description="fraction of rows whose fixed-point solve met its tolerance (DEQ).",
+    ),
+    "num_steps": MetricInfo(
+        unit="count",
+        group=_C,
+        description="optimiser or solver steps taken: L-BFGS iterations, Adam updates (SVI), "
+        "fixed-point iterations (DEQ, held-out) or epochs (DEQ, fit).",
+    ),
+    "num_grad_evals": MetricInfo(
+        unit="count",
+        group=_C,
+        description="gradient (or fixed-point map) evaluations: the work behind the steps.",
+    ),
+    "spectral_radius": MetricInfo(
+        unit="dimensionless",
+        group=_D,
+        description="median over a subsample of rows of the spectral radius of the DEQ layer's "
+        "Jacobian at the fixed point (> 1: plain iteration would diverge; the solver does not "
+        "need it below 1).",
+    ),
+    "spectral_radius_max": MetricInfo(
+        unit="dimensionless",
+        group=_D,
+        description="largest spectral radius of the DEQ layer's Jacobian over the same rows.",
+    ),
+}
+
+#: Columns of :attr:`deqppl.harness.ModelComparison.table` shown in a report (one row per model).
+MODEL_METRICS: dict[str, MetricInfo] = {
+    "family": MetricInfo(
+        unit="—", group=_D, description="observation family of the model (with its fixed parameters)."
+    ),
+    "latent_dim": MetricInfo(unit="count", group=_D, description="latent dimension l of the model."),
+    "heldout_log_lik": MetricInfo(
+        unit="nats",
+        group=_F,
+        description="sum over held-out rows of log (1/S) sum_s p(y_i | z_i^(s), globals) with "
+        "z_i^(s) drawn from the Laplace approximation of the row's posterior (± its standard "
+        "error over rows); reuses y_i through the draws, so it favours larger models.",
+    ),
+    "heldout_log_marginal": MetricInfo(
+        unit="nats",
+        group=_F,
+        description="importance-sampling estimate, with the Laplace approximation as proposal, of "
+        "the held-out evidence sum_i log p(y_i | globals) (± standard error over rows): the "
+        "proper predictive score of a model for fixed globals.",
+    ),
+    "elpd_loo": MetricInfo(
+        unit="nats",
+        group=_F,
+        description="PSIS-LOO expected log pointwise predictive density of the held-out rows "
+        "(ArviZ, ± standard error).",
+    ),
+    "p_loo": MetricInfo(
+        unit="count",
+        group=_D,
+        description="PSIS-LOO effective number of parameters.",
+    ),
+    "pareto_k_max": MetricInfo(
+        unit="dimensionless",
+        group=_D,
+        description="largest Pareto k of the PSIS weights (> 0.7: that row's LOO estimate is "
+        "unreliable).",
+    ),
+    "fit_converged": MetricInfo(
+        unit="0/1",
+        group=_C,
+        description="1 if the joint MAP fit of the model's globals met its stopping criterion.",
+    ),
+    "fit_wall_time": MetricInfo(
+        unit="s", group=_T, description="wall-clock time of the joint MAP fit of the model's globals."
+    ),
+}
+
+
+def describe_metric(name: str, *, table: dict[str, MetricInfo] = METRICS) -> MetricInfo:
+    """The glossary row of ``name``, or a row saying that none is registered.
+
+    Examples
+    --------
+    >>> describe_metric("wall_time").unit
+    's'
+    >>> describe_metric("new_diagnostic").group
+    <Group.DIAGNOSTICS: 'Other diagnostics'>
+    """
+    info = table.get(name)
+    if info is not None:
+        return info
+    return MetricInfo(
+        unit="",
+        group=Group.DIAGNOSTICS,
+        description="no description registered in deqppl.report.glossary.",
+    )
