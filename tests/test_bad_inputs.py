@@ -438,10 +438,26 @@ for _id, _fn, _match in [
     case("naming", _id, ValueError, _match)(lambda tmp, fn=_fn: fn())
 
 
+# ----------------------------------------------------------------------- stopping settings
+# A stopping rule that cannot be met honestly (an infinite tolerance) is a settings error.
+from deqppl.deq import Anderson, Broyden, FixedPointIteration, Newton  # noqa: E402
+
+for _id, _fn, _match in [
+    ("anderson_rtol_inf", lambda: Anderson(rtol=math.inf),
+     r"^Anderson rtol must be a finite number in \[0, 1\) \(rtol >= 1 accepts z = 0 for any f\), got inf$"),
+    ("newton_rtol_nan", lambda: Newton(rtol=math.nan), r"^Newton rtol must be a finite number in \[0, 1\) .*got nan$"),
+    ("fixed_point_atol_1e300", lambda: FixedPointIteration(atol=1e300),
+     r"^FixedPointIteration atol must be a finite number in \[0, 1e\+100\] \(a larger atol accepts any finite residual\), got 1e\+300$"),
+    ("broyden_atol_negative", lambda: Broyden(atol=-1.0), r"^Broyden atol must be a finite number in \[0, 1e\+100\].*got -1\.0$"),
+    ("anderson_max_steps_zero", lambda: Anderson(max_steps=0), r"max_steps must be an integer >= 1, got 0"),
+]:
+    case("stopping_settings", _id, ValueError, _match)(lambda tmp, fn=_fn: fn())
+
+
 # ------------------------------------------------------------------------------- the tests
 CLASSES = {
     "csv", "dtype", "kernel", "stored_unit", "run_settings", "map_file", "model_params", "encoder_params",
-    "naming",
+    "naming", "stopping_settings",
 }
 
 
