@@ -41,6 +41,7 @@ from torch import nn
 
 from deqppl._progress import progress
 from deqppl.encoders import PEDEncoder, SupervisedPED, fit_encoder, fit_supervised
+from deqppl.optim import Adam
 from deqppl.expfam import family, gaussian, smooth_relu
 from deqppl.models import ExpFamPCA
 
@@ -120,8 +121,8 @@ def run_one(name: str, dataset: int, args) -> dict:
     # Smooth ReLU makes F non-convex: fine-tuning can move W to where Newton stalls on a few
     # rows, so for that family solves do not throw; failures are counted in the CSV instead.
     enc = PEDEncoder(model, seed=seed, throw=name != "relu").double()
-    fit = fit_encoder(enc, y, num_epochs=args.num_epochs, batch_size=args.batch_size,
-                      lr=args.ped_lr, rtol=0.0, seed=seed, progress=False)
+    fit = fit_encoder(enc, y, optimizer=Adam(num_epochs=args.num_epochs, batch_size=args.batch_size,
+                      lr=args.ped_lr, rtol=0.0), seed=seed, progress=False)
     ped = SupervisedPED(enc, seed=seed)
     pca = nn.Sequential(pca_backbone(y), _head(seed))
 
@@ -137,7 +138,7 @@ def run_one(name: str, dataset: int, args) -> dict:
         "dataset": dataset, "family": name, "seed": seed, "num_data": len(y),
         "ped_test_mse": f"{mses['ped']:.6g}", "pca_test_mse": f"{mses['pca']:.6g}",
         "winner": "ped" if mses["ped"] < mses["pca"] else "pca",
-        "ped_fit_epochs": fit.num_epochs, "ped_fit_converged": fit.converged,
+        "ped_fit_epochs": fit.num_steps, "ped_fit_converged": fit.converged,
         "ped_fit_seconds": f"{fit.wall_time:.2f}", "ped_unconverged": failed, "seconds": f"{time.perf_counter() - start:.2f}",
     }
 

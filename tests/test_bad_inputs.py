@@ -454,10 +454,79 @@ for _id, _fn, _match in [
     case("stopping_settings", _id, ValueError, _match)(lambda tmp, fn=_fn: fn())
 
 
+# ---------------------------------------------------------------------------- fit_map data
+from deqppl.optim import LBFGS, SVI  # noqa: E402
+
+
+def _y(n=10):
+    return _pca().simulate(n, seed=0, dtype=F64).data["y"]
+
+
+for _id, _fn, _exc, _match in [
+    ("empty_y", lambda: fit_map(_pca(), {"y": torch.zeros(0, 3, dtype=F64)}, progress=False), ValueError,
+     r"^data\['y'\] has no rows \(shape \(0, 3\)\); fit_map needs at least one row of data$"),
+    ("subsample_too_large", lambda: fit_map(_pca(), {"y": _y()}, optimizer=SVI(subsample_size=100, max_steps=2), progress=False),
+     ValueError, r"^SVI\(subsample_size=100\) exceeds the 10 rows of the data; use subsample_size <= 10, or None"),
+    ("subsample_zero", lambda: SVI(subsample_size=0), ValueError, r"SVI\.subsample_size = 0 is not allowed; subsample_size must be an integer >= 1"),
+    ("subsample_negative", lambda: SVI(subsample_size=-3), ValueError, r"SVI\.subsample_size = -3 is not allowed"),
+    ("seed_fractional", lambda: fit_map(_pca(), {"y": _y()}, seed=1.5, progress=False), TypeError, r"seed must be an integer, got 1\.5"),
+    ("seed_string", lambda: fit_map(_pca(), {"y": _y()}, seed="1", progress=False), TypeError, r"seed must be an integer, got '1'"),
+    ("simulate_seed_fractional", lambda: _pca().simulate(5, seed=1.5), TypeError, r"^seed must be an integer, got float 1\.5$"),
+    ("y_wrong_width", lambda: fit_map(_pca(), {"y": torch.zeros(4, 2, dtype=F64)}, progress=False), ValueError,
+     r"y must have shape \(\*, 3\), got \(4, 2\)"),
+    ("y_out_of_support", lambda: fit_map(_pca(), {"y": torch.tensor([[0.0, 1.0, -2.0]], dtype=F64)}, progress=False),
+     ValueError, r"y has value -2\.0 at row 0, column 2, outside the allowed values \(poisson\(\) needs non-negative integer counts\)"),
+]:
+    case("fit_map_data", _id, _exc, _match)(lambda tmp, fn=_fn: fn())
+
+
+for _id, _fn, _match in [
+    ("lbfgs_gtol_inf", lambda: LBFGS(gtol=math.inf), r"^LBFGS\.gtol = inf is not allowed; gtol must be a finite number in \[0, inf\) or None$"),
+    ("lbfgs_rtol_nan", lambda: LBFGS(rtol=math.nan), r"^LBFGS\.rtol = nan is not allowed"),
+    ("svi_lr_nan", lambda: SVI(lr=math.nan), r"^SVI\.lr = nan is not allowed; lr must be a finite number in \(0, inf\)$"),
+    ("svi_gtol_inf", lambda: SVI(gtol=math.inf), r"^SVI\.gtol = inf is not allowed"),
+]:
+    case("stopping_settings", _id, ValueError, _match)(lambda tmp, fn=_fn: fn())
+
+
+# -------------------------------------------------------------------------- silent results
+# Bad numbers that are valid input must not come back as a converged fit or a lost one.
+@dataclass(frozen=True)
+class StatusCase:
+    id: str
+    call: Callable[[], object]
+    check: Callable[[object], bool]
+    says: str
+
+
+def _with_count(value: float, optimizer=None):
+    y = _y().clone()
+    y[3, 1] = value
+    return fit_map(_pca(), {"y": y}, optimizer=optimizer, progress=False)
+
+
+STATUS_CASES = [
+    StatusCase("count_1e300_not_converged", lambda: _with_count(1e300), lambda r: not r.converged,
+               "a loss that overflowed is not convergence"),
+    StatusCase("count_1e200_not_converged", lambda: _with_count(1e200), lambda r: not r.converged,
+               "a loss that overflowed is not convergence"),
+    # a few steps suffice to show the fit comes back (its line searches at 1e100 are slow)
+    StatusCase("count_1e100_returns_its_fit", lambda: _with_count(1e100, LBFGS(max_steps=3)),
+               lambda r: r.values["z"].shape == (10, 1) and not r.converged,
+               "the fit comes back (a status, never a crash after fitting)"),
+]
+
+
+@pytest.mark.parametrize("c", STATUS_CASES, ids=[c.id for c in STATUS_CASES])
+def test_bad_numbers_are_never_a_silent_success(c: StatusCase):
+    result = c.call()
+    assert c.check(result), f"{c.says}: got {result!r}"
+
+
 # ------------------------------------------------------------------------------- the tests
 CLASSES = {
     "csv", "dtype", "kernel", "stored_unit", "run_settings", "map_file", "model_params", "encoder_params",
-    "naming", "stopping_settings",
+    "naming", "stopping_settings", "fit_map_data",
 }
 
 

@@ -39,7 +39,9 @@ checks they agree."""),
     ("code", SIZES + '''\
 NUM_DATA = 120 if SMALL else 1000
 OBS_DIM, LATENT_DIM = 10, 2
-SVI_STEPS = 1500 if SMALL else None  # None: fit_map's default cap (20 000 Adam steps)'''),
+# SVI(): the documented defaults (docs/svi_tuning.md); fewer Adam steps at small sizes
+from deqppl.optim import SVI
+SVI_SETTINGS = SVI(max_steps=1500) if SMALL else SVI()'''),
     ("md", "## Simulated Poisson data with known truth"),
     ("code", '''\
 from deqppl.expfam import family
@@ -58,11 +60,13 @@ $z^* = f(z^*; y)$ and differentiates the log joint at $z^*$."""),
     ("code", '''\
 from deqppl.encoders import PEDEncoder, fit_encoder
 from deqppl.inference import fit_map
+from deqppl.optim import LBFGS, Adam
 
-svi = fit_map(model, {"y": y}, method="svi", max_steps=SVI_STEPS, seed=0, progress=False)
-lbfgs = fit_map(model, {"y": y}, method="lbfgs", seed=0, progress=False)
+svi = fit_map(model, {"y": y}, optimizer=SVI_SETTINGS, seed=0, progress=False)
+lbfgs = fit_map(model, {"y": y}, optimizer=LBFGS(), seed=0, progress=False)
 encoder = PEDEncoder(model, seed=0).double()
-deq = fit_encoder(encoder, y, num_epochs=300, batch_size=30, lr=0.05, seed=0, progress=False)
+deq = fit_encoder(encoder, y, optimizer=Adam(num_epochs=300, batch_size=30, lr=0.05), seed=0,
+                  progress=False)
 z_train, _ = encoder(y)
 deq_log_joint = float(model.log_joint({"y": y}, {**encoder.values(), "z": z_train.detach()}))
 for fit in (svi, lbfgs, deq):
@@ -81,9 +85,9 @@ start = time.perf_counter()
 z_deq, solution = encoder(y_new)
 deq_time = time.perf_counter() - start
 z_deq = z_deq.detach()
-cond_svi = fit_map(model, {"y": y_new}, method="svi", fixed=globals_, max_steps=SVI_STEPS,
-                   seed=0, progress=False)
-cond_lbfgs = fit_map(model, {"y": y_new}, method="lbfgs", fixed=globals_, seed=0, progress=False)
+cond_svi = fit_map(model, {"y": y_new}, optimizer=SVI_SETTINGS, fixed=globals_, seed=0,
+                   progress=False)
+cond_lbfgs = fit_map(model, {"y": y_new}, optimizer=LBFGS(), fixed=globals_, seed=0, progress=False)
 gap_svi = (cond_svi.values["z"] - z_deq).abs().max().item()
 gap_lbfgs = (cond_lbfgs.values["z"] - z_deq).abs().max().item()
 print(f"DEQ solve {deq_time:.3g} s; SVI {cond_svi.wall_time:.3g} s; L-BFGS {cond_lbfgs.wall_time:.3g} s")
@@ -143,12 +147,13 @@ model = ExpFamPCA(family=family("binomial", total_count=16), obs_dim=64, latent_
     ("code", '''\
 from deqppl.encoders import PEDEncoder, fit_encoder
 from deqppl.inference import fit_map
+from deqppl.optim import LBFGS, Adam
 
 encoder = PEDEncoder(model, seed=0).double()
-fit = fit_encoder(encoder, y_train, num_epochs=EPOCHS, seed=0, progress=False)
+fit = fit_encoder(encoder, y_train, optimizer=Adam(num_epochs=EPOCHS), seed=0, progress=False)
 z_test, solution = encoder(y_test)
 z_test = z_test.detach()
-reference = fit_map(model, {"y": y_test}, method="lbfgs", fixed=encoder.values(), progress=False)
+reference = fit_map(model, {"y": y_test}, optimizer=LBFGS(), fixed=encoder.values(), progress=False)
 gap = (z_test - reference.values["z"]).abs().max().item()
 print(fit)
 print(f"new data: {int(solution.converged.sum())}/{len(y_test)} converged; max |z - z_LBFGS| = {gap:.2e}")'''),
@@ -213,12 +218,13 @@ model.local_sites, model.global_sites'''),
     ("code", '''\
 from deqppl.encoders import DeepPEDEncoder
 from deqppl.inference import fit_map
+from deqppl.optim import LBFGS
 
-joint = fit_map(model, {"y": y}, method="lbfgs", seed=0, progress=False)
+joint = fit_map(model, {"y": y}, optimizer=LBFGS(), seed=0, progress=False)
 globals_ = {name: joint.values[name] for name in model.global_sites}
 encoder = DeepPEDEncoder.from_values(model, globals_)
 (z1, z2), solution = encoder(y_new)
-reference = fit_map(model, {"y": y_new}, method="lbfgs", fixed=globals_, seed=0, progress=False)
+reference = fit_map(model, {"y": y_new}, optimizer=LBFGS(), fixed=globals_, seed=0, progress=False)
 gaps = {
     "z1": (z1.detach() - reference.values["z1"]).abs().max().item(),
     "z2": (z2.detach() - reference.values["z2"]).abs().max().item(),

@@ -19,8 +19,8 @@ __all__ = [
     "weighted_gram",
 ]
 
-from .fit import EncoderFitResult, EncoderFitStatus, encoder_loss, fit_encoder  # noqa: E402
+from .fit import EncoderFitResult, encoder_loss, fit_encoder  # noqa: E402
 from .supervised import SupervisedFitResult, SupervisedPED, fit_supervised  # noqa: E402
 
-__all__ += ["EncoderFitResult", "EncoderFitStatus", "encoder_loss", "fit_encoder"]
+__all__ += ["EncoderFitResult", "encoder_loss", "fit_encoder"]
 __all__ += ["SupervisedFitResult", "SupervisedPED", "fit_supervised"]

@@ -35,6 +35,7 @@ from deqppl.deq import AbstractSolver, NoAdjoint, fixed_point
 from deqppl.encoders import PEDEncoder
 from deqppl.encoders.fit import fit_encoder
 from deqppl.inference import fit_map, log_joint
+from deqppl.optim import LBFGS, SVI, Adam
 
 __all__ = [
     "AbstractMethod",
@@ -251,14 +252,15 @@ class DEQMethod(AbstractMethod):
         fit = fit_encoder(
             encoder,
             y,
-            num_epochs=self.num_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            rtol=self.rtol,
+            optimizer=(
+                LBFGS(max_steps=self.num_epochs, rtol=0.0 if self.rtol is None else self.rtol)
+                if self.optimizer == "lbfgs"
+                else Adam(num_epochs=self.num_epochs, batch_size=self.batch_size, lr=self.lr,
+                          rtol=Adam().rtol if self.rtol is None else self.rtol)
+            ),
             seed=seed,
             progress=progress,
             warm_start=self.warm_start,
-            optimizer=self.optimizer,
         )
         sol = self._solve(encoder, y)
         values = {**encoder.values(), "z": sol.value.detach()}
@@ -270,7 +272,7 @@ class DEQMethod(AbstractMethod):
             values=values,
             log_joint=total,
             wall_time=time.perf_counter() - start,
-            num_steps=int(fit.num_epochs),
+            num_steps=int(fit.num_steps),
             num_grad_evals=int(fit.num_solves),
             status=_status_name(fit.status),
             converged=bool(fit.converged) and bool(sol.converged.all()),
@@ -367,8 +369,8 @@ class SVIMethod(_AbstractFitMapMethod):
     name
         Row name in the comparison.
     lr, max_steps, subsample_size, rtol, gtol, xtol
-        Settings of ``fit_map(method="svi")``; ``None`` means its default (20 000 steps,
-        full batch, dtype-aware tolerances).
+        Settings of :class:`~deqppl.optim.SVI` for ``fit_map``; ``None`` means its default
+        (20 000 steps, full batch, dtype-aware tolerances).
 
     Notes
     -----
@@ -381,7 +383,7 @@ class SVIMethod(_AbstractFitMapMethod):
     """
 
     name: str = "svi"
-    lr: float = 0.05
+    lr: float = SVI().lr  # the tuned default of deqppl.optim.SVI (docs/svi_tuning.md)
     max_steps: int | None = None
     subsample_size: int | None = None
     rtol: float | None = None
@@ -397,14 +399,15 @@ class SVIMethod(_AbstractFitMapMethod):
         return fit_map(
             model,
             {"y": y},
-            method="svi",
+            optimizer=SVI(
+                lr=self.lr,
+                max_steps=SVI().max_steps if self.max_steps is None else self.max_steps,
+                subsample_size=self.subsample_size if fixed is None else None,
+                rtol=self.rtol,
+                gtol=self.gtol,
+                xtol=self.xtol,
+            ),
             fixed=fixed,
-            lr=self.lr,
-            max_steps=self.max_steps,
-            subsample_size=self.subsample_size if fixed is None else None,
-            rtol=self.rtol,
-            gtol=self.gtol,
-            xtol=self.xtol,
             seed=seed,
             progress=progress,
         )
@@ -419,8 +422,8 @@ class LBFGSMethod(_AbstractFitMapMethod):
     name
         Row name in the comparison.
     max_steps, rtol, gtol, xtol
-        Settings of ``fit_map(method="lbfgs")``; ``None`` means its default (500 iterations,
-        dtype-aware tolerances).
+        Settings of :class:`~deqppl.optim.LBFGS` for ``fit_map``; ``None`` means its default
+        (5000 iterations, gradient rule with dtype-aware ``gtol``, no loss-change rule).
 
     Notes
     -----
@@ -446,12 +449,13 @@ class LBFGSMethod(_AbstractFitMapMethod):
         return fit_map(
             model,
             {"y": y},
-            method="lbfgs",
+            optimizer=LBFGS(
+                max_steps=LBFGS().max_steps if self.max_steps is None else self.max_steps,
+                rtol=0.0 if self.rtol is None else self.rtol,
+                gtol=self.gtol,
+                xtol=self.xtol,
+            ),
             fixed=fixed,
-            max_steps=self.max_steps,
-            rtol=self.rtol,
-            gtol=self.gtol,
-            xtol=self.xtol,
             seed=seed,
             progress=progress,
         )

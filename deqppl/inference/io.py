@@ -10,19 +10,57 @@ a file nobody vouches for. :func:`load_torch_file` is that safe reader, shared w
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import io
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-from deqppl.inference.map import MAPResult, MAPStatus
+from deqppl import optim
+from deqppl.inference.map import MAPResult
+from deqppl.optim import FitStatus
 
 __all__ = ["CorruptFileError", "load_map", "load_torch_file", "save_map"]
 
-_FORMAT = "deqppl.MAPResult/1"
+_FORMAT = "deqppl.MAPResult/2"
+# The settings classes a saved result may name (optimisers and the schedules they hold).
+_CLASSES = {
+    cls.__name__: cls
+    for cls in (
+        optim.LBFGS, optim.SVI, optim.Adam, optim.PlateauDecay, optim.ExponentialDecay,
+        optim.CosineDecay, optim.ConstantLR,
+    )
+}
+
+
+def _encode(obj: object) -> object:
+    if dataclasses.is_dataclass(obj) and type(obj).__name__ in _CLASSES:
+        fields = {f.name: _encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"class": type(obj).__name__, "fields": fields}
+    if isinstance(obj, tuple):
+        return {"tuple": [_encode(v) for v in obj]}
+    return obj
+
+
+def _decode(obj: object, path: Path) -> object:
+    """Rebuild the settings objects; an unknown class or a refused setting means a bad file."""
+    if isinstance(obj, dict) and "class" in obj:
+        name, fields = obj.get("class"), obj.get("fields")
+        if name not in _CLASSES or not isinstance(fields, dict):
+            raise CorruptFileError(
+                path, f"its optimizer names an unknown settings class {name!r} (known: {sorted(_CLASSES)})"
+            )
+        try:
+            return _CLASSES[name](**{k: _decode(v, path) for k, v in fields.items()})
+        except (TypeError, ValueError) as err:
+            raise CorruptFileError(path, f"its optimizer settings are refused: {err}") from None
+    if isinstance(obj, dict) and "tuple" in obj:
+        return tuple(_decode(v, path) for v in obj["tuple"])
+    return obj
 
 
 class CorruptFileError(ValueError):
@@ -101,11 +139,16 @@ _SCHEMA: dict[str, tuple[Callable[[object], bool], str]] = {
         "a non-negative number",
     ),
     "status": (
-        lambda v: isinstance(v, str) and v in {s.value for s in MAPStatus},
-        f"one of {[s.value for s in MAPStatus]}",
+        lambda v: isinstance(v, str) and v in {s.value for s in FitStatus},
+        f"one of {[s.value for s in FitStatus]}",
     ),
     "criterion": (lambda v: isinstance(v, str), "a string"),
-    "method": (lambda v: isinstance(v, str), "a string"),
+    "grad_norm": (
+        lambda v: isinstance(v, float) and (math.isnan(v) or v >= 0), "a non-negative float or NaN"
+    ),
+    "optimizer": (
+        lambda v: isinstance(v, dict) and "class" in v, "an encoded optimizer settings object"
+    ),
 }
 
 
@@ -139,18 +182,19 @@ def save_map(result: MAPResult, path: str | os.PathLike) -> None:
     >>> path = os.path.join(tempfile.mkdtemp(), "fit.pt")
     >>> save_map(fit, path)
     >>> back = load_map(path)
-    >>> back.status == fit.status, type(back.log_joint).__name__, type(back.num_steps).__name__
-    (True, 'Tensor', 'int')
+    >>> back.status == fit.status, back.optimizer == fit.optimizer, type(back.log_joint).__name__
+    (True, True, 'Tensor')
     """
     if not isinstance(result, MAPResult):
         raise TypeError(f"save_map needs a MAPResult (from fit_map), got {type(result).__name__}")
-    payload = {name: _plain(getattr(result, name)) for name in _SCHEMA}
+    payload = {name: _plain(getattr(result, name)) for name in _SCHEMA if name != "optimizer"}
     # the scalar fields as Python numbers of their declared type
     payload["num_steps"] = int(result.num_steps)
     payload["num_grad_evals"] = int(result.num_grad_evals)
     payload["wall_time"] = float(result.wall_time)
     payload["criterion"] = str(result.criterion)
-    payload["method"] = str(result.method)
+    payload["grad_norm"] = float(result.grad_norm)
+    payload["optimizer"] = _encode(result.optimizer)
     bad = [name for name, (ok, _) in _SCHEMA.items() if not ok(payload[name])]
     if bad:
         name = bad[0]
@@ -198,7 +242,8 @@ def load_map(path: str | os.PathLike) -> MAPResult:
         num_steps=payload["num_steps"],
         num_grad_evals=payload["num_grad_evals"],
         wall_time=float(payload["wall_time"]),
-        status=MAPStatus(payload["status"]),
+        status=FitStatus(payload["status"]),
         criterion=payload["criterion"],
-        method=payload["method"],
+        grad_norm=payload["grad_norm"],
+        optimizer=_decode(payload["optimizer"], Path(path)),
     )

@@ -1,138 +1,90 @@
 r"""MAP estimation of a Pyro model's latent sites by optimisation.
 
-One entry function, :func:`fit_map`, with two methods that maximise the same log joint (taken
-from the model's Pyro trace, :func:`deqppl.inference.log_joint`):
+One entry function, :func:`fit_map`, maximising the log joint taken from the model's Pyro trace
+(:func:`deqppl.inference.log_joint`) with the optimiser given as a settings object:
 
-* ``"lbfgs"``: :class:`torch.optim.LBFGS` with a strong-Wolfe line search on the unconstrained
-  values $u$ of the free sites ($\theta = \mathrm{biject\_to}(\mathrm{support})(u)$; the log
-  joint is maximised in constrained space, without a Jacobian term, as ``AutoDelta`` does);
-* ``"svi"``: Pyro's MAP guide :class:`~pyro.infer.autoguide.AutoDelta` trained on
-  :class:`~pyro.infer.Trace_ELBO` (whose loss is exactly $-\log p$ for a Delta guide) with
-  Adam and a plateau learning-rate decay, optionally on minibatches of the plate ``"data"``.
+* :class:`~deqppl.optim.LBFGS` (default): full-batch L-BFGS on the unconstrained values $u$ of
+  the free sites ($\theta = \mathrm{biject\_to}(\mathrm{support})(u)$; the log joint is
+  maximised in constrained space, without a Jacobian term, as ``AutoDelta`` does), with a
+  strong-Wolfe line search on the directional derivative, stopped by the gradient;
+* :class:`~deqppl.optim.SVI`: Pyro's MAP guide :class:`~pyro.infer.autoguide.AutoDelta`
+  trained on :class:`~pyro.infer.Trace_ELBO` (whose loss is exactly $-\log p$ for a Delta
+  guide) with Adam and a learning-rate schedule, optionally on minibatches of the plate
+  ``"data"``.
 
-Holding some sites ``fixed`` gives the conditional MAP of the rest, e.g. $z^*(y; W, B)$, the
-quantity a DEQ encoder amortises (SPEC §2.2).
+Both run through the one optimiser driver of :mod:`deqppl.optim`. Holding some sites ``fixed``
+gives the conditional MAP of the rest, e.g. $z^*(y; W, B)$, the quantity a DEQ encoder
+amortises (SPEC §2.2).
 """
 
 from __future__ import annotations
 
-import enum
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import pyro
 import torch
 from pyro import poutine
-from torch.distributions import biject_to
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDelta
 from pyro.nn import PyroParam
+from torch.distributions import biject_to
 
-from deqppl._progress import progress as _progress
 from deqppl._validation import as_tensor, check_finite
 from deqppl.inference.log_joint import latent_sites, log_joint
+from deqppl.optim import (
+    LBFGS,
+    SVI,
+    AbstractFitResult,
+    AbstractOptimizer,
+    AbstractStepper,
+    FitConvergenceError,
+    FitStatus,
+    LBFGSStepper,
+    Observation,
+    StopRules,
+    drive,
+    lbfgs_rules,
+)
 
-__all__ = ["METHODS", "MAPConvergenceError", "MAPResult", "MAPStatus", "fit_map"]
-
-#: Valid values of ``fit_map(method=...)``.
-METHODS = ("lbfgs", "svi")
+__all__ = ["MAPResult", "fit_map"]
 
 # Sites not given in ``init`` start at unconstrained values uniform in (-_INIT_RADIUS,
 # _INIT_RADIUS): random, so the W = z = 0 saddle of PCA-type models is avoided, and small, so
 # that exp-link families (Poisson) start with moderate rates.
 _INIT_RADIUS = 0.5
-# SVI: the loss is averaged over windows of this many steps; the window means drive both the
-# plateau decay (halve the learning rate when a window mean does not decrease) and the
-# relative-change stopping rule. 25 steps smooth Adam's oscillation on the problems in tests/.
-_WINDOW = 25
-_DECAY = 0.5
-_DEFAULT_MAX_STEPS = {"lbfgs": 500, "svi": 20_000}
-
-
-class MAPStatus(enum.Enum):
-    """Outcome of a MAP fit."""
-
-    #: A stopping criterion was met (see ``MAPResult.criterion``).
-    CONVERGED = "converged"
-    #: ``max_steps`` steps were taken without meeting a criterion.
-    MAX_STEPS = "max_steps"
-    #: The log joint or its gradient became NaN/Inf.
-    NONFINITE = "nonfinite"
 
 
 @dataclass(frozen=True, kw_only=True, repr=False, eq=False)
-class MAPResult:
-    """Result of :func:`fit_map`.
+class MAPResult(AbstractFitResult):
+    """Result of :func:`fit_map`: the fields of :class:`~deqppl.optim.AbstractFitResult` and
 
     Attributes
     ----------
     values
         Site name -> MAP value (detached) for every latent site, fixed sites included.
     log_joint
-        Scalar: the full-data log joint at ``values``.
-    loss_trace
-        ``(num_steps + 1,)`` loss ($-\\log p$, a minibatch estimate when subsampling) at each
-        step's starting point and at the end.
-    num_steps
-        Optimiser steps taken (L-BFGS iterations or SVI updates).
-    num_grad_evals
-        Evaluations of the log joint with its gradient (line-search trials included).
-    wall_time
-        Seconds spent fitting.
-    status
-        A :class:`MAPStatus`.
-    criterion
-        What decided the stop, with the numbers.
-    method
-        ``"lbfgs"`` or ``"svi"``.
+        Scalar: the full-data log joint at ``values`` (non-finite only with status
+        ``NONFINITE``).
+
+    ``loss_trace`` has ``num_steps + 1`` entries: $-\\log p$ (a minibatch estimate when
+    subsampling) at the start and after each step.
     """
 
     values: dict[str, torch.Tensor]
     log_joint: torch.Tensor
-    loss_trace: torch.Tensor
-    num_steps: int
-    num_grad_evals: int
-    wall_time: float
-    status: MAPStatus
-    criterion: str
-    method: str
-
-    @property
-    def converged(self) -> bool:
-        """True when ``status`` is ``CONVERGED``."""
-        return self.status is MAPStatus.CONVERGED
 
     def __repr__(self) -> str:
         return (
-            f"MAPResult(method={self.method}, status={self.status.name}, "
-            f"log_joint={float(self.log_joint):.10g}, num_steps={self.num_steps}, "
-            f"num_grad_evals={self.num_grad_evals}, wall_time={self.wall_time:.3g} s, "
-            f"criterion={self.criterion!r}, sites={sorted(self.values)})"
-        )
-
-
-class MAPConvergenceError(RuntimeError):
-    """A MAP fit with ``throw=True`` did not converge; ``.result`` holds the last iterate."""
-
-    def __init__(self, result: MAPResult) -> None:
-        self.result = result
-        hint = (
-            "the log joint became non-finite: check the data's support and try a smaller lr "
-            "or an init closer to the data"
-            if result.status is MAPStatus.NONFINITE
-            else "raise max_steps, loosen rtol/gtol/xtol, or (svi) change lr"
-        )
-        super().__init__(
-            f"MAP by {result.method} stopped with status {result.status.name} after "
-            f"{result.num_steps} steps ({result.criterion}); {hint}"
+            f"MAPResult(log_joint={float(self.log_joint):.10g}, {self._summary()}, "
+            f"sites={sorted(self.values)})"
         )
 
 
 # --------------------------------------------------------------------------------------------
-# Set-up shared by both methods
+# Set-up shared by both optimisers
 # --------------------------------------------------------------------------------------------
 def _uniform_init(dtype: torch.dtype) -> Callable[[dict], torch.Tensor]:
     def init(site: dict) -> torch.Tensor:
@@ -160,16 +112,28 @@ def _prepare(
     model: Callable[..., object],
     data: Mapping[str, object],
     *,
-    method: str,
+    optimizer: AbstractOptimizer,
     fixed: Mapping[str, object] | None,
     init: Mapping[str, object] | None,
-    subsample_size: int | None,
     seed: int,
 ) -> _Problem:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods are: {', '.join(METHODS)}")
+    if not isinstance(optimizer, (LBFGS, SVI)):
+        raise TypeError(
+            f"fit_map optimizes with deqppl.optim.LBFGS(...) or deqppl.optim.SVI(...); got "
+            f"{optimizer!r}" + (" (Adam fits encoders; for Adam on a model use SVI)"
+                               if type(optimizer).__name__ == "Adam" else "")
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    # The one validation of the data: everything below receives validated tensors.
     validate = getattr(model, "validate", None)
     data = validate(data) if validate is not None else dict(data)
+    for name, value in data.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 0:
+            raise ValueError(
+                f"data[{name!r}] has no rows (shape {tuple(value.shape)}); fit_map needs at "
+                f"least one row of data"
+            )
     floats = [v.dtype for v in data.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     dtype = floats[0] if floats else torch.get_default_dtype()
 
@@ -208,12 +172,23 @@ def _prepare(
     free = [name for name in latent if name not in fixed_t]
     if not free:
         raise ValueError("every latent site is fixed: nothing to fit")
-    if subsample_size is not None:
-        if method != "svi":
-            raise ValueError("subsample_size needs method='svi' (L-BFGS is full-batch)")
+    if isinstance(optimizer, SVI) and optimizer.subsample_size is not None:
+        if not local:
+            raise ValueError(
+                f"SVI(subsample_size={optimizer.subsample_size}) needs local latent sites in a "
+                f'plate named "data"; this model has none (latent sites: {", ".join(latent)})'
+            )
         fixed_local = sorted(set(fixed_t) & local)
         if fixed_local:
             raise ValueError(f"cannot fix local sites {fixed_local} when subsampling")
+        size = next(
+            f.size for name in local for f in nodes[name]["cond_indep_stack"] if f.name == "data"
+        )
+        if optimizer.subsample_size > size:
+            raise ValueError(
+                f"SVI(subsample_size={optimizer.subsample_size}) exceeds the {size} rows of the "
+                f"data; use subsample_size <= {size}, or None for full batches"
+            )
     return _Problem(
         data=data,
         fixed=fixed_t,
@@ -225,9 +200,50 @@ def _prepare(
     )
 
 
-def _default(value: float | None, dtype: torch.dtype, power: float) -> float:
-    # Tolerances scale with the dtype's precision: eps**power.
-    return float(torch.finfo(dtype).eps) ** power if value is None else float(value)
+class _LogJointObjective:
+    r"""$u \mapsto (-\log p, -\nabla_u\log p)$ on the flat unconstrained values of the free sites.
+
+    Receives *validated* data (:func:`fit_map` validates once at entry) and evaluates the
+    trace with Pyro's and torch's argument validation off: the data were checked already,
+    and a trial point whose natural parameter overflows gives a NaN loss (handled by the
+    line search) instead of an exception.
+    """
+
+    def __init__(self, model, problem: _Problem) -> None:
+        self.model = model
+        self.problem = problem
+        self.transforms = {name: biject_to(problem.supports[name]) for name in problem.init}
+        self.shapes = {}
+        self.count = 0
+        parts = []
+        for name, value in problem.init.items():
+            u = self.transforms[name].inv(value).detach()
+            self.shapes[name] = u.shape
+            parts.append(u.reshape(-1))
+        self.x0 = torch.cat(parts) if parts else torch.zeros(0, dtype=problem.dtype)
+
+    def unflatten(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, i = {}, 0
+        for name, shape in self.shapes.items():
+            k = math.prod(shape)
+            out[name] = x[i : i + k].reshape(shape)
+            i += k
+        return out
+
+    def values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All latent values (fixed ones included) at the flat unconstrained point ``x``."""
+        free = {n: self.transforms[n](u) for n, u in self.unflatten(x).items()}
+        return {**self.problem.fixed, **free}
+
+    def __call__(self, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        self.count += 1
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad(), pyro.validation_enabled(False):
+            loss = -log_joint(self.model, self.problem.data, self.values(x))
+            if not bool(torch.isfinite(loss)):
+                return float(loss.detach()), torch.full_like(x, math.nan)
+            (g,) = torch.autograd.grad(loss, x)
+        return float(loss.detach()), g.detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,15 +253,9 @@ def fit_map(
     model: Callable[..., object],
     data: Mapping[str, object],
     *,
-    method: str = "lbfgs",
+    optimizer: AbstractOptimizer | None = None,
     fixed: Mapping[str, object] | None = None,
     init: Mapping[str, object] | None = None,
-    rtol: float | None = None,
-    gtol: float | None = None,
-    xtol: float | None = None,
-    max_steps: int | None = None,
-    subsample_size: int | None = None,
-    lr: float = 0.05,
     seed: int = 0,
     progress: bool = True,
     throw: bool = False,
@@ -257,236 +267,201 @@ def fit_map(
     model
         A Pyro program taking ``data`` as keyword arguments; zoo models also ``validate`` it.
     data
-        Observations, e.g. ``{"y": (N, d)}``; validated before any fitting. Their floating
-        dtype is the dtype of the fit.
-    method
-        ``"lbfgs"`` (full batch, deterministic) or ``"svi"`` (AutoDelta + Adam).
+        Observations (and covariates), e.g. ``{"y": (N, d)}``; validated once, here, before
+        any fitting. Their floating dtype is the dtype of the fit.
+    optimizer
+        :class:`~deqppl.optim.LBFGS` (default ``LBFGS()``: full batch, deterministic, stopped
+        by the gradient) or :class:`~deqppl.optim.SVI` (AutoDelta + Adam, optional
+        minibatches). Its fields hold every setting (step cap, tolerances, learning rate).
     fixed
         Site name -> value held fixed (by ``poutine.condition``); the rest is fitted, e.g.
         ``fixed={"W": W, "B": B}`` gives the conditional MAP of the local latents.
     init
         Site name -> initial value. Other free sites start at unconstrained values uniform in
         $(-0.5, 0.5)$ drawn with ``seed``.
-    rtol
-        Relative change of the loss: between L-BFGS iterations, or between the means of
-        consecutive 25-step windows for SVI. Default $10\epsilon$ of the dtype
-        ($2.2\times10^{-15}$ in float64, $1.2\times10^{-6}$ in float32): the loss stopped
-        changing at working precision. 0 stops only on a bit-identical loss; a negative value
-        disables the rule (likewise for gtol and xtol).
-    gtol
-        Largest absolute entry of the gradient of the loss in unconstrained space. Default
-        $\epsilon^{1/2}$ ($1.5\times10^{-8}$ in float64, $3.5\times10^{-4}$ in float32).
-    xtol
-        Largest absolute change of the unconstrained values over one step (L-BFGS) or one
-        25-step window (SVI). Default $\epsilon^{1/2}$. With subsampling this is the rule that
-        normally stops SVI, since minibatch losses and gradients stay noisy.
-    max_steps
-        Cap on steps (default 500 L-BFGS iterations, 20 000 SVI updates); reaching it gives
-        status ``MAX_STEPS``.
-    subsample_size
-        SVI only: rows of the plate ``"data"`` per step (minibatch SVI, losses rescaled by
-        Pyro's plate).
-    lr
-        SVI only: Adam's initial learning rate. It is halved whenever the mean loss of a
-        25-step window fails to decrease (plateau decay), so Adam's oscillation shrinks and the
-        fit reaches a tight optimum.
     seed
         Seeds the initialisation and the minibatch draws (global RNG state is restored).
     progress
         Show a progress bar.
     throw
-        Raise :class:`MAPConvergenceError` unless the fit converged.
+        Raise :class:`~deqppl.optim.FitConvergenceError` unless the fit converged.
 
     Returns
     -------
     MAPResult
+        Always returned, also when the fit did not converge or the log joint became
+        non-finite (status ``NONFINITE``; ``values`` are then the last finite iterate).
 
     Raises
     ------
+    TypeError
+        ``optimizer`` is not an LBFGS or SVI object.
     ValueError
-        Unknown ``method`` (the valid ones are listed), ``fixed``/``init`` naming unknown sites
-        (the valid ones are listed) or with wrong shapes, bad data.
-    MAPConvergenceError
+        ``fixed``/``init`` naming unknown sites (the valid ones are listed) or with wrong
+        shapes, minibatches on a model without a ``"data"`` plate, bad data.
+    FitConvergenceError
         If ``throw`` and the fit did not converge.
 
     Notes
     -----
-    Both methods stop at the first criterion met, checked at the current iterate: gradient
-    (``gtol``), relative loss change (``rtol``), step size (``xtol``). Without ``fixed``, the
-    PCA-type models are invariant to rotations of the latent space, so only rotation-invariant
-    quantities (log joint, subspaces) of a joint MAP are unique.
+    The stopping rules are those of the optimiser (:class:`~deqppl.optim.LBFGS`: the gradient
+    in unconstrained space, $\max|g|\le\mathrm{gtol}\max(1,|f|/n)$; :class:`~deqppl.optim.SVI`:
+    windowed loss and step changes), checked at the current iterate by the shared driver;
+    ``criterion`` says which one fired. Without ``fixed``, the PCA-type models are invariant
+    to rotations of the latent space, so only rotation-invariant quantities (log joint,
+    subspaces) of a joint MAP are unique.
 
     Examples
     --------
     >>> import torch
     >>> from deqppl.expfam import family
     >>> from deqppl.models import ExpFamPCA
+    >>> from deqppl.optim import LBFGS
     >>> model = ExpFamPCA(family=family("gaussian"), obs_dim=4, latent_dim=2)
     >>> sim = model.simulate(20, seed=0, dtype=torch.float64)
-    >>> fit = fit_map(model, sim.data, fixed={"W": sim.truth["W"], "B": sim.truth["B"]},
+    >>> fit = fit_map(model, sim.data, optimizer=LBFGS(), fixed={"W": sim.truth["W"], "B": sim.truth["B"]},
     ...               progress=False)
     >>> fit.status.name, fit.values["z"].shape
     ('CONVERGED', torch.Size([20, 2]))
     """
     start = time.perf_counter()
-    problem = _prepare(
-        model, data, method=method, fixed=fixed, init=init, subsample_size=subsample_size, seed=seed
-    )
-    steps = _DEFAULT_MAX_STEPS[method] if max_steps is None else int(max_steps)
-    if steps < 0:
-        raise ValueError(f"max_steps must be non-negative, got {max_steps}")
-    tols = (
-        10.0 * float(torch.finfo(problem.dtype).eps) if rtol is None else float(rtol),
-        _default(gtol, problem.dtype, 0.5),
-        _default(xtol, problem.dtype, 0.5),
-    )
-    runner = _fit_lbfgs if method == "lbfgs" else _fit_svi
-    free, trace, num_steps, num_evals, status, criterion = runner(
-        model, problem, tols, steps, subsample_size, lr, seed, progress
-    )
-    values = {**problem.fixed, **free}
+    optimizer = LBFGS() if optimizer is None else optimizer
+    problem = _prepare(model, data, optimizer=optimizer, fixed=fixed, init=init, seed=seed)
+    objective = _LogJointObjective(model, problem)
+    if isinstance(optimizer, LBFGS):
+        stepper = LBFGSStepper(objective, objective.x0, optimizer)
+        out = drive(
+            stepper,
+            lbfgs_rules(optimizer, problem.dtype, objective.x0.numel()),
+            max_steps=int(optimizer.max_steps),
+            progress=progress,
+            desc="MAP (L-BFGS)",
+        )
+        x, loss, grad = stepper.x, stepper.f, stepper.g
+        num_evals = out.num_evals
+    else:
+        out, x = _fit_svi(model, problem, objective, optimizer, seed, progress)
+        # One full-batch evaluation at the returned point: its log joint and gradient norm.
+        loss, grad = objective(x)
+        num_evals = out.num_evals + 1
+    status, criterion = out.status, out.criterion
+    if isinstance(optimizer, SVI) and status is FitStatus.CONVERGED and math.isfinite(loss):
+        # SVI stops on loss and step changes. A loss that stopped changing while the full
+        # gradient exceeds the loss per coordinate was not resolved by the dtype (counts of
+        # 1e100: the Poisson log pmf cancels terms of 1e102 to a rounding of 1e86), which is
+        # no optimum; the bound is loose enough never to flag a fit near an optimum.
+        scale = max(1.0, abs(loss) / max(objective.x0.numel(), 1))
+        gmax = float(grad.abs().max()) if grad.numel() else 0.0
+        if not gmax <= scale:
+            status = FitStatus.STALLED
+            criterion = (
+                f"{criterion}, but the full-batch max |grad| = {gmax:.3g} exceeds "
+                f"max(1, |loss|/n) = {scale:.3g}: the loss is not resolved at this precision"
+            )
+    finite = math.isfinite(loss) and bool(torch.isfinite(grad).all())
+    if not finite and status is not FitStatus.NONFINITE:
+        status, criterion = FitStatus.NONFINITE, f"{criterion}; loss at the returned point {loss}"
     with torch.no_grad():
-        final = log_joint(model, problem.data, values)
-    if status is MAPStatus.CONVERGED and not bool(torch.isfinite(final)):
-        status, criterion = MAPStatus.NONFINITE, f"final log joint is {float(final)}"
+        values = {name: v.detach() for name, v in objective.values(x).items()}
     result = MAPResult(
         values=values,
-        log_joint=final.detach(),
-        loss_trace=torch.tensor(trace, dtype=problem.dtype),
-        num_steps=num_steps,
+        log_joint=torch.tensor(-loss, dtype=problem.dtype),
+        loss_trace=torch.tensor(out.trace, dtype=problem.dtype),
+        num_steps=out.num_steps,
         num_grad_evals=num_evals,
         wall_time=time.perf_counter() - start,
         status=status,
         criterion=criterion,
-        method=method,
+        grad_norm=float(grad.norm()) if finite else math.nan,
+        optimizer=optimizer,
     )
     if throw and not result.converged:
-        raise MAPConvergenceError(result)
+        raise FitConvergenceError(result, "MAP")
     return result
 
 
-def _stop_rule(
-    loss: float, prev: float | None, gmax: float, dx: float | None, tols: tuple[float, float, float]
-) -> tuple[MAPStatus, str] | None:
-    rtol, gtol, xtol = tols
-    if not (math.isfinite(loss) and math.isfinite(gmax)):
-        return MAPStatus.NONFINITE, f"loss {loss}, max |grad| {gmax}"
-    if gmax <= gtol:
-        return MAPStatus.CONVERGED, f"max |grad| = {gmax:.3g} <= gtol = {gtol:.3g}"
-    if prev is not None:
-        rel = abs(loss - prev) / max(abs(loss), torch.finfo(torch.float64).tiny)
-        if rel <= rtol:
-            return MAPStatus.CONVERGED, f"relative loss change {rel:.3g} <= rtol = {rtol:.3g}"
-    if dx is not None and dx <= xtol:
-        return MAPStatus.CONVERGED, f"max |step| = {dx:.3g} <= xtol = {xtol:.3g}"
-    return None
+# --------------------------------------------------------------------------------------------
+# SVI: AutoDelta + Trace_ELBO + Adam, one monitoring window per driver step
+# --------------------------------------------------------------------------------------------
+class _SVIStepper(AbstractStepper):
+    def __init__(self, model, problem: _Problem, settings: SVI) -> None:
+        self.settings = settings
+        self.conditioned = poutine.condition(model, data=problem.fixed)
+        self.kwargs = dict(problem.data)
+        if settings.subsample_size is not None:
+            self.kwargs["subsample_size"] = int(settings.subsample_size)
+        self.elbo = Trace_ELBO()
+        guide = AutoDelta(self.conditioned, init_loc_fn=_uniform_init(problem.dtype))
+        guide._setup_prototype(**self.kwargs)
+        # The prototype holds (periodically repeated) placeholders; install the full-size
+        # initial values, identical to those L-BFGS starts from.
+        for name, value in problem.init.items():
+            setattr(
+                guide, name,
+                PyroParam(value.clone(), problem.supports[name], problem.event_dims[name]),
+            )
+        self.guide = guide
+        self.names = list(problem.init)
+        self.params = list(guide.parameters())
+        self.adam = torch.optim.Adam(self.params, lr=settings.lr, betas=settings.betas)
+        self.updates = 0
+        self.num_plateaus = 0
+        self.prev_mean: float | None = None
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def _evaluate(self) -> tuple[float, float]:
+        self.adam.zero_grad()
+        with pyro.validation_enabled(False):
+            loss = self.elbo.differentiable_loss(self.conditioned, self.guide, **self.kwargs)
+        if not bool(torch.isfinite(loss)):
+            return float(loss.detach()), math.nan
+        loss.backward()
+        gmax = max(float(p.grad.abs().max()) for p in self.params if p.grad is not None)
+        return float(loss.detach()), gmax
+
+    def start(self) -> Observation:
+        loss, gmax = self._evaluate()
+        return Observation(loss=loss, grad_max=gmax, num_steps=0)
+
+    def step(self, budget: int) -> Observation:
+        k = min(self.settings.window, budget)
+        x_before = self._flat()
+        losses, gmax = [], math.nan
+        for _ in range(k):
+            lr = self.settings.schedule.lr(
+                self.settings.lr, step=self.updates, max_steps=self.settings.max_steps,
+                num_plateaus=self.num_plateaus,
+            )
+            for group in self.adam.param_groups:
+                group["lr"] = lr
+            self.adam.step()
+            self.updates += 1
+            loss, gmax = self._evaluate()
+            losses.append(loss)
+            if not math.isfinite(loss):
+                break
+        mean = sum(losses) / len(losses)
+        if self.prev_mean is not None and not mean < self.prev_mean:
+            self.num_plateaus += 1
+        self.prev_mean = mean
+        step_max = float((self._flat() - x_before).abs().max()) if x_before.numel() else 0.0
+        return Observation(
+            loss=mean, losses=tuple(losses), grad_max=gmax, step_max=step_max,
+            num_steps=len(losses), num_evals=len(losses),
+        )
 
 
-def _fit_lbfgs(model, problem: _Problem, tols, max_steps, subsample_size, lr, seed, progress):
-    transforms = {name: biject_to(problem.supports[name]) for name in problem.init}
-    u = {
-        name: transforms[name].inv(value).detach().clone().requires_grad_(True)
-        for name, value in problem.init.items()
-    }
-    params = list(u.values())
-    optimizer = torch.optim.LBFGS(
-        params,
-        lr=1.0,
-        max_iter=1,  # one quasi-Newton iteration per .step(): our loop decides when to stop
-        # torch's default max_eval = max_iter * 5 // 4 = 1 would leave the line search no
-        # trial points beyond the first; 25 is the default max_ls of its strong-Wolfe search.
-        max_eval=26,
-        history_size=20,
-        tolerance_grad=0.0,
-        tolerance_change=0.0,
-        line_search_fn="strong_wolfe",
+def _fit_svi(model, problem: _Problem, objective: _LogJointObjective, settings: SVI, seed, progress):
+    rtol, gtol, xtol = settings.resolved_tolerances(problem.dtype)
+    rules = StopRules(
+        # a minibatch gradient does not vanish at the optimum: the gradient rule is full-batch only
+        gtol=gtol if settings.subsample_size is None else None,
+        num_coords=objective.x0.numel(),
+        rtol=rtol,
+        xtol=xtol,
     )
-    cache: dict[str, object] = {}
-    count = [0]
-
-    def closure() -> torch.Tensor:
-        # LBFGS re-evaluates the point it starts each .step() from, which our loop has just
-        # evaluated; the cache avoids paying (and counting) that evaluation twice.
-        key = torch.cat([p.detach().reshape(-1) for p in params])
-        if "key" in cache and torch.equal(cache["key"], key):
-            for p, g in zip(params, cache["grads"], strict=True):
-                p.grad = g.clone()
-            return cache["loss"]
-        optimizer.zero_grad()
-        values = {**problem.fixed, **{n: transforms[n](u[n]) for n in u}}
-        with warnings.catch_warnings():
-            # A trial point of the line search may overflow (e.g. exp of a huge Poisson
-            # natural parameter); Pyro warns about the NaN, which is handled just below.
-            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-            try:
-                loss = -log_joint(model, problem.data, values)
-            except ValueError:
-                # Pyro's argument validation rejects a trial point whose natural parameter
-                # overflowed (e.g. a Poisson rate of NaN); past the first evaluation that is a
-                # line-search overshoot, handled like a non-finite loss below.
-                if count[0] == 0:
-                    raise
-                loss = None
-        if loss is not None:
-            loss.backward()
-        count[0] += 1
-        grads = [
-            torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params
-        ]
-        if loss is None:
-            loss = torch.tensor(math.nan, dtype=problem.dtype)
-        if not (bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)):
-            # Torch's strong-Wolfe search cannot bracket with NaN/Inf (its cubic interpolation
-            # turns them into NaN steps). A large finite loss with a zero gradient makes it
-            # treat the trial point as "too far" and backtrack; max**0.3 (1e92 in float64) keeps the
-            # interpolation's squared differences finite.
-            loss = torch.tensor(torch.finfo(problem.dtype).max ** 0.3, dtype=problem.dtype)
-            grads = [torch.zeros_like(g) for g in grads]
-            cache["bad"] = True
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        cache.update(key=key, grads=grads, loss=loss.detach())
-        return loss.detach()
-
-    def evaluate() -> tuple[float, float, torch.Tensor]:
-        loss = float(closure())
-        gmax = max(float(p.grad.abs().max()) if p.numel() else 0.0 for p in params)
-        return loss, gmax, cache["key"]
-
-    loss, gmax, x = evaluate()
-    trace = [loss]
-    prev = dx = None
-    status, criterion, num_steps = MAPStatus.MAX_STEPS, "", 0
-    bar = iter(_progress(range(max_steps), enable=progress, desc="MAP (L-BFGS)", total=max_steps))
-    while True:
-        stop = _stop_rule(loss, prev, gmax, dx, tols)
-        if stop is not None:
-            status, criterion = stop
-            break
-        if num_steps >= max_steps:
-            criterion = f"max_steps = {max_steps} reached; max |grad| = {gmax:.3g}"
-            break
-        next(bar, None)
-        optimizer.step(closure)
-        num_steps += 1
-        prev = loss
-        loss, gmax, x_new = evaluate()
-        dx = float((x_new - x).abs().max()) if x.numel() else 0.0
-        x = x_new
-        trace.append(loss)
-    free = {n: transforms[n](u[n]).detach() for n in u}
-    return free, trace, num_steps, count[0], status, criterion
-
-
-def _fit_svi(model, problem: _Problem, tols, max_steps, subsample_size, lr, seed, progress):
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be positive and finite, got {lr}")
-    conditioned = poutine.condition(model, data=problem.fixed)
-    kwargs = dict(problem.data)
-    if subsample_size is not None:
-        kwargs["subsample_size"] = int(subsample_size)
-    rtol, gtol, xtol = tols
-    elbo = Trace_ELBO()
     # Module-local parameters and a scoped param store: no global residue between fits.
     with (
         pyro.settings.context(module_local_params=True),
@@ -494,61 +469,14 @@ def _fit_svi(model, problem: _Problem, tols, max_steps, subsample_size, lr, seed
         torch.random.fork_rng(devices=[]),
     ):
         torch.manual_seed(seed)
-        guide = AutoDelta(conditioned, init_loc_fn=_uniform_init(problem.dtype))
-        guide._setup_prototype(**kwargs)
-        # The prototype holds (periodically repeated) placeholders; install the full-size
-        # initial values, identical to those L-BFGS starts from.
-        for name, value in problem.init.items():
-            setattr(guide, name, PyroParam(value.clone(), problem.supports[name], problem.event_dims[name]))
-        params = list(guide.parameters())
-        optimizer = torch.optim.Adam(params, lr=lr)
-
-        def flat() -> torch.Tensor:
-            return torch.cat([p.detach().reshape(-1) for p in params])
-
-        trace: list[float] = []
-        window: list[float] = []
-        prev_mean = None
-        x_window = flat()
-        status, criterion, num_steps = MAPStatus.MAX_STEPS, "", 0
-        bar = iter(_progress(range(max_steps), enable=progress, desc="MAP (SVI)", total=max_steps))
-        while True:
-            optimizer.zero_grad()
-            loss_t = elbo.differentiable_loss(conditioned, guide, **kwargs)
-            loss_t.backward()
-            loss = float(loss_t.detach())
-            gmax = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
-            trace.append(loss)
-            window.append(loss)
-            mean = dx = None
-            if len(window) == _WINDOW:
-                mean = sum(window) / _WINDOW
-                x_now = flat()
-                dx = float((x_now - x_window).abs().max())
-                x_window = x_now
-            # The windowed rules compare window means; between windows only gtol can fire.
-            stop = _stop_rule(
-                mean if mean is not None else loss,
-                prev_mean if mean is not None else None,
-                gmax,
-                dx,
-                tols,
-            )
-            if stop is not None:
-                status, criterion = stop
-                break
-            if num_steps >= max_steps:
-                criterion = f"max_steps = {max_steps} reached; max |grad| = {gmax:.3g}"
-                break
-            if mean is not None:
-                if prev_mean is not None and mean >= prev_mean:
-                    for group in optimizer.param_groups:
-                        group["lr"] *= _DECAY
-                prev_mean = mean
-                window = []
-            next(bar, None)
-            optimizer.step()
-            num_steps += 1
+        stepper = _SVIStepper(model, problem, settings)
+        out = drive(
+            stepper, rules, max_steps=int(settings.max_steps), progress=progress,
+            desc="MAP (SVI)", unit="update",
+        )
         with torch.no_grad():
-            free = {name: getattr(guide, name).detach().clone() for name in problem.init}
-    return free, trace, num_steps, num_steps + 1, status, criterion
+            parts = []
+            for name in problem.init:
+                value = getattr(stepper.guide, name).detach()
+                parts.append(objective.transforms[name].inv(value).reshape(-1))
+    return out, torch.cat(parts)

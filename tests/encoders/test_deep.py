@@ -6,6 +6,7 @@ import torch
 from deqppl.encoders import AbstractMAPEncoder, DeepPEDEncoder, PEDEncoder, default_rtol
 from deqppl.expfam import gaussian, identity, smooth_relu
 from deqppl.inference import fit_map
+from deqppl.optim import LBFGS
 from deqppl.models import ExpFamPCA, HierarchicalExpFamPCA
 
 N = 10
@@ -55,7 +56,7 @@ def test_fixed_point_is_map_of_hierarchical_model(widths, nls, precs):
         zs, sol = enc(y)
     assert bool(sol.converged.all())
     assert [z.shape for z in zs] == [(N, w) for w in widths[1:]]
-    fit = fit_map(model, {"y": y}, method="lbfgs", fixed=globals_, progress=False)
+    fit = fit_map(model, {"y": y}, optimizer=LBFGS(), fixed=globals_, progress=False)
     assert fit.converged
     lj_enc = model.log_joint({"y": y}, {**globals_, **_locals(zs)})
     lj_fit = fit.log_joint

@@ -10,6 +10,7 @@ from torch import nn
 
 from deqppl.deq import NoAdjoint
 from deqppl.encoders import PEDEncoder, SupervisedPED, fit_encoder, fit_supervised
+from deqppl.optim import Adam
 from deqppl.expfam import family
 from deqppl.models import ExpFamPCA
 
@@ -48,7 +49,7 @@ def test_fine_tuning_reduces_loss_and_beats_frozen_backbone(float64):
     train, test = slice(0, 300), slice(300, 400)
     enc = PEDEncoder(model)
     # A rough unsupervised fit (2 epochs): the backbone fine-tuning starts from.
-    fit_encoder(enc, y, num_epochs=2, batch_size=100, lr=0.05, progress=False)
+    fit_encoder(enc, y, optimizer=Adam(num_epochs=2, batch_size=100, lr=0.05), progress=False)
     values = enc.values()
 
     def run(freeze):

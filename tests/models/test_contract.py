@@ -11,6 +11,7 @@ import torch
 
 from deqppl.expfam import binomial, exponential, family, identity, neg_smooth_relu, relu, smooth_relu
 from deqppl.inference import fit_map, principal_angles
+from deqppl.optim import LBFGS
 from deqppl.kernels import Matern32, SquaredExponential
 from deqppl.models import ExpFamPCA, HierarchicalExpFamPCA, KernelGLM
 from deqppl.protocols import MODEL_RULES, check_model
@@ -81,7 +82,7 @@ def test_simulate_shapes_and_sites(make, num_data, metric, tol):
 def test_simulate_then_fit_recovers_truth(make, num_data, metric, tol):
     model = make()
     sim = model.simulate(num_data, seed=0, dtype=torch.float64)
-    fit = fit_map(model, sim.data, method="lbfgs", progress=False, max_steps=2000)
+    fit = fit_map(model, sim.data, optimizer=LBFGS(max_steps=2000), progress=False)
     err = metric(model, sim, fit.values)
     print(f"\n{model.__class__.__name__}: {fit.criterion}; recovery error {err:.3g} (tol {tol})")
     assert fit.converged
