@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 __all__ = [
     "FLOAT_DTYPES",
+    "ValidatedData",
     "as_tensor",
     "check_data_keys",
     "check_finite",
@@ -34,6 +35,7 @@ __all__ = [
     "check_seed",
     "check_shape",
     "position",
+    "validated",
 ]
 
 
@@ -284,3 +286,58 @@ def check_real(
     if not math.isfinite(number) or below or (maximum is not None and number > maximum):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return number
+
+
+class ValidatedData(Mapping):
+    """A read-only data mapping returned by a model's ``validate``, tagged with that model.
+
+    Public entries (``compare``, ``fit_map``, ``fit_encoder``, the encoders) that receive it for
+    an equal model do not validate it again (:func:`validated`): validate once at the outermost
+    entry and pass the tensors inward.
+    """
+
+    __slots__ = ("_data", "_model")
+
+    def __init__(self, model, data: Mapping[str, torch.Tensor]) -> None:
+        self._model = model
+        self._data = dict(data)
+
+    @property
+    def model(self):
+        """The model whose ``validate`` produced the data."""
+        return self._model
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        shapes = {k: tuple(v.shape) for k, v in self._data.items()}
+        return f"ValidatedData({type(self._model).__name__}, {shapes})"
+
+
+def validated(model, data: Mapping[str, object]) -> ValidatedData:
+    """``data`` checked by ``model.validate`` once: returned as is if it already was.
+
+    Data validated by an equal model (frozen dataclass models compare by their
+    hyperparameters) is passed through; anything else goes through ``model.validate`` (a
+    model without one is taken as is).
+
+    Examples
+    --------
+    >>> from deqppl.expfam import family
+    >>> from deqppl.models import ExpFamPCA
+    >>> model = ExpFamPCA(family=family("poisson"), obs_dim=2, latent_dim=1)
+    >>> data = validated(model, {"y": [[0, 1], [2, 3]]})
+    >>> data["y"].dtype, validated(model, data) is data
+    (torch.float32, True)
+    """
+    if isinstance(data, ValidatedData) and (data.model is model or data.model == model):
+        return data
+    validate = getattr(model, "validate", None)
+    return ValidatedData(model, validate(data) if validate is not None else dict(data))

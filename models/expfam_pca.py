@@ -158,3 +158,23 @@ class ExpFamPCA(AbstractModel):
             fixed=fixed,
             dtype=dtype,
         )
+
+    def global_metrics(
+        self, values: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+    ) -> dict[str, float]:
+        """Compare two fits' globals where the joint MAP leaves a rotation undetermined.
+
+        ``subspace_angle``: the largest principal angle (radians) between the column spaces of
+        the loadings ``W`` of ``values`` and of ``reference`` (the harness's fit-stage hook).
+
+        Examples
+        --------
+        >>> from deqppl.expfam import family
+        >>> model = ExpFamPCA(family=family("poisson"), obs_dim=2, latent_dim=1)
+        >>> W = torch.tensor([[1.0], [0.0]])
+        >>> round(model.global_metrics({"W": W}, {"W": torch.tensor([[1.0], [1.0]])})["subspace_angle"], 4)
+        0.7854
+        """
+        from deqppl.inference import principal_angles
+
+        return {"subspace_angle": float(principal_angles(values["W"], reference["W"]).max())}

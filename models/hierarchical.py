@@ -163,3 +163,16 @@ class HierarchicalExpFamPCA(AbstractModel):
             fixed=fixed,
             dtype=dtype,
         )
+
+    def global_metrics(
+        self, values: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+    ) -> dict[str, float]:
+        """``subspace_angle``: the largest principal angle (radians) between two fits' ``W1``.
+
+        The column space of the observed layer's loadings is invariant to the rotations of
+        $z^{(1)}$ that leave an identity-nonlinearity hierarchy's joint MAP undetermined (the
+        harness's fit-stage hook).
+        """
+        from deqppl.inference import principal_angles
+
+        return {"subspace_angle": float(principal_angles(values["W1"], reference["W1"]).max())}

@@ -43,9 +43,9 @@ def main() -> None:
     out = Path(args.out)
     comparison = compare(
         model,
-        digits.y[train],
+        {"y": digits.y[train]},
         methods=[DEQMethod(), SVIMethod(), LBFGSMethod()],
-        heldout=digits.y[held],
+        heldout={"y": digits.y[held]},
         labels=digits.labels[train],
         heldout_labels=digits.labels[held],
         store=RunStore(out / "runs"),

@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from deqppl.expfam import family, gaussian
-from deqppl.harness import LBFGSMethod, RunStore, StageResult, compare
+from deqppl.harness import AbstractMethod, LBFGSMethod, RunStore, StageResult, compare
 from deqppl.harness.store import Unit, load_settings
 from deqppl.inference import fit_map, load_map, save_map
 from deqppl.inference.io import CorruptFileError
@@ -168,7 +169,7 @@ for _dt in (torch.float16, torch.bfloat16):
         lambda tmp, dt=_dt: fit_map(_pca(), {"y": torch.ones(4, 3, dtype=dt)}, progress=False)
     )
     case("dtype", f"compare_{_name}", TypeError, "^y " + _HALF)(
-        lambda tmp, dt=_dt: compare(_pca(), torch.ones(6, 3, dtype=dt), methods=[LBFGSMethod()], progress=False)
+        lambda tmp, dt=_dt: compare(_pca(), {"y": torch.ones(6, 3, dtype=dt)}, methods=[LBFGSMethod()], progress=False)
     )
     case("dtype", f"kernel_inputs_{_name}", TypeError, "^x1 " + _HALF)(
         lambda tmp, dt=_dt: SquaredExponential()(torch.zeros(3, dtype=dt))
@@ -434,6 +435,8 @@ for _id, _fn, _match in [
     ("kglm_program_names_x", lambda: _KGLM(torch.tensor([0.0, math.nan])), r"^x contains a non-finite value nan"),
     ("kglm_predict_names_x_new", lambda: _KGLM.predict(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.tensor([math.nan])),
      r"^x_new contains a non-finite value nan"),
+    ("compare_names_heldout", lambda: compare(_pca(), {"y": _y()}, heldout={"y": -torch.ones(2, 3, dtype=F64)}, methods=["lbfgs"], progress=False),
+     r"^heldout: y has value -1\.0 at row 0, column 0, outside the allowed values"),
 ]:
     case("naming", _id, ValueError, _match)(lambda tmp, fn=_fn: fn())
 
@@ -472,6 +475,8 @@ for _id, _fn, _exc, _match in [
     ("seed_fractional", lambda: fit_map(_pca(), {"y": _y()}, seed=1.5, progress=False), TypeError, r"seed must be an integer, got 1\.5"),
     ("seed_string", lambda: fit_map(_pca(), {"y": _y()}, seed="1", progress=False), TypeError, r"seed must be an integer, got '1'"),
     ("simulate_seed_fractional", lambda: _pca().simulate(5, seed=1.5), TypeError, r"^seed must be an integer, got float 1\.5$"),
+    ("compare_seed_fractional", lambda: compare(_pca(), {"y": _y()}, seeds=(0, 1.5), methods=["lbfgs"], progress=False),
+     TypeError, r"^seeds\[1\] must be an integer, got float 1\.5$"),
     ("y_wrong_width", lambda: fit_map(_pca(), {"y": torch.zeros(4, 2, dtype=F64)}, progress=False), ValueError,
      r"y must have shape \(\*, 3\), got \(4, 2\)"),
     ("y_out_of_support", lambda: fit_map(_pca(), {"y": torch.tensor([[0.0, 1.0, -2.0]], dtype=F64)}, progress=False),
@@ -566,11 +571,13 @@ def cli_case(id: str, match: str, *, files: dict[str, str | bytes] | None = None
 
     def argv(tmp: Path) -> list[str]:
         for name, text in (files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             if name.endswith("/"):
                 (tmp / name).mkdir()
             else:
                 _write(tmp, name, text)
-        return [a.replace("{tmp}", str(tmp)) for a in args]
+        argv = [a.replace("{tmp}", str(tmp)) for a in args]
+        return argv if "--out" in argv else [*argv, "--out", str(tmp / "out")]
 
     CLI_CASES.append(CLICase(id, argv, match))
 
@@ -604,6 +611,30 @@ for _id, _files, _args, _match in [
 ]:
     cli_case(_id, _match, files=_files, args=_args)
 
+for _id, _files, _args, _match in [
+    ("one_row_csv", {"t.csv": "a,b\n1,2\n"}, ["--data", "{tmp}/t.csv", "--family", "poisson"],
+     r"the data have 1 row; a comparison needs at least 2"),
+    ("one_simulated_row", {}, ["--data", "simulate:poisson,n=1"], r"the data have 1 row; a comparison needs at least 2"),
+    ("heldout_leaves_one_training_row", {}, ["--data", "simulate:poisson,n=3", "--heldout-fraction", "0.5"],
+     r"--heldout-fraction 0\.5 of 3 rows holds out 2, leaving fewer than 2 training rows"),
+    ("simulate_exponential", {}, ["--data", "simulate:exponential"],
+     r"--data simulate:exponential: nonlinearity identity .* exponential\(\); pair exponential\(\) with .*neg_smooth_relu"),
+    ("lam_nan", {}, [*_SIM, "--lam", "nan"], r"--lam must be positive and finite, got nan"),
+    ("lam_inf", {}, [*_SIM, "--lam", "inf"], r"--lam must be positive and finite, got inf"),
+    ("lam_zero", {}, [*_SIM, "--lam", "0"], r"--lam must be positive and finite, got 0\.0"),
+    ("negative_seed", {}, [*_SIM, "--seed", "-1"], r"--seed must be a non-negative integer, got -1"),
+    ("out_is_a_file", {"afile": "keep me"}, [*_SIM, "--out", "{tmp}/afile"],
+     r"--out .*afile is a file; give a folder"),
+    ("out_cannot_be_created", {"afile": "keep me"}, [*_SIM, "--out", "{tmp}/afile/sub"],
+     r"--out .*afile/sub cannot be created or written: Not a directory"),
+    ("missing_data_before_out", {"o/run.json": '{"data": "another run"}'},
+     ["--data", "{tmp}/nope.csv", "--family", "poisson", "--out", "{tmp}/o"],
+     r"data file '.*nope\.csv' does not exist"),
+    ("data_directory_before_out", {"o/run.json": '{"data": "another run"}', "d.csv/": ""},
+     ["--data", "{tmp}/d.csv", "--family", "poisson", "--out", "{tmp}/o"], r"d\.csv' is a directory"),
+]:
+    cli_case(_id, _match, files=_files, args=_args)
+
 if not _has_pyarrow():
     cli_case("parquet_without_pyarrow", r"needs pyarrow: pip install pyarrow",
              files={"t.parquet": b"PAR1"}, args=["--data", "{tmp}/t.parquet", "--family", "poisson"])
@@ -618,12 +649,146 @@ def test_bad_command_line_exits_2_with_one_line_and_fits_nothing(c: CLICase, tmp
         raise AssertionError("a bad command line reached the comparison")
 
     monkeypatch.setattr(deqppl.harness, "compare", no_fitting)
-    out = tmp_path / "out"
-    code = main(["compare", *c.argv(tmp_path), "--out", str(out), "--no-progress"])
+    argv = c.argv(tmp_path)
+    out = Path(argv[len(argv) - 1 - argv[::-1].index("--out") + 1])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code = main(["compare", *argv, "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("deqppl compare: error: "), err
     assert re.search(c.match, lines[0]), f"{lines[0]!r} does not match {c.match!r}"
     assert "Traceback" not in err
-    assert not (out / "runs").exists() and not (out / "run.json").exists()  # nothing stored
+    # nothing fitted (compare refused above), nothing stored: the folder is as it was
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("text", ["", "{not json", "[1, 2]"], ids=["emptied", "garbage", "not_an_object"])
+def test_report_with_a_damaged_run_json_exits_2_naming_it(tmp_path, capsys, text):
+    from deqppl.cli import main
+
+    (tmp_path / "run.json").write_text(text)
+    code = main(["report", "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert re.search(r"run\.json' is not a readable deqppl file: .*run the same `deqppl compare", err[0])
+
+
+# ------------------------------------------------------------------ cli: what must still work
+_TINY = ["--data", "simulate:poisson,n=30,d=4,l=1", "--methods", "lbfgs", "--no-progress"]
+
+
+def _spy_compare(monkeypatch):
+    """Record the arguments each ``compare`` call of the command line receives."""
+    import deqppl.harness
+
+    calls = []
+    real = deqppl.harness.compare
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(deqppl.harness, "compare", spy)
+    return calls
+
+
+@pytest.mark.slow  # a few seconds: whole command-line runs / several comparisons
+def test_heldout_fraction_zero_is_honoured(tmp_path, capsys, monkeypatch):
+    from deqppl.cli import main
+    from deqppl.harness.store import load_settings
+
+    calls = _spy_compare(monkeypatch)
+    assert main(["compare", *_TINY, "--heldout-fraction", "0", "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    ((_, data), kwargs), = calls
+    # every row is fitted and the held-out stage re-infers those same rows: no 20 % default
+    assert data["y"].shape[0] == 30
+    assert torch.equal(kwargs["heldout"]["y"], data["y"])
+    assert load_settings(tmp_path / "o" / "run.json")["heldout_fraction"] == 0.0
+
+
+def test_a_damaged_run_json_is_moved_aside_and_the_run_proceeds(tmp_path, capsys):
+    from deqppl.cli import main
+    from deqppl.harness.store import load_settings
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run.json").write_text('{"data": "simulate:poi')  # truncated
+    assert main(["compare", *_TINY, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"run\.json' is not a readable deqppl file: it is not JSON .*moved it to run\.json\.corrupt-1", err)
+    assert (out / "run.json.corrupt-1").read_text() == '{"data": "simulate:poi'
+    assert load_settings(out / "run.json")["data"] == "simulate:poisson,n=30,d=4,l=1"
+
+
+@pytest.mark.slow  # a few seconds: whole command-line runs / several comparisons
+def test_cli_redoes_a_damaged_unit_and_reports_it(tmp_path, capsys):
+    import pandas as pd
+
+    from deqppl.cli import main
+
+    plain, damaged = tmp_path / "plain", tmp_path / "damaged"
+    assert main(["compare", *_TINY, "--out", str(plain)]) == 0
+    assert main(["compare", *_TINY, "--out", str(damaged)]) == 0
+    capsys.readouterr()
+    (unit,) = [p for p in (damaged / "runs").rglob("fit.pt")]
+    unit.write_bytes(unit.read_bytes()[:64])  # truncated
+    assert main(["compare", *_TINY, "--out", str(damaged)]) == 0
+    err = capsys.readouterr().err
+    assert f"{unit} was damaged or altered; moved it to fit.pt.corrupt-1 and redid the unit" in err
+    timing = {"wall_time", "time_ratio_vs_deq"}
+    a, b = (pd.read_csv(d / "table.csv") for d in (plain, damaged))
+    a, b = (t[~t.metric.isin(timing)].reset_index(drop=True) for t in (a, b))
+    pd.testing.assert_frame_equal(a, b)
+
+
+# ---------------------------------------------------------- a failing method loses nothing
+@dataclass(frozen=True, kw_only=True)
+class Failing(AbstractMethod):
+    """L-BFGS, except that the chosen stage raises (as a DEQ whose first solve diverges)."""
+
+    name: str = "failing"
+    stage: str = "fit"
+
+    def fit_globals(self, model, data, *, seed, progress):
+        if self.stage in ("fit", "both"):
+            raise FloatingPointError("the first forward solve diverged")
+        return LBFGSMethod().fit_globals(model, data, seed=seed, progress=progress)
+
+    def infer_locals(self, model, data, globals, *, seed, progress):
+        if self.stage in ("heldout", "both"):
+            raise RuntimeError("no fixed point")
+        return LBFGSMethod().infer_locals(model, data, globals, seed=seed, progress=progress)
+
+
+@pytest.mark.slow  # a few seconds: whole command-line runs / several comparisons
+@pytest.mark.parametrize("stage", ["fit", "heldout", "both"])
+def test_a_failing_method_records_its_failure_and_the_others_rows_appear(stage):
+    model = _pca()
+    sim = model.simulate(30, seed=0, dtype=F64)
+    labels = (sim.truth["z"][:, 0] > 0).long()
+    methods = [Failing(stage=stage), LBFGSMethod()]
+    result = compare(model, sim.data, labels=labels, methods=methods, progress=False)
+    alone = compare(model, sim.data, labels=labels, methods=[LBFGSMethod()], progress=False)
+    expected = {
+        "fit": {(0, "failing", "fit"): "FloatingPointError: the first forward solve diverged"},
+        "heldout": {(0, "failing", "heldout"): "RuntimeError: no fixed point"},
+    }
+    want = {**expected["fit"], **expected["heldout"]} if stage == "both" else expected[stage]
+    assert result.failures == want
+    t = result.table.set_index(["method", "stage", "metric"])["value"]
+    for failed_stage in {"fit", "heldout"} if stage == "both" else {stage}:
+        assert t["failing", failed_stage, "converged"] == 0.0
+        assert math.isnan(t["failing", failed_stage, "log_joint"])
+    # the working method's rows are exactly those of a run without the failing one
+    timing = {"wall_time", "time_ratio_vs_deq", "log_joint_gap", "amortization_gap"}
+    mine = result.table[(result.table.method == "lbfgs") & ~result.table.metric.isin(timing)]
+    ref = alone.table[(alone.table.method == "lbfgs") & ~alone.table.metric.isin(timing)]
+    pd.testing.assert_frame_equal(mine.reset_index(drop=True), ref.reset_index(drop=True))
+
+
+def test_every_method_failing_is_one_clear_error():
+    with pytest.raises(RuntimeError, match=r"every method failed in the 'fit' stage of seed 0 \(failing: FloatingPointError"):
+        compare(_pca(), {"y": _y(20)}, methods=[Failing()], progress=False)

@@ -15,12 +15,13 @@ import pandas as pd
 import pytest
 
 from deqppl.cli import main
+from deqppl.harness import TIMING_METRICS
 from deqppl.expfam import FAMILIES, NONLINEARITIES
 
 #: Tiny but complete: 3 methods, fit + held-out stages, a few seconds per method.
 TINY = ["--data", "simulate:poisson,n=40,d=5,l=2", "--small", "--no-progress"]
 #: Metrics that measure time, which legitimately differ between two runs.
-TIMING = {"wall_time", "time_ratio_vs_deq"}
+TIMING = set(TIMING_METRICS)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -45,11 +46,13 @@ def test_list(capsys):
     code, out, _ = run_cli(capsys, "list")
     assert code == 0
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
-    assert set(lines) == {"models", "families", "nonlinearities", "methods", "datasets"}
+    assert set(lines) == {"models", "model names", "families", "nonlinearities", "methods", "datasets"}
+    assert lines["model names"].split(", ") == ["pca", "hierarchical", "kglm"]
     assert lines["families"].split(", ") == sorted(FAMILIES)
     assert lines["nonlinearities"].split(", ") == sorted(NONLINEARITIES)
     assert set(lines["methods"].split(", ")) >= {"deq", "svi", "lbfgs"}
     assert "ExpFamPCA" in lines["models"] and "digits" in lines["datasets"]
+    assert {"diabetes", "breast_cancer"} <= set(lines["datasets"].split(", "))
 
 
 @pytest.mark.parametrize(
@@ -62,8 +65,15 @@ def test_list(capsys):
         (["--nonlinearity", "tanh"], ["'tanh'", "identity", "relu"]),
         (["--data", "simulate:poisson,k=3"], ["'k=3'", "n=INT", "l=INT"]),
         (["--data", "simulate:binomial"], ["--total-count"]),
+        (["--model", "gplvm"], ["'gplvm'", "pca", "hierarchical", "kglm"]),
+        (["--model", "kglm", "--methods", "deq"], ["'deq'", "'kglm'", "lbfgs", "svi"]),
+        (["--model", "kglm", "--data", "digits"], ["'digits'", "diabetes", "breast_cancer"]),
+        (["--model", "kglm", "--family", "poison"], ["'poison'", "bernoulli"]),
+        (["--model", "hierarchical", "--widths", "3,x"], ["--widths", "'3,x'"]),
+        (["--model", "hierarchical", "--family", "poisson"], ["'poisson'", "gaussian"]),
     ],
-    ids=["family-in-data", "family", "method", "data", "nonlinearity", "simulate-option", "binomial-trials"],
+    ids=["family-in-data", "family", "method", "data", "nonlinearity", "simulate-option", "binomial-trials",
+         "model", "kglm-deq", "kglm-data", "kglm-family", "widths", "hierarchical-family"],
 )
 def test_unknown_names_exit_2_listing_valid_ones(capsys, tmp_path, argv, expected):
     code, out, err = run_cli(capsys, "compare", *argv, "--out", str(tmp_path / "o"), "--no-progress")
@@ -182,3 +192,104 @@ def test_killed_process_resumes_to_the_same_table(tmp_path):
         assert path.stat().st_mtime_ns == mtime
     assert not list((out / "runs").rglob("*.tmp"))
     assert_same_results(out, reference)
+
+
+# ------------------------------------------------------------------------------- other models
+def _summary(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "summary.csv").set_index("method")
+
+
+@pytest.mark.slow
+def test_hierarchical_on_the_digits(capsys, tmp_path):
+    out = tmp_path / "h"
+    code, stdout, _ = run_cli(
+        capsys, "compare", "--model", "hierarchical", "--data", "digits", "--widths", "4,2",
+        "--rows", "120", "--small", "--no-model-comparison", "--no-progress", "--out", str(out),
+    )
+    assert code == 0
+    s = _summary(out)
+    assert {"deq", "svi", "lbfgs", "pca"} <= set(s.index)
+    # the deep DEQ and L-BFGS solve the same strongly convex (Gaussian) problems under the
+    # shared globals: both certified to < 1e-6 (Newton at relative residual 1e-8)
+    assert s.loc["deq", "certified_bound"] < 1e-6
+    assert {"max_abs_dz[z1]", "max_abs_dz[z2]"} <= set(s.columns)
+    assert (out / "report.html").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("data", "family"), [("diabetes", "family=gaussian("), ("breast_cancer", "family=bernoulli(")]
+)
+@pytest.mark.slow
+def test_kglm_on_the_bundled_tables(capsys, tmp_path, data, family):
+    out = tmp_path / data
+    code, _, _ = run_cli(
+        capsys, "compare", "--model", "kglm", "--data", data, "--small", "--no-progress", "--out", str(out),
+    )
+    assert code == 0
+    table = pd.read_csv(out / "table.csv")
+    assert set(table["method"]) == {"svi", "lbfgs"}
+    assert table["model"].str.contains(family, regex=False).all()
+    s = _summary(out)
+    assert np.isfinite(s["heldout_log_lik"]).all()
+    assert (s["certified_bound"] < 1e-3).all()
+
+
+def test_kglm_on_a_user_csv(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 2))
+    y = np.sin(x[:, 0]) + 0.1 * rng.normal(size=30)
+    path = tmp_path / "xy.csv"
+    pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "noise": rng.normal(size=30), "target": y}).to_csv(path, index=False)
+    out = tmp_path / "o"
+    code, _, err = run_cli(
+        capsys, "compare", "--model", "kglm", "--data", str(path), "--family", "gaussian",
+        "--x-columns", "a,b", "--y-column", "target", "--methods", "lbfgs", "--no-progress",
+        "--out", str(out),
+    )
+    assert code == 0, err
+    # two standardised inputs: the default lengthscale is sqrt(2)
+    assert "lengthscale=1.414" in pd.read_csv(out / "table.csv")["model"].iloc[0]
+    code, _, err = run_cli(
+        capsys, "compare", "--model", "kglm", "--data", str(path), "--family", "gaussian",
+        "--x-columns", "a,c", "--y-column", "target", "--out", str(tmp_path / "o2"),
+    )
+    assert code == 2 and "['c']" in err and "header" in err
+    code, _, err = run_cli(
+        capsys, "compare", "--model", "kglm", "--data", str(path), "--family", "gaussian",
+        "--out", str(tmp_path / "o3"),
+    )
+    assert code == 2 and "--y-column" in err
+
+
+def test_one_validation_per_cli_run(capsys, tmp_path, monkeypatch):
+    from deqppl.models import ExpFamPCA
+
+    calls = []
+    original = ExpFamPCA.validate
+
+    def counting(self, data):
+        calls.append(1)
+        return original(self, data)
+
+    monkeypatch.setattr(ExpFamPCA, "validate", counting)
+    argv = ["compare", "--data", "simulate:poisson,n=30,d=4,l=1", "--methods", "deq,svi,lbfgs", "--small",
+            "--no-progress", "--out", str(tmp_path / "o")]
+    assert run_cli(capsys, *argv)[0] == 0
+    assert len(calls) == 1
+
+
+def test_digits_default_subset_and_full(capsys, tmp_path):
+    from deqppl.cli import DIGITS_DEFAULT_ROWS, _settings, build_parser, build_problem
+
+    def problem(*argv):
+        return build_problem(_settings(build_parser().parse_args(["compare", *argv])))
+
+    default = problem()
+    assert default.data["y"].shape[0] + default.heldout["y"].shape[0] == DIGITS_DEFAULT_ROWS
+    assert default.model_comparison is not None  # the digits' report compares families and sizes
+    full = problem("--full", "--no-model-comparison")
+    assert full.data["y"].shape[0] + full.heldout["y"].shape[0] == 1797
+    assert full.model_comparison is None
+    assert problem("--rows", "100").heldout["y"].shape[0] == 20
+    code, _, err = run_cli(capsys, "compare", "--rows", "100", "--full", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--rows N or --full" in err

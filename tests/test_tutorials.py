@@ -23,6 +23,8 @@ EXPECTED = [
     "02_amortised_encoders_and_finetuning.ipynb",
     "03_hierarchical_latents.ipynb",
     "04_model_comparison_report.ipynb",
+    "05_deqs_with_guarantees.ipynb",
+    "06_what_a_random_deq_computes.ipynb",
 ]
 FOUND = sorted(p.name for p in TUTORIALS.glob("*.ipynb"))
 #: Seconds per cell: the slowest small-mode cell takes well under a minute on an idle core;

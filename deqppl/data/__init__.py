@@ -3,6 +3,15 @@
 The handwritten digits ship inside the package (``digits.npz``, 45 kB): the 1 797 images of
 8×8 pixel counts 0–16 of the UCI optical-recognition data set as distributed with scikit-learn
 (``sklearn.datasets.load_digits``, BSD-3 licence), so nothing is downloaded.
+
+Two small regression tables for kernel GLMs ship likewise, written from scikit-learn's copies by
+``scripts/make_kglm_data.py`` (BSD-3 licence; scikit-learn is not a run-time dependency):
+``diabetes.npz`` (442 patients, 10 baseline variables, disease progression after one year;
+Efron et al., 2004, *Annals of Statistics*) for Gaussian regression and ``breast_cancer.npz``
+(569 tumours of the Wisconsin diagnostic data, 30 features, 1 = benign) for Bernoulli
+regression. Every x column is standardised to mean 0 and population standard deviation 1, and
+so is the diabetes target (the Gaussian family has unit observation precision); the means and
+scales are kept in :class:`Regression`.
 """
 
 from __future__ import annotations
@@ -14,7 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load_digits", "load_table"]
+__all__ = [
+    "Dataset",
+    "Regression",
+    "load_breast_cancer",
+    "load_diabetes",
+    "load_digits",
+    "load_table",
+    "load_xy_table",
+]
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,152 @@ def load_digits(*, dtype: torch.dtype = torch.float64) -> Dataset:
         labels=torch.as_tensor(labels.astype(np.int64)),
         name="digits",
         columns=columns,
+    )
+
+
+@dataclass(frozen=True)
+class Regression:
+    """Inputs and a response, for models with covariates (e.g. a kernel GLM).
+
+    Attributes
+    ----------
+    x
+        Inputs, shape ``(n, p)``.
+    y
+        Responses, shape ``(n,)``.
+    name
+        Where the data came from.
+    x_columns
+        Names of the ``p`` input columns.
+    y_column
+        Name of the response.
+    x_mean, x_scale
+        ``(p,)``: the raw inputs are ``x * x_scale + x_mean`` (zeros and ones when ``x`` was not
+        standardised).
+    y_mean, y_scale
+        The raw responses are ``y * y_scale + y_mean``.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    name: str
+    x_columns: tuple[str, ...]
+    y_column: str
+    x_mean: torch.Tensor
+    x_scale: torch.Tensor
+    y_mean: float = 0.0
+    y_scale: float = 1.0
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _load_regression(name: str, dtype: torch.dtype) -> Regression:
+    with resources.files("deqppl.data").joinpath(f"{name}.npz").open("rb") as fh:
+        arrays = dict(np.load(fh))
+    return Regression(
+        x=torch.as_tensor(arrays["x"], dtype=dtype),
+        y=torch.as_tensor(arrays["y"], dtype=dtype),
+        name=name,
+        x_columns=tuple(str(c) for c in arrays["x_columns"]),
+        y_column=str(arrays["y_column"]),
+        x_mean=torch.as_tensor(arrays["x_mean"], dtype=dtype),
+        x_scale=torch.as_tensor(arrays["x_scale"], dtype=dtype),
+        y_mean=float(arrays["y_mean"]),
+        y_scale=float(arrays["y_scale"]),
+    )
+
+
+def load_diabetes(*, dtype: torch.dtype = torch.float64) -> Regression:
+    """The 442 diabetes patients: 10 standardised inputs, standardised disease progression.
+
+    Examples
+    --------
+    >>> ds = load_diabetes()
+    >>> tuple(ds.x.shape), tuple(ds.y.shape), ds.x_columns[:3]
+    ((442, 10), (442,), ('age', 'sex', 'bmi'))
+    >>> round(float(ds.x.mean()), 12), round(float(ds.y.std(unbiased=False)), 12)
+    (0.0, 1.0)
+    """
+    return _load_regression("diabetes", dtype)
+
+
+def load_breast_cancer(*, dtype: torch.dtype = torch.float64) -> Regression:
+    """The 569 Wisconsin breast tumours: 30 standardised inputs, response 1 = benign, 0 = malignant.
+
+    Examples
+    --------
+    >>> ds = load_breast_cancer()
+    >>> tuple(ds.x.shape), sorted(ds.y.unique().tolist()), int(ds.y.sum())
+    ((569, 30), [0.0, 1.0], 357)
+    """
+    return _load_regression("breast_cancer", dtype)
+
+
+def load_xy_table(
+    path: str | Path,
+    *,
+    y_column: str,
+    x_columns: list[str] | None = None,
+    standardize: bool = True,
+    dtype: torch.dtype = torch.float64,
+) -> Regression:
+    """Inputs and a response from a CSV or Parquet file, every cell checked first.
+
+    Parameters
+    ----------
+    path
+        ``.csv`` (header row required) or ``.parquet``.
+    y_column
+        The response column.
+    x_columns
+        The input columns; default every column but ``y_column``.
+    standardize
+        Standardise every input column to mean 0 and population sd 1 (as the bundled tables;
+        one kernel lengthscale then suits all columns). A constant column is only centred.
+    dtype
+        Floating dtype of the tensors.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        A column not in the header (the header is listed), or a missing / non-numeric cell
+        (naming file, row and column).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "t.csv"
+    >>> _ = p.write_text("a,b,c\\n1,2,0\\n3,4,1\\n")
+    >>> ds = load_xy_table(p, y_column="c")
+    >>> ds.x.tolist(), ds.y.tolist(), ds.x_columns
+    ([[-1.0, -1.0], [1.0, 1.0]], [0.0, 1.0], ('a', 'b'))
+    """
+    table = load_table(path, dtype=dtype)
+    header = list(table.columns)
+    wanted = [c for c in header if c != y_column] if x_columns is None else list(x_columns)
+    unknown = [c for c in [y_column, *wanted] if c not in header]
+    if unknown:
+        raise ValueError(f"{path}: columns {unknown} not in the header {header}")
+    if y_column in wanted:
+        raise ValueError(f"{path}: the response column {y_column!r} is also an input column")
+    if not wanted:
+        raise ValueError(f"{path}: no input columns besides the response {y_column!r}")
+    x = table.y[:, [header.index(c) for c in wanted]]
+    y = table.y[:, header.index(y_column)]
+    mean = x.mean(0) if standardize else torch.zeros(x.shape[1], dtype=dtype)
+    scale = x.std(0, unbiased=False) if standardize else torch.ones(x.shape[1], dtype=dtype)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return Regression(
+        x=(x - mean) / scale,
+        y=y,
+        name=table.name,
+        x_columns=tuple(wanted),
+        y_column=y_column,
+        x_mean=mean,
+        x_scale=scale,
     )
 
 

@@ -46,7 +46,7 @@ from deqppl.deq import (
     fixed_point,
 )
 from deqppl.deq import spectral_radius as _spectral_radius
-from deqppl.validation import as_tensor, check_finite, check_shape
+from deqppl.validation import as_tensor, check_finite, check_shape, validated
 
 __all__ = ["AbstractMAPEncoder", "LaplaceResult", "default_adjoint", "default_rtol", "weighted_gram"]
 
@@ -276,7 +276,8 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
                     f"{{name: tensor}}, not a bare {type(data).__name__}"
                 )
             data = {names[0]: data}
-        out = self.model.validate(data)
+        # Data validated for this model already (ValidatedData) is not checked again.
+        out = dict(validated(self.model, data))
         ref = self._reference()
         if ref is not None:
             out = {k: (v.to(dtype=ref.dtype, device=ref.device) if v.is_floating_point() else v.to(ref.device))

@@ -1,14 +1,15 @@
-r"""Joint MAP of a PED encoder's globals $(W, B)$ through the fixed point (SPEC §2.4).
+r"""Joint MAP of an encoder's globals through its fixed point (SPEC §2.4), for any encoder of
+the protocol (:class:`~deqppl.encoders.AbstractMAPEncoder`: ``PEDEncoder``, ``DeepPEDEncoder``,
+...). With $\theta$ the model's global sites (the encoder's parameters of the same names) the
+objective is the negative log joint of the encoder's Pyro model at the MAP latents,
 
-The objective is the negative log joint of the encoder's Pyro model at the MAP latents,
-
-$$L(W,B)=-\log p(W,B)-\sum_s\log p(y_s, z_s^*\mid W,B),\qquad z_s^*=f(z_s^*;y_s,W,B),$$
+$$L(\theta)=-\log p(\theta)-\sum_s\log p(\text{data}_s, z_s^*\mid\theta),\qquad z_s^*=f(z_s^*;\text{data}_s,\theta),$$
 
 taken from the model's trace (:func:`deqppl.inference.log_joint`), and is minimised by the
 optimiser given as a settings object of :mod:`deqppl.optim` (profiled full-batch
 :class:`~deqppl.optim.LBFGS`, or :class:`~deqppl.optim.Adam` on minibatches), through the one
 optimiser driver that :func:`~deqppl.inference.fit_map` also uses. Because $z_s^*$ is a stationary point of the same objective, its implicit
-dependence on $(W, B)$ contributes nothing to the gradient (envelope theorem), so each solve is
+dependence on $\theta$ contributes nothing to the gradient (envelope theorem), so each solve is
 run without an adjoint and the gradient is that of $L$ at the detached $z^*$.
 """
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deqppl._validation import as_tensor
+from deqppl.validation import ValidatedData, validated
 from deqppl.inference.log_joint import log_joint
 from deqppl.optim import (
     LBFGS,
@@ -67,15 +68,19 @@ class EncoderFitResult(AbstractFitResult):
 
 
 def encoder_loss(
-    encoder: nn.Module, y: torch.Tensor, z: torch.Tensor, *, num_data: int | None = None
+    encoder: nn.Module,
+    data: Mapping[str, torch.Tensor] | torch.Tensor,
+    z: torch.Tensor,
+    *,
+    num_data: int | None = None,
 ) -> torch.Tensor:
-    r"""Negative log joint of the encoder's model at $(W, B)$ and latents ``z``.
+    r"""Negative log joint of the encoder's model at its globals and the fixed point ``z``.
 
     With ``num_data`` $= N$ larger than the batch size $n$ the per-datum terms are scaled by
     $N/n$, so that for a uniformly drawn minibatch the loss is an unbiased estimate of the
     full-data negative log joint:
 
-    $$-\log p(W,B)-\tfrac Nn\sum_{s\in\text{batch}}\log p(y_s,z_s\mid W,B).$$
+    $$-\log p(\theta)-\tfrac Nn\sum_{s\in\text{batch}}\log p(\text{data}_s,z_s\mid\theta).$$
 
     Both parts come from one trace of the Pyro model
     (:func:`~deqppl.inference.log_joint` with ``data_scale`` $= N/n$).
@@ -83,18 +88,22 @@ def encoder_loss(
     Parameters
     ----------
     encoder
-        A :class:`~deqppl.encoders.PEDEncoder`; its ``W`` and ``B`` are the model's globals.
-    y
-        Observations ``(n, obs_dim)``.
+        An encoder of the protocol; its parameters named by the model's global sites are the
+        globals (:meth:`~deqppl.encoders.AbstractMAPEncoder.site_parameters`).
+    data
+        Validated data of the batch (the model's data mapping, or the bare tensor of a model
+        with one data name).
     z
-        Latents ``(n, latent_dim)``; pass them detached for the envelope gradient.
+        The fixed point for ``data``; pass it detached for the envelope gradient. It becomes
+        the model's local sites by :meth:`~deqppl.encoders.AbstractMAPEncoder.to_sites`.
     num_data
-        $N$, the number of rows the minibatch stands for; default ``n``.
+        $N$, the number of rows the minibatch stands for; default ``n``. Coupled models
+        (no data plate) have no minibatches.
 
     Returns
     -------
     Tensor
-        Scalar, differentiable in ``encoder.W``, ``encoder.B`` and ``z``.
+        Scalar, differentiable in the encoder's globals and ``z``.
 
     Examples
     --------
@@ -110,18 +119,31 @@ def encoder_loss(
     >>> bool(torch.isclose(encoder_loss(enc, y, z), -model.log_joint({"y": y}, values)))
     True
     """
-    n = y.shape[0]
+    model = encoder.model
+    if not isinstance(data, Mapping):
+        data = {model.data_names[0]: data}
+    n = _num_rows(data)
     if num_data is None:
         num_data = n
     if num_data < n:
         raise ValueError(f"num_data={num_data} is smaller than the batch ({n} rows)")
-    values = {"W": encoder.W, "B": encoder.B, "z": z}
-    data = {"y": y}
-    return -log_joint(encoder.model, data, values, data_scale=num_data / n)
+    plate = getattr(model, "plate_name", "data")
+    if plate is None and num_data != n:
+        raise ValueError(f"{type(model).__name__}'s locals are coupled (no data plate): no minibatches")
+    values = {**encoder.site_parameters(), **encoder.to_sites(z, data)}
+    return -log_joint(model, data, values, data_scale=num_data / n, plate_name=plate or "data")
+
+
+def _num_rows(data: Mapping[str, torch.Tensor]) -> int:
+    return int(next(iter(data.values())).shape[0])
+
+
+def _rows(data: Mapping[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in data.items()}
 
 
 def _params(encoder: nn.Module) -> list[torch.Tensor]:
-    return [encoder.W, encoder.B]
+    return list(encoder.site_parameters().values())
 
 
 def _flat(params: list[torch.Tensor]) -> torch.Tensor:
@@ -148,7 +170,7 @@ def fit_encoder(
     callback: Callable[[int, float], None] | None = None,
     throw: bool = False,
 ) -> EncoderFitResult:
-    r"""Fit the globals $(W, B)$ of a PED encoder by joint MAP through the fixed point.
+    r"""Fit the globals of an encoder of the protocol by joint MAP through its fixed point.
 
     Minimises the full-data negative log joint of the encoder's Pyro model at the MAP latents
     (SPEC §2.4). With :class:`~deqppl.optim.LBFGS` (default) it minimises the *profiled*
@@ -165,10 +187,13 @@ def fit_encoder(
     Parameters
     ----------
     encoder
-        A :class:`~deqppl.encoders.PEDEncoder`, trained in place; its dtype is the fit's.
+        An encoder of the protocol (:class:`~deqppl.encoders.AbstractMAPEncoder`, e.g.
+        :class:`~deqppl.encoders.PEDEncoder`, :class:`~deqppl.encoders.DeepPEDEncoder`),
+        trained in place; its dtype is the fit's.
     data
-        Observations ``y`` ``(N, obs_dim)`` in the model family's support, or the model's data
-        mapping ``{"y": y}``; validated once, here, by the encoder's model.
+        The model's data mapping (e.g. ``{"y": y}``), or the bare tensor of a model with one
+        data name; validated once, here, by the encoder's model (not again if it is a
+        :class:`~deqppl.validation.ValidatedData` of that model).
     optimizer
         :class:`~deqppl.optim.LBFGS` (default ``LBFGS()``) or :class:`~deqppl.optim.Adam`.
         L-BFGS's ``gtol=None`` means $\epsilon^{1/2}$ here (not $\epsilon^{2/3}$ as in
@@ -195,9 +220,10 @@ def fit_encoder(
     Raises
     ------
     TypeError
-        ``encoder`` is not PED-like, or ``optimizer`` is not an LBFGS or Adam object.
+        ``encoder`` is not an encoder of the protocol, or ``optimizer`` is not an LBFGS or
+        Adam object, or Adam for a model with coupled locals (no minibatches).
     ValueError
-        Bad ``y`` (shape, support, non-finite).
+        Bad data (as the model's ``validate``: shape, support, non-finite).
     FitConvergenceError
         If ``throw`` and the fit did not converge.
     ConvergenceError
@@ -239,25 +265,37 @@ def fit_encoder(
             f"fit_encoder optimizes with deqppl.optim.LBFGS(...) or deqppl.optim.Adam(...); got "
             f"{optimizer!r}"
         )
-    for attr in ("W", "B", "model", "solve"):
-        if not hasattr(encoder, attr):
-            raise TypeError(f"fit_encoder needs a PEDEncoder-like encoder; {attr!r} is missing")
+    from deqppl.encoders.base import AbstractMAPEncoder
+
+    if not isinstance(encoder, AbstractMAPEncoder):
+        raise TypeError(
+            f"fit_encoder fits encoders of the protocol (deqppl.encoders.AbstractMAPEncoder, e.g. "
+            f"PEDEncoder, DeepPEDEncoder); got {type(encoder).__name__}"
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}")
-    # The one validation of the data by the model; the solves below receive validated rows.
-    raw = data if isinstance(data, Mapping) else {"y": as_tensor(data, "y")}
-    y = encoder.model.validate(raw)["y"].to(dtype=encoder.W.dtype, device=encoder.W.device)
+    if isinstance(optimizer, Adam) and getattr(encoder.model, "plate_name", "data") is None:
+        raise TypeError(
+            f"Adam fits on minibatches of rows; {type(encoder.model).__name__}'s locals are coupled "
+            "(no data plate): use LBFGS()"
+        )
+    # The one validation of the data by the model (none for data validated for it already);
+    # the solves below receive validated rows in the encoder's dtype.
+    data = encoder.check_data(data)
     params = _params(encoder)
+    if not params:
+        raise TypeError(f"{type(encoder).__name__} has no global sites to fit")
+    dtype = params[0].dtype
     if isinstance(optimizer, LBFGS):
         if optimizer.gtol is None:
-            optimizer_run = dataclasses.replace(optimizer, gtol=math.sqrt(torch.finfo(y.dtype).eps))
+            optimizer_run = dataclasses.replace(optimizer, gtol=math.sqrt(torch.finfo(dtype).eps))
         else:
             optimizer_run = optimizer
-        objective = _ProfiledObjective(encoder, y, warm_start=warm_start)
+        objective = _ProfiledObjective(encoder, data, warm_start=warm_start)
         stepper = LBFGSStepper(objective, _flat(params), optimizer_run)
         out = drive(
             stepper,
-            lbfgs_rules(optimizer_run, y.dtype, stepper.x.numel()),
+            lbfgs_rules(optimizer_run, dtype, stepper.x.numel()),
             max_steps=int(optimizer.max_steps),
             progress=progress,
             desc="fit_encoder (L-BFGS)",
@@ -267,7 +305,7 @@ def fit_encoder(
         grad_norm = float(stepper.g.norm())
         num_solves = objective.num_solves
     else:
-        stepper = _AdamStepper(encoder, y, optimizer, seed=seed, warm_start=warm_start)
+        stepper = _AdamStepper(encoder, data, optimizer, seed=seed, warm_start=warm_start)
         out = drive(
             stepper,
             StopRules(rtol=float(optimizer.rtol), strict=True),
@@ -299,11 +337,11 @@ def fit_encoder(
 
 
 class _ProfiledObjective:
-    r"""$(W, B) \mapsto (P, \nabla P)$ with $P = \min_z L$ (see :func:`fit_encoder`)."""
+    r"""$\theta \mapsto (P, \nabla P)$ with $P = \min_z L$ (see :func:`fit_encoder`)."""
 
-    def __init__(self, encoder: nn.Module, y: torch.Tensor, *, warm_start: bool) -> None:
+    def __init__(self, encoder: nn.Module, data: Mapping[str, torch.Tensor], *, warm_start: bool) -> None:
         self.encoder = encoder
-        self.y = y
+        self.y = data
         self.params = _params(encoder)
         self.warm_start = warm_start
         self.z: torch.Tensor | None = None
@@ -315,11 +353,11 @@ class _ProfiledObjective:
         nan = (math.nan, torch.full_like(x, math.nan))
         with torch.no_grad():
             self.num_solves += 1
-            sol = enc.solve({"y": y}, z0=self.z if self.warm_start else None, throw=False, validated=True)
+            sol = enc.solve(y, z0=self.z if self.warm_start else None, throw=False, validated=True)
             if not bool(sol.converged.all()) and self.z is not None and self.warm_start:
                 # a far trial point: retry from the initial guess
                 self.num_solves += 1
-                sol = enc.solve({"y": y}, throw=False, validated=True)
+                sol = enc.solve(y, throw=False, validated=True)
         if not bool(sol.converged.all()):
             # An unsolved fixed point has no profiled loss: the line search backs off.
             return nan
@@ -336,8 +374,8 @@ class _ProfiledObjective:
 class _AdamStepper(AbstractStepper):
     """One epoch of minibatch Adam per step, then the full-data loss."""
 
-    def __init__(self, encoder, y, settings: Adam, *, seed: int, warm_start: bool) -> None:
-        self.encoder, self.y, self.settings = encoder, y, settings
+    def __init__(self, encoder, data, settings: Adam, *, seed: int, warm_start: bool) -> None:
+        self.encoder, self.y, self.settings = encoder, data, settings
         self.warm_start = warm_start
         self.gen = torch.Generator().manual_seed(seed)
         self.adam = torch.optim.Adam(_params(encoder), lr=settings.lr, betas=settings.betas)
@@ -350,7 +388,7 @@ class _AdamStepper(AbstractStepper):
     def _solve(self, rows: torch.Tensor, z0: torch.Tensor | None) -> torch.Tensor:
         self.num_solves += 1
         with torch.no_grad():
-            return self.encoder.solve({"y": rows}, z0=z0, validated=True).value
+            return self.encoder.solve(rows, z0=z0, validated=True).value
 
     def _full(self) -> float:
         z = self._solve(self.y, self.cache if self.warm_start else None)
@@ -364,18 +402,21 @@ class _AdamStepper(AbstractStepper):
         return Observation(loss=self.loss, num_steps=0, num_evals=0)
 
     def step(self, budget: int) -> Observation:
-        s, y, n = self.settings, self.y, self.y.shape[0]
+        s, y = self.settings, self.y
+        n = _num_rows(y)
+        device = next(iter(y.values())).device
         lr = s.schedule.lr(s.lr, step=self.epoch, max_steps=s.num_epochs, num_plateaus=self.num_plateaus)
         for group in self.adam.param_groups:
             group["lr"] = lr
         evals = 0
-        perm = torch.randperm(n, generator=self.gen).to(y.device)
+        perm = torch.randperm(n, generator=self.gen).to(device)
         for idx in perm.split(s.batch_size):
-            z = self._solve(y[idx], self.cache[idx] if self.warm_start else None)
+            rows = _rows(y, idx)
+            z = self._solve(rows, self.cache[idx] if self.warm_start else None)
             if self.warm_start:
                 self.cache[idx] = z
             self.adam.zero_grad()
-            encoder_loss(self.encoder, y[idx], z, num_data=n).backward()
+            encoder_loss(self.encoder, rows, z, num_data=n).backward()
             self.adam.step()
             evals += 1
         self.epoch += 1

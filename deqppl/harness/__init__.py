@@ -1,7 +1,8 @@
 """The comparison harness: inference methods as objects, the DEQ-vs-SVI-vs-L-BFGS comparison,
 a resumable run store, and model comparison across the zoo with ArviZ."""
 
-from deqppl.harness.compare import COLUMNS, Comparison, compare, describe_model
+from deqppl.harness.accuracy import CertifiedBound, certified_bound
+from deqppl.harness.compare import COLUMNS, TIMING_METRICS, Comparison, compare, describe_model
 from deqppl.harness.methods import (
     METHODS,
     AbstractMethod,
@@ -13,11 +14,14 @@ from deqppl.harness.methods import (
 )
 from deqppl.harness.model_comparison import ModelComparison, compare_models
 from deqppl.harness.store import RunStore, Unit
+from deqppl.harness.validated import ValidatedData, validated
 
 __all__ = [
     "COLUMNS",
     "METHODS",
+    "TIMING_METRICS",
     "AbstractMethod",
+    "CertifiedBound",
     "Comparison",
     "DEQMethod",
     "LBFGSMethod",
@@ -26,8 +30,11 @@ __all__ = [
     "SVIMethod",
     "StageResult",
     "Unit",
+    "ValidatedData",
+    "certified_bound",
     "compare",
     "compare_models",
     "describe_model",
     "method",
+    "validated",
 ]

@@ -1,36 +1,59 @@
-r"""The comparison every capability adds rows to: DEQ vs SVI vs L-BFGS on one model.
+r"""The comparison every capability adds rows to: DEQ vs SVI vs L-BFGS on any model.
 
-:func:`compare` runs two stages per method and seed:
+:func:`compare` takes a model of the protocol and its data mapping and runs two stages per
+method and seed:
 
 ``"fit"``
-    each method fits its own globals by joint MAP on the training rows
+    each method fits every latent site by joint MAP on the training data
     (:meth:`~deqppl.harness.methods.AbstractMethod.fit_globals`);
 ``"heldout"``
-    every method infers the latents of the held-out rows with the **same** globals held fixed
+    every method infers local latents with the **same** globals held fixed
     (:meth:`~deqppl.harness.methods.AbstractMethod.infer_locals`), so that its latents, log
     joints and times are directly comparable. The shared globals are those of the fit with the
     highest training log joint (the best joint MAP found; ties go to the first method).
 
-Metrics of the tidy :attr:`Comparison.table` (one row per model x method x seed x stage x metric):
+    *Plate models* (locals in the plate ``"data"``: exponential-family PCA, hierarchical
+    latents) infer the locals of the held-out rows, which are scored by their observation
+    sites. *Coupled models* (locals outside a data plate: the kernel GLM's function values $u$
+    at the training inputs, coupled through the kernel matrix) have no latents of their own at
+    new inputs: the stage infers the locals of the **training** data under the shared globals
+    (for the kernel GLM, which has no globals, the same problem as the fit, solved again by
+    every method and timed), and the held-out data are scored by the model's predictive
+    density at the new inputs, ``model.predictive_log_lik(train, values, heldout)``
+    (:meth:`~deqppl.models.KernelGLM.predictive_log_lik`: the GP conditional mode of $f$ at the
+    new inputs given $f = Lu$).
+
+Metrics of the tidy :attr:`Comparison.table` (one row per model x method x seed x stage x
+metric; the same columns for every model):
 
 * both stages: ``wall_time`` (s), ``num_steps``, ``num_grad_evals``, ``converged`` (0/1),
   ``log_joint``, ``log_joint_gap`` (best method's log joint minus this method's, $\ge 0$),
   ``time_ratio_vs_deq`` (this method's wall time over the first DEQ method's), and each
   method's float diagnostics (``spectral_radius``, ``spectral_radius_max``,
-  ``fraction_converged`` for the DEQ);
-* ``"fit"``: ``subspace_angle``, the largest principal angle (radians) between this method's
-  $W$ and the reference method's (rotation invariant);
-* ``"heldout"``: ``max_abs_dz`` (largest absolute difference of the latents from the
-  reference method's), ``heldout_log_lik`` $=\sum_s\log p(y_s\mid z_s, W, B)$ from the
-  observation site of the Pyro trace, ``amortization_gap``
-  $=\sum_s\max_m\log p(y_s, z^{(m)}_s\mid W,B) - \log p(y, z\mid W, B)$ ($\ge 0$: the
-  log joint lost to the best per-datapoint optimum over all methods), and with labels
-  ``accuracy`` of a multinomial logistic regression trained on the training latents of the
-  shared fit and evaluated on this method's held-out latents (plus a row for method ``"pca"``:
-  the same classifier on plain-PCA scores).
+  ``fraction_converged``, ``diagnostics_wall_time`` for the DEQ);
+* ``"fit"``: the model's own comparison of each fit's globals with the best fit's, from its
+  optional hook ``model.global_metrics(values, reference)`` (e.g. ExpFamPCA's
+  ``subspace_angle``, the largest principal angle between the loadings, rotation invariant);
+* ``"heldout"``:
 
-The reference method (for ``max_abs_dz`` and ``subspace_angle``) is the one named ``"lbfgs"``
-if present (a deterministic full-batch optimiser), else the first method.
+  - ``certified_bound``: a certified bound on the distance of the method's locals to the
+    conditional MAP, $\lVert\nabla F\rVert_2/\lambda_{\min}(\nabla^2F)$ of the negative log
+    posterior $F$ of the locals given the shared globals, worst row
+    (:func:`~deqppl.harness.accuracy.certified_bound`; ``inf`` where $F$ is not strongly
+    convex at the point), and ``min_hessian_eig`` (its smallest $\lambda_{\min}$);
+  - ``max_abs_dz``: the largest absolute difference of the locals (every local site) from the
+    **reference**, the method with the smallest certified bound (the most accurate result;
+    ties go to the first method; without any finite bound, the method with the highest
+    log joint); with several local sites also ``max_abs_dz[site]`` per site;
+  - ``heldout_log_lik``: $\sum\log p(\text{held-out observations}\mid\ldots)$ (plate: at the
+    held-out latents; coupled: the predictive density);
+  - ``amortization_gap``: plate models
+    $\sum_s\max_m\log p(\text{data}_s, \text{locals}^{(m)}_s\mid\text{globals}) - \log p(\text{data},
+    \text{locals}\mid\text{globals})$, the log joint lost to the best per-row optimum over all
+    methods; coupled models the same with the whole data set as one row ($\ge 0$);
+  - with labels (plate models), ``accuracy`` of a multinomial logistic regression trained on
+    the training locals of the shared fit and evaluated on this method's held-out locals
+    (plus a row for method ``"pca"``: the same classifier on plain-PCA scores of the data).
 """
 
 from __future__ import annotations
@@ -38,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -45,7 +69,8 @@ import pandas as pd
 import torch
 
 from deqppl._progress import progress as _progress
-from deqppl._validation import as_tensor
+from deqppl.validation import check_seed
+from deqppl.harness.accuracy import CertifiedBound, certified_bound
 from deqppl.harness.downstream import fit_classifier, fit_pca
 from deqppl.harness.methods import (
     AbstractMethod,
@@ -55,22 +80,34 @@ from deqppl.harness.methods import (
     SVIMethod,
     method as _method,
 )
-from deqppl.harness.metrics import max_abs_dz, site_log_prob, subspace_angle
+from deqppl.harness.metrics import max_abs_dz
+from deqppl.harness.sites import (
+    SiteLayout,
+    flatten_locals,
+    local_log_joint,
+    num_rows,
+    observed_log_lik,
+    per_datum_log_joint,
+    site_layout,
+    take_rows,
+)
 from deqppl.harness.store import RunStore, Unit
-from deqppl.inference import log_joint
+from deqppl.harness.validated import validated
 
-__all__ = ["COLUMNS", "Comparison", "compare", "describe_model"]
+__all__ = ["COLUMNS", "TIMING_METRICS", "Comparison", "compare", "describe_model"]
 
 #: Columns of :attr:`Comparison.table`.
 COLUMNS = ["model", "method", "seed", "stage", "metric", "value"]
+#: Metrics that measure time: they legitimately differ between two runs of the same comparison.
+TIMING_METRICS = ("wall_time", "time_ratio_vs_deq", "diagnostics_wall_time")
 STAGES = ("fit", "heldout")
 #: Fraction of rows held out when ``heldout`` is not given.
 HELDOUT_FRACTION = 0.2
-_REFERENCE = "lbfgs"
 # Metric order in the summary; method diagnostics (extras) follow, sorted.
 _ORDER = (
     "log_joint",
     "log_joint_gap",
+    "certified_bound",
     "max_abs_dz",
     "heldout_log_lik",
     "amortization_gap",
@@ -97,7 +134,16 @@ class Comparison:
         Wide frame, one row per method (index ``"method"``; ``"pca"`` last when labels were
         given): the ``"heldout"`` metrics averaged over seeds, plus ``fit_wall_time``.
     latents
-        Method name -> ``(n_heldout, latent_dim)`` held-out latents of the first seed.
+        Method name -> the ``"heldout"`` stage's locals of the first seed: for a model with one
+        local site a ``(rows, coordinates)`` tensor (ExpFamPCA: ``z`` ``(n_heldout, l)``;
+        KernelGLM: ``u`` as a column ``(n_train, 1)``, a coupled model's locals live on the
+        training inputs), else the mapping {local site: value} (the hierarchy's ``z1..zL``).
+    local_values
+        Method name -> {local site: value} of the ``"heldout"`` stage, first seed (always the
+        mapping).
+    bounds
+        Method name -> per-row certified bounds ``(n,)`` (``(1,)`` for a coupled model) of
+        its ``"heldout"`` locals, first seed (:func:`~deqppl.harness.accuracy.certified_bound`).
     traces
         Method name -> 1-D trace (loss per step) of its ``"fit"`` stage, first seed.
     model_name
@@ -105,15 +151,21 @@ class Comparison:
     globals_source
         Seed -> name of the method whose globals were shared in the ``"heldout"`` stage.
     reference
-        Name of the reference method for ``max_abs_dz`` and ``subspace_angle``.
+        Name of the reference method of ``max_abs_dz`` (smallest certified bound), first seed.
     model
         The model compared (the reports condition its Pyro program on the latents).
     heldout_data
-        The validated held-out data mapping (data name -> tensor) of the first seed.
+        The validated held-out data mapping (data name -> tensor).
     heldout_labels
         Integer labels of the held-out rows, or None.
     shared_globals
         Global site -> tensor shared in the ``"heldout"`` stage of the first seed.
+    coupled
+        Whether the model's locals are coupled (no data plate; see the module notes).
+    failures
+        ``(seed, method, stage)`` -> the error of every unit whose method raised (its rows
+        are in the table with ``converged`` 0 and NaN metrics; the other methods' rows are
+        complete). Empty when every unit ran.
     """
 
     table: pd.DataFrame
@@ -127,6 +179,10 @@ class Comparison:
     heldout_data: dict[str, torch.Tensor] = field(default_factory=dict)
     heldout_labels: torch.Tensor | None = None
     shared_globals: dict[str, torch.Tensor] = field(default_factory=dict)
+    local_values: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    bounds: dict[str, torch.Tensor] = field(default_factory=dict)
+    coupled: bool = False
+    failures: dict[tuple[int, str, str], str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (
@@ -207,46 +263,96 @@ def _check_labels(labels: object, n: int, what: str) -> torch.Tensor:
     return t.long()
 
 
-def _split(model, y, heldout, labels, heldout_labels, seed):
-    y = model.validate({"y": y})["y"]
+def _check_data(data: object, what: str) -> Mapping:
+    if not isinstance(data, Mapping):
+        raise TypeError(
+            f"{what} must be the model's data mapping {{name: tensor}}, e.g. {{'y': y}}; "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def _split(model, data, heldout, labels, heldout_labels, seed):
+    data = validated(model, _check_data(data, "data"))
+    n = num_rows(data)
     if heldout is None:
         if heldout_labels is not None:
-            raise ValueError("heldout_labels needs heldout; without heldout, labels are split with y")
-        n = y.shape[0]
+            raise ValueError("heldout_labels needs heldout; without heldout, labels are split with the data")
         num_heldout = max(1, round(HELDOUT_FRACTION * n))
         if n - num_heldout < 1:
-            raise ValueError(f"y has {n} rows; need at least 2 to hold out 20%")
+            raise ValueError(f"the data have {n} rows; need at least 2 to hold out 20%")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         test, train = perm[:num_heldout], perm[num_heldout:]
         lab = None if labels is None else _check_labels(labels, n, "labels")
         return (
-            y[train],
-            y[test],
+            take_rows(data, train),
+            take_rows(data, test),
             None if lab is None else lab[train],
             None if lab is None else lab[test],
         )
-    y_ho = model.validate({"y": as_tensor(heldout, "heldout", dtype=y.dtype)})["y"]
-    if y_ho.shape[0] < 1:
+    try:
+        held = validated(model, _check_data(heldout, "heldout"))
+    except (TypeError, ValueError) as err:
+        # the model names its data ("y"); the caller passed them as ``heldout``
+        raise type(err)(f"heldout: {err}") from None
+    m = num_rows(held, "heldout")
+    if m < 1:
         raise ValueError("heldout has no rows")
     if (labels is None) != (heldout_labels is None):
         raise ValueError("with heldout given, pass both labels and heldout_labels, or neither")
     if labels is None:
-        return y, y_ho, None, None
+        return data, held, None, None
     return (
-        y,
-        y_ho,
-        _check_labels(labels, y.shape[0], "labels"),
-        _check_labels(heldout_labels, y_ho.shape[0], "heldout_labels"),
+        data,
+        held,
+        _check_labels(labels, n, "labels"),
+        _check_labels(heldout_labels, m, "heldout_labels"),
     )
+
+
+#: ``StageResult.status`` of a unit whose method raised; the error follows after ": ".
+FAILED = "failed"
 
 
 def _run_unit(store, unit, fingerprint, run) -> StageResult:
     if store is not None and unit in store:
         return store.load(unit, fingerprint=fingerprint)
-    result = run()
+    start = time.perf_counter()
+    try:
+        result = run()
+    except Exception as err:  # noqa: BLE001 - a method's failure is a result, not the end of the run
+        # Not stored: a re-run tries the unit again (the same inputs fail the same way, so a
+        # resumed run still equals an uninterrupted one).
+        message = " ".join(f"{type(err).__name__}: {err}".split())
+        return StageResult(
+            values={}, log_joint=math.nan, wall_time=time.perf_counter() - start, num_steps=0,
+            num_grad_evals=0, status=f"{FAILED}: {message}", converged=False,
+        )
     if store is not None:
         store.save(unit, result, fingerprint=fingerprint)
     return result
+
+
+def _is_failed(result: StageResult) -> bool:
+    return result.status.startswith(FAILED + ":")
+
+
+def _fill_failed(results: dict[str, StageResult], stage: str, seed: int, failures: dict) -> None:
+    """Give failed units NaN values shaped like a successful unit's, and note their errors.
+
+    The metrics below then treat a failed method like a diverged one (NaN latents: no
+    certificate, NaN accuracy), and its rows still appear in the table.
+    """
+    failed = [name for name, r in results.items() if _is_failed(r)]
+    for name in failed:
+        failures[(seed, name, stage)] = results[name].status.split(": ", 1)[1]
+    ok = [r for r in results.values() if not _is_failed(r)]
+    if failed and not ok:
+        detail = "; ".join(f"{name}: {failures[(seed, name, stage)]}" for name in failed)
+        raise RuntimeError(f"every method failed in the {stage!r} stage of seed {seed} ({detail})")
+    for name in failed:
+        shapes = {k: torch.full_like(v, math.nan) for k, v in ok[0].values.items()}
+        results[name] = dataclasses.replace(results[name], values=shapes)
 
 
 def _best(results: Mapping[str, StageResult]) -> str:
@@ -278,36 +384,55 @@ def _common_rows(results: Mapping[str, StageResult], deq_name: str | None) -> di
     return out
 
 
+def _reference(bounds: Mapping[str, CertifiedBound], held: Mapping[str, StageResult]) -> str:
+    worst = {name: b.worst for name, b in bounds.items()}
+    finite = {name: w for name, w in worst.items() if math.isfinite(w)}
+    if finite:
+        return min(finite, key=finite.get)  # min keeps the first of ties
+    return _best(held)
+
+
+def _finite(values: Mapping[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in values.values())
+
+
 def compare(
     model,
-    y: torch.Tensor,
+    data: Mapping[str, torch.Tensor],
     *,
     methods: Sequence[AbstractMethod | str] | None = None,
-    heldout: torch.Tensor | None = None,
+    heldout: Mapping[str, torch.Tensor] | None = None,
     labels: torch.Tensor | None = None,
     heldout_labels: torch.Tensor | None = None,
     seeds: Sequence[int] = (0,),
     store: RunStore | None = None,
     progress: bool = True,
 ) -> Comparison:
-    """Compare MAP inference methods on ``model``: joint fits, then held-out latents.
+    """Compare MAP inference methods on ``model``: joint fits, then latents under shared globals.
 
     Parameters
     ----------
     model
-        An :class:`~deqppl.models.ExpFamPCA`-like model (sites ``W``, ``B``, ``z``, ``y``).
-    y
-        Observations ``(N, obs_dim)``: the training rows, or all rows when ``heldout`` is None.
+        A model of the protocol: a Pyro program with ``data_names``, ``local_sites``,
+        ``global_sites`` and ``validate`` (docs/CONVENTIONS.md), e.g.
+        :class:`~deqppl.models.ExpFamPCA`, :class:`~deqppl.models.HierarchicalExpFamPCA`,
+        :class:`~deqppl.models.KernelGLM`. Optional hooks: ``global_metrics(values,
+        reference)`` (fit-stage metrics of the globals) and, for a coupled model,
+        ``predictive_log_lik(data, values, heldout)`` (required to score held-out data).
+    data
+        The model's data mapping, e.g. ``{"y": y}`` or ``{"x": x, "y": y}``: the training data,
+        or all data when ``heldout`` is None. Validated once here (by ``model.validate``) and
+        passed inward validated.
     methods
         Method objects (or registered names, see :data:`~deqppl.harness.methods.METHODS`);
         default ``[DEQMethod(), SVIMethod(), LBFGSMethod()]``. Names must be unique.
     heldout
-        Held-out rows ``(M, obs_dim)``. Default: a random 20% of ``y``, drawn with the first
-        seed (the same split for every seed).
+        Held-out data mapping, same names. Default: a random 20% of the rows of ``data``,
+        drawn with the first seed (the same split for every seed).
     labels, heldout_labels
-        Optional integer labels of the training and held-out rows; they add the ``accuracy``
-        metric and the ``"pca"`` baseline row. Without ``heldout``, pass ``labels`` for all of
-        ``y`` (they are split with it).
+        Optional integer labels of the training and held-out rows (plate models); they add
+        the ``accuracy`` metric and the ``"pca"`` baseline row. Without ``heldout``, pass
+        ``labels`` for all rows (they are split with the data).
     seeds
         One repetition per seed (initialisations, minibatches, subsamples).
     store
@@ -323,9 +448,12 @@ def compare(
 
     Raises
     ------
+    TypeError
+        ``data`` or ``heldout`` not a mapping.
     ValueError
         Unknown method names (the valid ones are listed), duplicate names, bad data or labels,
-        or a store holding units of a different run.
+        labels for a coupled model, a coupled model without ``predictive_log_lik``, or a store
+        holding units of a different run.
 
     Examples
     --------
@@ -333,30 +461,45 @@ def compare(
     >>> from deqppl.expfam import family
     >>> from deqppl.models import ExpFamPCA
     >>> model = ExpFamPCA(family=family("bernoulli"), obs_dim=6, latent_dim=1)
-    >>> y = model.simulate(30, seed=0, dtype=torch.float64).data["y"]
-    >>> result = compare(model, y, methods=[DEQMethod(num_epochs=20), LBFGSMethod()],
+    >>> data = model.simulate(30, seed=0, dtype=torch.float64).data
+    >>> from deqppl.optim import LBFGS
+    >>> result = compare(model, data, methods=[DEQMethod(optimizer=LBFGS(max_steps=20)), LBFGSMethod()],
     ...                  progress=False)
     >>> list(result.summary.index), result.globals_source[0] in ("deq", "lbfgs")
     (['deq', 'lbfgs'], True)
-    >>> bool(result.summary.loc["deq", "max_abs_dz"] < 1e-6)
+    >>> bool(result.summary.loc["deq", "certified_bound"] < 1e-6)
     True
     """
     methods = _resolve_methods(methods)
-    seeds = [int(s) for s in seeds]
+    seeds = [check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)]
     if not seeds:
         raise ValueError("seeds is empty; pass at least one seed")
-    y_train, y_ho, lab_train, lab_ho = _split(model, y, heldout, labels, heldout_labels, seeds[0])
+    train, test, lab_train, lab_ho = _split(model, data, heldout, labels, heldout_labels, seeds[0])
+    layout = site_layout(model, train)
+    if layout.coupled:
+        if lab_train is not None:
+            raise ValueError(
+                f"labels need per-row latents; {type(model).__name__}'s locals "
+                f"{list(layout.local_sites)} are coupled across rows (no data plate)"
+            )
+        if not callable(getattr(model, "predictive_log_lik", None)):
+            raise ValueError(
+                f"{type(model).__name__}'s locals are coupled across rows (no data plate), so "
+                "held-out data can only be scored by its predictive density: give the model a "
+                "method predictive_log_lik(data, values, heldout) -> (m,) log densities"
+            )
     model_name = describe_model(model)
-    data_key = _hash(model_name, y_train, y_ho)
+    data_key = _hash(model_name, *(train[k] for k in sorted(train)), *(test[k] for k in sorted(test)))
     names = [m.name for m in methods]
-    reference = _REFERENCE if _REFERENCE in names else names[0]
     deq_name = next((m.name for m in methods if isinstance(m, DEQMethod)), None)
+    # Coupled locals live on the training inputs: the held-out stage infers those.
+    infer_data = train if layout.coupled else test
+    global_metrics = getattr(model, "global_metrics", None)
 
     rows: list[tuple] = []
-    latents: dict[str, torch.Tensor] = {}
-    traces: dict[str, torch.Tensor] = {}
+    failures: dict[tuple[int, str, str], str] = {}
+    first: dict[str, object] = {}
     sources: dict[int, str] = {}
-    first_shared: dict[str, torch.Tensor] = {}
     for seed in _progress(seeds, enable=progress, desc="compare (seeds)"):
         fits: dict[str, StageResult] = {}
         for m in methods:
@@ -364,8 +507,9 @@ def compare(
                 store,
                 Unit(model_name, m.name, seed, "fit"),
                 _hash(data_key, repr(m), seed, "fit"),
-                lambda m=m: m.fit_globals(model, y_train, seed=seed, progress=progress),
+                lambda m=m: m.fit_globals(model, train, seed=seed, progress=progress),
             )
+        _fill_failed(fits, "fit", seed, failures)
         source = _best(fits)
         sources[seed] = source
         shared = {k: fits[source].values[k] for k in model.global_sites}
@@ -376,45 +520,91 @@ def compare(
                 store,
                 Unit(model_name, m.name, seed, "heldout"),
                 _hash(data_key, repr(m), seed, "heldout", globals_key),
-                lambda m=m: m.infer_locals(model, y_ho, shared, seed=seed, progress=progress),
+                lambda m=m: m.infer_locals(model, infer_data, shared, seed=seed, progress=progress),
             )
+        _fill_failed(held, "heldout", seed, failures)
 
         fit_metrics = _common_rows(fits, deq_name)
-        ref_W = fits[reference].values["W"]
-        for name, r in fits.items():
-            fit_metrics[name]["subspace_angle"] = subspace_angle(r.values["W"], ref_W)
+        if callable(global_metrics):
+            ref_globals = {k: fits[source].values[k] for k in model.global_sites}
+            for name, r in fits.items():
+                values = {k: r.values[k] for k in model.global_sites}
+                if not _finite(values):  # a failed or diverged fit has nothing to compare
+                    continue
+                fit_metrics[name].update(
+                    {k: float(v) for k, v in global_metrics(values, ref_globals).items()}
+                )
 
         held_metrics = _common_rows(held, deq_name)
-        data = {"y": y_ho}
+        locals_ = {name: {k: r.values[k] for k in layout.local_sites} for name, r in held.items()}
+        bounds = {
+            name: certified_bound(model, infer_data, shared, loc, layout) if _finite(loc) else None
+            for name, loc in locals_.items()
+        }
+        bounds = {
+            name: b if b is not None else _infinite_bound(layout, locals_[name])
+            for name, b in bounds.items()
+        }
+        reference = _reference(bounds, held)
         per_datum = {}
-        for name, r in held.items():
-            values = {**shared, "z": r.values["z"]}
-            with torch.no_grad():
-                per_datum[name] = log_joint(model, data, values, per_datum=True)
-            held_metrics[name]["heldout_log_lik"] = float(site_log_prob(model, data, values, "y").sum())
-            held_metrics[name]["max_abs_dz"] = max_abs_dz(r.values["z"], held[reference].values["z"])
+        for name, loc in locals_.items():
+            values = {**shared, **loc}
+            metrics = held_metrics[name]
+            metrics["certified_bound"] = bounds[name].worst
+            metrics["min_hessian_eig"] = float(bounds[name].min_eig.min())
+            metrics["max_abs_dz"] = max(
+                max_abs_dz(loc[k], locals_[reference][k]) for k in layout.local_sites
+            )
+            if len(layout.local_sites) > 1:
+                for k in layout.local_sites:
+                    metrics[f"max_abs_dz[{k}]"] = max_abs_dz(loc[k], locals_[reference][k])
+            if _is_failed(held[name]):
+                # nothing to score (NaN parameters would be refused by the distributions)
+                rows_ = 1 if layout.coupled else num_rows(test)
+                per_datum[name] = torch.full((rows_,), math.nan, dtype=next(iter(test.values())).dtype)
+                metrics["heldout_log_lik"] = math.nan
+                continue
+            if layout.coupled:
+                lik = model.predictive_log_lik(train, values, test)
+                per_datum[name] = torch.tensor([local_log_joint(model, infer_data, values)])
+            else:
+                lik = observed_log_lik(model, test, values)
+                per_datum[name] = per_datum_log_joint(model, test, values)
+            metrics["heldout_log_lik"] = float(lik.sum())
         stacked = torch.nan_to_num(torch.stack(list(per_datum.values())), nan=-math.inf)
         best_per_datum = float(stacked.max(0).values.sum())
         for name in held:
             held_metrics[name]["amortization_gap"] = best_per_datum - float(per_datum[name].sum())
 
         if lab_train is not None:
-            clf = fit_classifier(fits[source].values["z"], lab_train)
-            for name, r in held.items():
-                z = r.values["z"]
+            train_locals = flatten_locals(layout, fits[source].values)
+            clf = fit_classifier(train_locals, lab_train)
+            for name, loc in locals_.items():
+                z = flatten_locals(layout, loc)
                 ok = bool(torch.isfinite(z).all())
                 held_metrics[name]["accuracy"] = clf.accuracy(z, lab_ho) if ok else math.nan
-            pca = fit_pca(y_train, model.latent_dim)
-            pca_clf = fit_classifier(pca.transform(y_train), lab_train)
-            held_metrics["pca"] = {"accuracy": pca_clf.accuracy(pca.transform(y_ho), lab_ho)}
+            observed = torch.cat([train[k].reshape(train[k].shape[0], -1) for k in model.data_names], 1)
+            observed_ho = torch.cat([test[k].reshape(test[k].shape[0], -1) for k in model.data_names], 1)
+            num_components = min(layout.local_width, *observed.shape)
+            pca = fit_pca(observed, num_components)
+            pca_clf = fit_classifier(pca.transform(observed), lab_train)
+            held_metrics["pca"] = {"accuracy": pca_clf.accuracy(pca.transform(observed_ho), lab_ho)}
 
         for stage, metrics in (("fit", fit_metrics), ("heldout", held_metrics)):
             for name, values in metrics.items():
                 rows.extend((model_name, name, seed, stage, k, float(v)) for k, v in values.items())
         if seed == seeds[0]:
-            latents = {name: r.values["z"] for name, r in held.items()}
-            traces = {name: r.trace for name, r in fits.items()}
-            first_shared = shared
+            first = {
+                "latents": {
+                    name: _latents(layout, loc)
+                    for name, loc in locals_.items()
+                },
+                "local_values": locals_,
+                "bounds": {name: b.bound for name, b in bounds.items()},
+                "traces": {name: r.trace for name, r in fits.items()},
+                "shared": shared,
+                "reference": reference,
+            }
 
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["seed"] = table["seed"].astype("int64")
@@ -422,16 +612,36 @@ def compare(
     return Comparison(
         table=table,
         summary=_summary(table, names + (["pca"] if lab_train is not None else [])),
-        latents=latents,
-        traces=traces,
+        latents=first["latents"],
+        traces=first["traces"],
         model_name=model_name,
         globals_source=sources,
-        reference=reference,
+        reference=first["reference"],
         model=model,
-        heldout_data={"y": y_ho},
+        heldout_data=dict(test),
         heldout_labels=lab_ho,
-        shared_globals=first_shared,
+        shared_globals=first["shared"],
+        local_values=first["local_values"],
+        bounds=first["bounds"],
+        coupled=layout.coupled,
+        failures=failures,
     )
+
+
+def _latents(layout: SiteLayout, locals_: Mapping[str, torch.Tensor]):
+    # Comparison.latents: a (rows, coordinates) tensor for one local site, else the mapping.
+    if len(layout.local_sites) > 1:
+        return dict(locals_)
+    flat = flatten_locals(layout, locals_)
+    return flat[:, None] if layout.coupled else flat
+
+
+def _infinite_bound(layout: SiteLayout, locals_: Mapping[str, torch.Tensor]) -> CertifiedBound:
+    # Non-finite locals (a diverged method) have no certificate.
+    flat = flatten_locals(layout, locals_)
+    n = 1 if layout.coupled else flat.shape[0]
+    inf = torch.full((n,), math.inf, dtype=flat.dtype)
+    return CertifiedBound(bound=inf, grad_norm=inf.clone(), min_eig=torch.full_like(inf, math.nan))
 
 
 def _summary(table: pd.DataFrame, order: list[str]) -> pd.DataFrame:

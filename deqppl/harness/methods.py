@@ -1,21 +1,27 @@
 r"""Inference methods as objects: the rows of a comparison.
 
-Every method answers the same two questions about an
-:class:`~deqppl.models.ExpFamPCA`-like model (SPEC §2):
+Every method answers the same two questions about any model of the protocol (its Pyro
+program, ``data_names``, ``local_sites``, ``global_sites``; docs/CONVENTIONS.md):
 
-* ``fit_globals``: the joint MAP of the globals $(W, B)$ (and the training latents) on the
-  training rows;
-* ``infer_locals``: the conditional MAP $z^*(y; W, B)$ of the latents of new rows with the
-  globals held fixed, the quantity a DEQ encoder amortises (SPEC §2.2).
+* ``fit_globals(model, data)``: the joint MAP of every latent site on the training data (the
+  globals and the training data's locals);
+* ``infer_locals(model, data, globals)``: the conditional MAP of the local sites of ``data``
+  with the globals held fixed, the quantity a DEQ encoder amortises (SPEC §2.2).
 
-Both return a :class:`StageResult`. A method is a small frozen dataclass whose fields are its
-settings; :data:`METHODS` maps names to classes and :func:`method` looks a name up (the CLI
-edge). A new capability adds a class and a row.
+``data`` is the model's data mapping (e.g. ``{"y": y}`` or ``{"x": x, "y": y}``), already
+checked by ``model.validate``: the comparison validates once at its entry and passes the
+validated tensors inward, so methods do not validate again. Both stages return a
+:class:`StageResult` whose ``values`` are keyed by the model's site names.
+
+A method is a small frozen dataclass whose fields are its settings; :data:`METHODS` maps names
+to classes and :func:`method` looks a name up (the CLI edge). A new capability adds a class
+and a row. :class:`DEQMethod` takes the encoder class it fits, so one class serves every
+encoder of the protocol (``PEDEncoder``, ``DeepPEDEncoder``, a kernel-GLM DEQ).
 
 Examples
 --------
->>> method("lbfgs")
-LBFGSMethod(name='lbfgs', max_steps=None, rtol=None, gtol=None, xtol=None)
+>>> method("lbfgs").optimizer.rtol  # default settings: L-BFGS stopped on the gradient only
+0.0
 >>> sorted(METHODS)
 ['deq', 'lbfgs', 'svi']
 """
@@ -23,6 +29,7 @@ LBFGSMethod(name='lbfgs', max_steps=None, rtol=None, gtol=None, xtol=None)
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 import math
 import time
@@ -31,9 +38,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deqppl.deq import AbstractSolver, NoAdjoint, fixed_point
-from deqppl.encoders import PEDEncoder
-from deqppl.encoders.fit import fit_encoder
+from deqppl.deq import AbstractSolver
+from deqppl.encoders import AbstractMAPEncoder, PEDEncoder, fit_encoder
+from deqppl.harness.sites import data_dtype, local_log_joint, take_rows
 from deqppl.inference import fit_map, log_joint
 from deqppl.optim import LBFGS, SVI, Adam
 
@@ -55,14 +62,14 @@ class StageResult:
     Attributes
     ----------
     values
-        Site name -> value: ``"W"``, ``"B"`` and ``"z"`` (``(n, latent_dim)``) after
-        ``fit_globals``; ``"z"`` only after ``infer_locals``.
+        Site name -> value: every latent site of the model (globals and the training data's
+        locals) after ``fit_globals``; the local sites only after ``infer_locals``.
     log_joint
-        ``fit_globals``: the full log joint $\\log p(y, z, W, B)$ of the training rows.
-        ``infer_locals``: $\\log p(y, z \\mid W, B) = \\sum_s \\log p(y_s, z_s\\mid W, B)$, the
-        part that depends on the latents (the prior of the fixed globals is left out).
+        ``fit_globals``: the full log joint of the training data and every latent site.
+        ``infer_locals``: $\\log p(\\text{data}, \\text{locals}\\mid\\text{globals})$, the part
+        that depends on the locals (the prior of the fixed globals is left out).
     wall_time
-        Seconds spent.
+        Seconds spent inferring (post-fit diagnostics excluded; see ``extra``).
     num_steps
         Optimiser steps, solver iterations or training epochs (see the method).
     num_grad_evals
@@ -75,10 +82,11 @@ class StageResult:
         ``(n,)`` bool mask for per-sample solvers (the DEQ's forward solve), else ``None``.
     trace
         1-D tensor: the loss per step (optimisers, encoder training) or the largest residual per
-        solver step (the DEQ's forward solve).
+        solver step (the DEQ's forward solve), where recorded.
     extra
         Further float diagnostics, e.g. ``spectral_radius`` (median over a subsample of rows
-        of the spectral radius of the layer Jacobian at $z^*$) and ``spectral_radius_max``.
+        of the spectral radius of the layer Jacobian at $z^*$), ``spectral_radius_max`` and
+        ``diagnostics_wall_time`` (seconds spent on them, not part of ``wall_time``).
     """
 
     values: dict[str, torch.Tensor]
@@ -105,11 +113,6 @@ def _status_name(status: object) -> str:
     return str(status.value) if isinstance(status, enum.Enum) else str(status)
 
 
-def _local_log_joint(model, y: torch.Tensor, values: Mapping[str, torch.Tensor]) -> float:
-    with torch.no_grad():
-        return float(log_joint(model, {"y": y}, values, per_datum=True).sum())
-
-
 def _check_globals(model, globals_: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     missing = [name for name in model.global_sites if name not in globals_]
     if missing:
@@ -124,9 +127,10 @@ class AbstractMethod:
     """Base of the comparison's methods; never instantiated.
 
     A concrete method is a frozen dataclass with a ``name`` field and the two stages
-    ``fit_globals(model, y, *, seed, progress)`` and
-    ``infer_locals(model, y, globals, *, seed, progress)``, each returning a
-    :class:`StageResult`.
+    ``fit_globals(model, data, *, seed, progress)`` and
+    ``infer_locals(model, data, globals, *, seed, progress)``, each returning a
+    :class:`StageResult`. ``data`` is validated (``model.validate``'s output) and is not
+    validated again.
     """
 
     name: str
@@ -136,13 +140,15 @@ class AbstractMethod:
             raise TypeError("AbstractMethod is abstract; use DEQMethod, SVIMethod or LBFGSMethod")
         return super().__new__(cls)
 
-    def fit_globals(self, model, y: torch.Tensor, *, seed: int, progress: bool) -> StageResult:
+    def fit_globals(
+        self, model, data: Mapping[str, torch.Tensor], *, seed: int, progress: bool
+    ) -> StageResult:
         raise NotImplementedError
 
     def infer_locals(
         self,
         model,
-        y: torch.Tensor,
+        data: Mapping[str, torch.Tensor],
         globals: Mapping[str, torch.Tensor],
         *,
         seed: int,
@@ -157,121 +163,121 @@ def _check_name(name: object) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# DEQ: PED encoder (SPEC §2.2), globals by joint MAP through the fixed point (SPEC §2.4)
+# DEQ: an encoder of the protocol (SPEC §2.2, §3), globals by joint MAP through the fixed point
 # --------------------------------------------------------------------------------------------
+def _sites(encoder, z: torch.Tensor, data) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in encoder.to_sites(z, data).items()}
+
+
 @dataclass(frozen=True, kw_only=True)
 class DEQMethod(AbstractMethod):
-    """The PED encoder: the latents are the fixed point of its layer (SPEC eq. 6).
+    """A DEQ encoder: the latents are the fixed point of its layer (SPEC eq. 6, §3).
 
     Parameters
     ----------
     name
         Row name in the comparison.
+    encoder
+        The encoder class to fit and solve, a subclass of the encoder protocol
+        :class:`~deqppl.encoders.AbstractMAPEncoder`: :class:`~deqppl.encoders.PEDEncoder`
+        (default, exponential-family PCA), :class:`~deqppl.encoders.DeepPEDEncoder`
+        (hierarchical latents), or a new one: the method builds it as ``encoder(model,
+        solver=..., throw=False, seed=...)`` for the joint fit (``seed`` seeds its initial
+        globals) and ``encoder.from_values(model, globals, solver=..., throw=False)`` for new
+        data; tests/harness/test_zoo.py adds a user's encoder this way.
     solver
-        Forward solver of the fixed point; ``None`` is
-        :func:`~deqppl.encoders.default_solver` (Newton with the exact Jacobian for
-        ``latent_dim <= 64``, relative residual 1e-8 in float64).
-    optimizer, num_epochs, batch_size, lr, rtol, warm_start
-        Settings of :func:`~deqppl.encoders.fit.fit_encoder`. The default ``"lbfgs"``
-        minimises the profiled objective $\\min_z L(W, B, z)$ full-batch (each evaluation one
-        warm-started solve; it reached the joint L-BFGS optimum's log joint to all printed
-        digits on simulated Bernoulli and Poisson PCA, where Adam on minibatches stopped
-        ~1% short); ``"adam"`` takes minibatch steps for data too large for one batch.
-        ``num_epochs`` caps the L-BFGS iterations or Adam epochs.
+        Forward solver of the fixed point; ``None`` is the encoder's default solver.
+    optimizer
+        How the joint fit (:func:`~deqppl.encoders.fit.fit_encoder`) optimises the globals:
+        :class:`~deqppl.optim.LBFGS` (default, at most 500 iterations) minimises the profiled
+        objective $\\min_z L(\\text{globals}, z)$ full-batch (each evaluation one solve);
+        :class:`~deqppl.optim.Adam` takes minibatch steps for data too large for one batch.
+    warm_start
+        Start each solve of the fit from the latents of the previous one.
     num_spectral
         Rows (a seeded subsample) on which the spectral radius of the layer Jacobian at $z^*$
         is estimated; 0 skips it.
 
     Notes
     -----
-    ``fit_globals``: ``num_steps`` counts epochs, ``num_grad_evals`` the fixed-point solves
-    (one per minibatch, each followed by one gradient of the minibatch objective, and one
-    full-data solve per epoch). ``infer_locals``: one forward solve from the encoder's
-    initial guess; ``num_steps`` solver iterations, ``num_grad_evals`` evaluations of the
-    layer (the map whose root is $\\nabla_z F = 0$).
+    ``fit_globals``: ``num_steps`` counts epochs or L-BFGS iterations, ``num_grad_evals`` the
+    fixed-point solves. Its ``wall_time`` is the fit alone; the final solve for the training
+    latents, their log joint and the spectral radii are timed as ``diagnostics_wall_time``.
+    ``infer_locals``: one forward solve from the encoder's initial guess; ``num_steps`` solver
+    iterations, ``num_grad_evals`` evaluations of the layer.
 
     Examples
     --------
-    >>> DEQMethod(num_epochs=50).num_epochs
+    >>> from deqppl.optim import LBFGS
+    >>> DEQMethod(optimizer=LBFGS(max_steps=50)).optimizer.max_steps
     50
+    >>> from deqppl.encoders import DeepPEDEncoder
+    >>> DEQMethod(name="deep", encoder=DeepPEDEncoder).encoder.__name__
+    'DeepPEDEncoder'
     """
 
     name: str = "deq"
+    encoder: type = PEDEncoder
     solver: AbstractSolver | None = None
-    optimizer: str = "lbfgs"
-    num_epochs: int = 500
-    batch_size: int = 128
-    lr: float = 0.02
-    rtol: float | None = None
+    # 500 iterations: the profiled fit converged within them on the digits and the tests.
+    optimizer: LBFGS | Adam = field(default_factory=lambda: LBFGS(max_steps=500))
     warm_start: bool = True
     num_spectral: int = 256
 
     def __post_init__(self) -> None:
         _check_name(self.name)
-        for attr in ("num_epochs", "batch_size"):
-            value = getattr(self, attr)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{attr} must be a positive integer, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive and finite, got {self.lr}")
-        if self.rtol is not None and not (self.rtol >= 0 and math.isfinite(self.rtol)):
-            raise ValueError(f"rtol must be non-negative and finite, got {self.rtol}")
-        if self.optimizer not in ("lbfgs", "adam"):
-            raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {self.optimizer!r}")
+        if not (isinstance(self.encoder, type) and issubclass(self.encoder, AbstractMAPEncoder)):
+            raise TypeError(
+                f"encoder must be a class of the encoder protocol (a subclass of "
+                f"deqppl.encoders.AbstractMAPEncoder, e.g. PEDEncoder, DeepPEDEncoder), got {self.encoder!r}"
+            )
+        _check_optimizer("DEQMethod", self.optimizer, (LBFGS, Adam))
         if isinstance(self.num_spectral, bool) or not isinstance(self.num_spectral, int) or self.num_spectral < 0:
             raise ValueError(f"num_spectral must be a non-negative integer, got {self.num_spectral!r}")
 
-    def _solve(self, encoder: PEDEncoder, y: torch.Tensor):
-        y = encoder._check_y(y)
-        solver = self.solver or encoder.default_solver(y.dtype)
+    def _solve(self, encoder, data: Mapping[str, torch.Tensor]):
         with torch.no_grad():
-            return fixed_point(
-                lambda z: encoder.layer(z, y),
-                encoder.initial_guess(y),
-                solver=solver,
-                adjoint=NoAdjoint(),
-                jacobian=lambda z: encoder.layer_jacobian(z, y),
-                throw=False,
-                trace=True,
-            )
+            return encoder.solve(data, throw=False, validated=True)
 
-    def _spectral(self, encoder: PEDEncoder, y: torch.Tensor, z: torch.Tensor, seed: int) -> dict[str, float]:
-        if self.num_spectral == 0 or y.shape[0] == 0:
+    def _diagnostics(self, encoder, model, data, z: torch.Tensor, seed: int) -> dict[str, float]:
+        if self.num_spectral == 0 or z.shape[0] == 0:
             return {}
-        gen = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(y.shape[0], generator=gen)[: self.num_spectral]
-        radius = encoder.spectral_radius(y[rows], z[rows])
+        if getattr(model, "plate_name", "data") is None:
+            rows_data, rows_z = data, z  # coupled locals: one problem, no rows to subsample
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            rows = torch.randperm(z.shape[0], generator=gen)[: self.num_spectral]
+            rows_data, rows_z = take_rows(data, rows), z[rows]
+        radius = encoder.spectral_radius(dict(rows_data), rows_z, validated=True)
         return {
             "spectral_radius": float(radius.median()),
             "spectral_radius_max": float(radius.max()),
         }
 
-    def fit_globals(self, model, y: torch.Tensor, *, seed: int, progress: bool) -> StageResult:
+    def fit_globals(
+        self, model, data: Mapping[str, torch.Tensor], *, seed: int, progress: bool
+    ) -> StageResult:
         start = time.perf_counter()
-        encoder = PEDEncoder(model, solver=self.solver, throw=False, seed=seed).to(y.dtype)
+        encoder = self.encoder(model, solver=self.solver, throw=False, seed=seed).to(data_dtype(data))
         fit = fit_encoder(
-            encoder,
-            y,
-            optimizer=(
-                LBFGS(max_steps=self.num_epochs, rtol=0.0 if self.rtol is None else self.rtol)
-                if self.optimizer == "lbfgs"
-                else Adam(num_epochs=self.num_epochs, batch_size=self.batch_size, lr=self.lr,
-                          rtol=Adam().rtol if self.rtol is None else self.rtol)
-            ),
-            seed=seed,
-            progress=progress,
+            encoder, data, optimizer=self.optimizer, seed=seed, progress=progress,
             warm_start=self.warm_start,
         )
-        sol = self._solve(encoder, y)
-        values = {**encoder.values(), "z": sol.value.detach()}
+        wall_time = time.perf_counter() - start
+        # Diagnostics, timed apart: the training latents at the fitted globals, their log joint
+        # and the spectral radii are not part of the fit's cost.
+        start = time.perf_counter()
+        sol = self._solve(encoder, data)
+        values = {**encoder.values(), **_sites(encoder, sol.value, data)}
         with torch.no_grad():
-            total = float(log_joint(model, {"y": y}, values))
-        extra = self._spectral(encoder, y, values["z"], seed)
+            total = float(log_joint(model, data, values))
+        extra = self._diagnostics(encoder, model, data, sol.value.detach(), seed)
         extra["fraction_converged"] = float(sol.converged.double().mean())
+        extra["diagnostics_wall_time"] = time.perf_counter() - start
         return StageResult(
             values=values,
             log_joint=total,
-            wall_time=time.perf_counter() - start,
+            wall_time=wall_time,
             num_steps=int(fit.num_steps),
             num_grad_evals=int(fit.num_solves),
             status=_status_name(fit.status),
@@ -284,22 +290,24 @@ class DEQMethod(AbstractMethod):
     def infer_locals(
         self,
         model,
-        y: torch.Tensor,
+        data: Mapping[str, torch.Tensor],
         globals: Mapping[str, torch.Tensor],
         *,
         seed: int,
         progress: bool,
     ) -> StageResult:
         start = time.perf_counter()
-        encoder = PEDEncoder.from_values(model, _check_globals(model, globals), solver=self.solver, throw=False)
-        sol = self._solve(encoder, y)
-        wall_time = time.perf_counter() - start  # diagnostics below are not part of the cost
-        z = sol.value.detach()
-        extra = self._spectral(encoder, y, z, seed)
+        encoder = self.encoder.from_values(model, _check_globals(model, globals), solver=self.solver, throw=False)
+        sol = self._solve(encoder, data)
+        wall_time = time.perf_counter() - start
+        start = time.perf_counter()
+        locals_ = _sites(encoder, sol.value, data)
+        extra = self._diagnostics(encoder, model, data, sol.value.detach(), seed)
         extra["fraction_converged"] = float(sol.converged.double().mean())
+        extra["diagnostics_wall_time"] = time.perf_counter() - start
         return StageResult(
-            values={"z": z},
-            log_joint=_local_log_joint(model, y, {**globals, "z": z}),
+            values=locals_,
+            log_joint=local_log_joint(model, data, {**globals, **locals_}),
             wall_time=wall_time,
             num_steps=int(sol.num_steps),
             num_grad_evals=int(sol.num_fevals),
@@ -314,10 +322,10 @@ class DEQMethod(AbstractMethod):
 # --------------------------------------------------------------------------------------------
 # Optimisers on the Pyro log joint (deqppl.inference.fit_map)
 # --------------------------------------------------------------------------------------------
-def _from_map(model, y, fit, *, local: bool, wall_time: float) -> StageResult:
+def _from_map(model, data, fit, *, local: bool, wall_time: float) -> StageResult:
     if local:
-        values = {"z": fit.values["z"]}
-        value = _local_log_joint(model, y, fit.values)
+        values = {name: fit.values[name] for name in model.local_sites}
+        value = local_log_joint(model, data, fit.values)
     else:
         values = dict(fit.values)
         value = float(fit.log_joint)
@@ -339,25 +347,33 @@ class _AbstractFitMapMethod(AbstractMethod):
     """Both stages by :func:`~deqppl.inference.fit_map`; subclasses say how (``_fit``)."""
 
     @abc.abstractmethod
-    def _fit(self, model, y, fixed, seed, progress): ...
+    def _fit(self, model, data, fixed, seed, progress): ...
 
-    def fit_globals(self, model, y: torch.Tensor, *, seed: int, progress: bool) -> StageResult:
+    def fit_globals(
+        self, model, data: Mapping[str, torch.Tensor], *, seed: int, progress: bool
+    ) -> StageResult:
         start = time.perf_counter()
-        fit = self._fit(model, y, None, seed, progress)
-        return _from_map(model, y, fit, local=False, wall_time=time.perf_counter() - start)
+        fit = self._fit(model, data, None, seed, progress)
+        return _from_map(model, data, fit, local=False, wall_time=time.perf_counter() - start)
 
     def infer_locals(
         self,
         model,
-        y: torch.Tensor,
+        data: Mapping[str, torch.Tensor],
         globals: Mapping[str, torch.Tensor],
         *,
         seed: int,
         progress: bool,
     ) -> StageResult:
         start = time.perf_counter()
-        fit = self._fit(model, y, _check_globals(model, globals), seed, progress)
-        return _from_map(model, y, fit, local=True, wall_time=time.perf_counter() - start)
+        fit = self._fit(model, data, _check_globals(model, globals), seed, progress)
+        return _from_map(model, data, fit, local=True, wall_time=time.perf_counter() - start)
+
+
+def _check_optimizer(owner: str, optimizer: object, allowed: tuple[type, ...]) -> None:
+    if not isinstance(optimizer, allowed):
+        names = " or ".join(f"deqppl.optim.{cls.__name__}(...)" for cls in allowed)
+        raise TypeError(f"{owner}.optimizer must be {names}, got {optimizer!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -368,9 +384,10 @@ class SVIMethod(_AbstractFitMapMethod):
     ----------
     name
         Row name in the comparison.
-    lr, max_steps, subsample_size, rtol, gtol, xtol
-        Settings of :class:`~deqppl.optim.SVI` for ``fit_map``; ``None`` means its default
-        (20 000 steps, full batch, dtype-aware tolerances).
+    optimizer
+        The :class:`~deqppl.optim.SVI` settings (default: the tuned defaults of
+        ``docs/svi_tuning.md``). Its ``subsample_size`` applies to the joint fit only; the
+        conditional fits of ``infer_locals`` are full batch.
 
     Notes
     -----
@@ -378,52 +395,35 @@ class SVIMethod(_AbstractFitMapMethod):
 
     Examples
     --------
-    >>> SVIMethod(lr=0.1).lr
+    >>> from deqppl.optim import SVI
+    >>> SVIMethod(optimizer=SVI(lr=0.1)).optimizer.lr
     0.1
     """
 
     name: str = "svi"
-    lr: float = SVI().lr  # the tuned default of deqppl.optim.SVI (docs/svi_tuning.md)
-    max_steps: int | None = None
-    subsample_size: int | None = None
-    rtol: float | None = None
-    gtol: float | None = None
-    xtol: float | None = None
+    optimizer: SVI = field(default_factory=SVI)
 
     def __post_init__(self) -> None:
         _check_name(self.name)
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+        _check_optimizer("SVIMethod", self.optimizer, (SVI,))
 
-    def _fit(self, model, y, fixed, seed, progress):
-        return fit_map(
-            model,
-            {"y": y},
-            optimizer=SVI(
-                lr=self.lr,
-                max_steps=SVI().max_steps if self.max_steps is None else self.max_steps,
-                subsample_size=self.subsample_size if fixed is None else None,
-                rtol=self.rtol,
-                gtol=self.gtol,
-                xtol=self.xtol,
-            ),
-            fixed=fixed,
-            seed=seed,
-            progress=progress,
-        )
+    def _fit(self, model, data, fixed, seed, progress):
+        optimizer = self.optimizer
+        if fixed is not None and optimizer.subsample_size is not None:
+            optimizer = dataclasses.replace(optimizer, subsample_size=None)
+        return fit_map(model, data, optimizer=optimizer, fixed=fixed, seed=seed, progress=progress)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LBFGSMethod(_AbstractFitMapMethod):
-    """MAP by full-batch L-BFGS with a strong-Wolfe line search (:func:`~deqppl.inference.fit_map`).
+    """MAP by full-batch L-BFGS stopped on the gradient (:func:`~deqppl.inference.fit_map`).
 
     Parameters
     ----------
     name
         Row name in the comparison.
-    max_steps, rtol, gtol, xtol
-        Settings of :class:`~deqppl.optim.LBFGS` for ``fit_map``; ``None`` means its default
-        (5000 iterations, gradient rule with dtype-aware ``gtol``, no loss-change rule).
+    optimizer
+        The :class:`~deqppl.optim.LBFGS` settings (default ``LBFGS()``).
 
     Notes
     -----
@@ -432,33 +432,20 @@ class LBFGSMethod(_AbstractFitMapMethod):
 
     Examples
     --------
-    >>> LBFGSMethod(max_steps=100).max_steps
+    >>> from deqppl.optim import LBFGS
+    >>> LBFGSMethod(optimizer=LBFGS(max_steps=100)).optimizer.max_steps
     100
     """
 
     name: str = "lbfgs"
-    max_steps: int | None = None
-    rtol: float | None = None
-    gtol: float | None = None
-    xtol: float | None = None
+    optimizer: LBFGS = field(default_factory=LBFGS)
 
     def __post_init__(self) -> None:
         _check_name(self.name)
+        _check_optimizer("LBFGSMethod", self.optimizer, (LBFGS,))
 
-    def _fit(self, model, y, fixed, seed, progress):
-        return fit_map(
-            model,
-            {"y": y},
-            optimizer=LBFGS(
-                max_steps=LBFGS().max_steps if self.max_steps is None else self.max_steps,
-                rtol=0.0 if self.rtol is None else self.rtol,
-                gtol=self.gtol,
-                xtol=self.xtol,
-            ),
-            fixed=fixed,
-            seed=seed,
-            progress=progress,
-        )
+    def _fit(self, model, data, fixed, seed, progress):
+        return fit_map(model, data, optimizer=self.optimizer, fixed=fixed, seed=seed, progress=progress)
 
 
 #: Name -> method class; ``method(name)`` builds one with default settings.

@@ -38,7 +38,9 @@ from deqppl._progress import progress as _progress
 from deqppl.encoders import PEDEncoder
 from deqppl.harness.compare import describe_model
 from deqppl.harness.methods import AbstractMethod, LBFGSMethod
-from deqppl.harness.metrics import log_mean_exp, site_log_prob
+from deqppl.harness.metrics import log_mean_exp
+from deqppl.harness.sites import observed_log_lik
+from deqppl.harness.validated import validated
 from deqppl.report import arviz_adapter
 
 __all__ = ["ModelComparison", "compare_models", "pointwise_log_lik"]
@@ -71,15 +73,16 @@ class ModelComparison:
 
 
 def pointwise_log_lik(
-    model, y: torch.Tensor, globals: Mapping[str, torch.Tensor], z_draws: torch.Tensor
+    model, data: Mapping[str, torch.Tensor], globals: Mapping[str, torch.Tensor], z_draws: torch.Tensor
 ) -> torch.Tensor:
     r"""$\log p(y_i\mid z^{(s)}_i, W, B)$ for each draw: ``(S, n)`` from ``z_draws`` ``(S, n, l)``.
 
-    Read from the observation site ``"y"`` of the Pyro model's trace, one trace per draw.
+    Read from the observed sites of the Pyro model's trace, one trace per draw; ``data`` is
+    validated (not checked again).
     """
-    data = {"y": y}
+    (site,) = model.local_sites
     return torch.stack(
-        [site_log_prob(model, data, {**globals, "z": z}, "y") for z in z_draws.unbind(0)]
+        [observed_log_lik(model, data, {**globals, site: z}) for z in z_draws.unbind(0)]
     )
 
 
@@ -95,8 +98,8 @@ def _mvn_log_prob(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) 
 
 def compare_models(
     models: Mapping[str, object],
-    y_train: torch.Tensor,
-    y_test: torch.Tensor,
+    train: Mapping[str, torch.Tensor],
+    test: Mapping[str, torch.Tensor],
     *,
     num_draws: int = 200,
     seed: int = 0,
@@ -109,8 +112,9 @@ def compare_models(
     ----------
     models
         Name -> :class:`~deqppl.models.ExpFamPCA` (each validates the data).
-    y_train, y_test
-        Training rows ``(N, d)`` for the globals, held-out rows ``(n, d)`` scored.
+    train, test
+        Data mappings ``{"y": (N, d)}`` of the training rows (for the globals) and of the
+        held-out rows ``{"y": (n, d)}`` (scored); each model validates them once.
     num_draws
         Laplace draws $S$ per held-out latent.
     seed
@@ -137,7 +141,7 @@ def compare_models(
     >>> truth = ExpFamPCA(family=family("poisson"), obs_dim=5, latent_dim=1)
     >>> y = truth.simulate(40, seed=0, dtype=torch.float64).data["y"]
     >>> models = {"l1": truth, "l2": ExpFamPCA(family=family("poisson"), obs_dim=5, latent_dim=2)}
-    >>> mc = compare_models(models, y[:30], y[30:], num_draws=20, progress=False)
+    >>> mc = compare_models(models, {"y": y[:30]}, {"y": y[30:]}, num_draws=20, progress=False)
     >>> list(mc.table["model"]), dict(mc.idata["l1"].log_likelihood.sizes)
     (['l1', 'l2'], {'chain': 1, 'draw': 20, 'obs': 10})
     """
@@ -150,23 +154,23 @@ def compare_models(
     idata = {}
     gen = torch.Generator().manual_seed(seed)
     for name, model in _progress(models.items(), enable=progress, desc="compare_models"):
-        train = model.validate({"y": y_train})["y"]
-        test = model.validate({"y": y_test})["y"]
+        train_data = validated(model, train)
+        test_data = validated(model, test)
         start = time.perf_counter()
-        fit = method.fit_globals(model, train, seed=seed, progress=progress)
+        fit = method.fit_globals(model, train_data, seed=seed, progress=progress)
         fit_time = time.perf_counter() - start
         globals_ = {k: fit.values[k] for k in model.global_sites}
         encoder = PEDEncoder.from_values(model, globals_, throw=False)
-        laplace = encoder.laplace(test)
+        laplace = encoder.laplace(test_data["y"])
         draws = laplace.sample(num_draws, generator=gen)  # (S, n, l)
-        loglik = pointwise_log_lik(model, test, globals_, draws)  # (S, n)
+        loglik = pointwise_log_lik(model, test_data, globals_, draws)  # (S, n)
         # Importance weights p(z) / q(z) for the held-out evidence, z ~ q = Laplace.
         zero = torch.zeros((), dtype=draws.dtype)  # tensor parameters keep the draws' dtype
         prior = torch.distributions.Normal(zero, zero + model.lam**-0.5).log_prob(draws).sum(-1)
         log_q = _mvn_log_prob(draws, laplace.mean, laplace.precision)
         per_row = log_mean_exp(loglik, dim=0)
         per_row_marginal = log_mean_exp(loglik + prior - log_q, dim=0)
-        n = test.shape[0]
+        n = test_data["y"].shape[0]
         data = arviz_adapter.to_inference_data(
             {"z": draws},
             {"y": loglik},

@@ -32,7 +32,7 @@ from pyro.infer.autoguide import AutoDelta
 from pyro.nn import PyroParam
 from torch.distributions import biject_to
 
-from deqppl._validation import as_tensor, check_finite
+from deqppl.validation import as_tensor, check_finite, validated
 from deqppl.inference.log_joint import latent_sites, log_joint
 from deqppl.optim import (
     LBFGS,
@@ -125,9 +125,9 @@ def _prepare(
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}")
-    # The one validation of the data: everything below receives validated tensors.
-    validate = getattr(model, "validate", None)
-    data = validate(data) if validate is not None else dict(data)
+    # The one validation of the data (none if the caller passes data it validated for this
+    # model, deqppl.validation.ValidatedData): everything below receives validated tensors.
+    data = dict(validated(model, data))
     for name, value in data.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 0:
             raise ValueError(

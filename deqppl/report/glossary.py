@@ -60,6 +60,20 @@ METRICS: dict[str, MetricInfo] = {
         "between this method's conditional-MAP latents and the reference method's "
         "(0 for the reference itself; latent units: the prior is N(0, 1/lam)).",
     ),
+    "certified_bound": MetricInfo(
+        unit="latent units",
+        group=_A,
+        description="certified bound on the distance (2-norm, worst held-out row) of this "
+        "method's latents to the conditional MAP under the shared globals: ||grad F|| / "
+        "lambda_min(Hessian of F), F the negative log posterior of the locals (inf where F is "
+        "not strongly convex); the method with the smallest bound is the reference.",
+    ),
+    "min_hessian_eig": MetricInfo(
+        unit="1/latent units²",
+        group=_A,
+        description="smallest eigenvalue, over held-out rows, of the Hessian of the negative log "
+        "posterior of the locals at this method's latents (> 0: strongly convex there).",
+    ),
     "log_joint_gap": MetricInfo(
         unit="nats",
         group=_A,
@@ -107,6 +121,12 @@ METRICS: dict[str, MetricInfo] = {
         unit="s",
         group=_T,
         description="wall-clock time of the joint fit of the globals on the training rows.",
+    ),
+    "diagnostics_wall_time": MetricInfo(
+        unit="s",
+        group=_T,
+        description="wall-clock time of the DEQ's post-fit diagnostics (final solve, log joint, "
+        "spectral radii), kept out of wall_time.",
     ),
     "time_ratio_vs_deq": MetricInfo(
         unit="×",
@@ -211,6 +231,12 @@ def describe_metric(name: str, *, table: dict[str, MetricInfo] = METRICS) -> Met
     info = table.get(name)
     if info is not None:
         return info
+    base, sep, site = name.partition("[")
+    if sep and site.endswith("]") and base in table:
+        # a per-site metric of a model with several local sites, e.g. max_abs_dz[z1]
+        row = table[base]
+        return MetricInfo(unit=row.unit, group=row.group,
+                          description=f"{row.description} Local site {site[:-1]} only.")
     return MetricInfo(
         unit="",
         group=Group.DIAGNOSTICS,

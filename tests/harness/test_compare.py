@@ -8,6 +8,7 @@ import torch
 from dataclasses import dataclass, field
 
 from deqppl.expfam import family
+from deqppl.optim import LBFGS, SVI
 from deqppl.harness import (
     COLUMNS,
     METHODS,
@@ -16,6 +17,7 @@ from deqppl.harness import (
     LBFGSMethod,
     RunStore,
     SVIMethod,
+    TIMING_METRICS,
     compare,
     method,
 )
@@ -31,13 +33,13 @@ def poisson_comparison():
     sim = model.simulate(100, seed=1, dtype=F64)
     labels = (sim.truth["z"][:, 0] > 0).long() + (sim.truth["z"][:, 1] > 0).long()
     methods = [
-        DEQMethod(num_epochs=8, batch_size=40),
+        DEQMethod(optimizer=LBFGS(max_steps=8)),
         # Few SVI steps: only the schema is checked for SVI here; the digits test checks its
         # latents at convergence.
-        SVIMethod(max_steps=150, lr=0.05),
+        SVIMethod(optimizer=SVI(max_steps=150, lr=0.05)),
         LBFGSMethod(),
     ]
-    result = compare(model, sim.data["y"], methods=methods, labels=labels, progress=False)
+    result = compare(model, sim.data, methods=methods, labels=labels, progress=False)
     return model, sim, result
 
 
@@ -45,19 +47,26 @@ def test_deq_heldout_latents_match_lbfgs(poisson_comparison):
     model, _, result = poisson_comparison
     s = result.summary
     print("\n", s.T.to_string())
-    assert result.reference == "lbfgs"
+    # The reference is the most accurate method: the smallest certified bound.
+    assert result.reference == s["certified_bound"].idxmin()
     # Both solve the same strictly convex problem (SPEC §2.3) under the shared globals. The DEQ
     # stops at relative residual 1e-8, which bounds its distance to the MAP by ~1e-8 |z|; L-BFGS
     # stops at gradient 1.5e-8 (eps^1/2), i.e. |dz| <~ 1.5e-8 / lambda_min(H) <= 1.5e-8 (H >= I):
     # 1e-6 leaves room for both.
-    assert s.loc["deq", "max_abs_dz"] < 1e-6
+    assert s.loc["deq", "certified_bound"] < 1e-6 and s.loc["lbfgs", "certified_bound"] < 1e-6
+    assert abs(s.loc["deq", "max_abs_dz"] - s.loc["lbfgs", "max_abs_dz"]) < 1e-6
+    # the triangle inequality: two methods differ by at most the sum of their bounds (per row)
+    for name in ("deq", "lbfgs", "svi"):
+        dz = (result.latents[name] - result.latents[result.reference]).norm(dim=1)
+        assert (dz <= result.bounds[name] + result.bounds[result.reference]).all()
     # log joint gap: second order in dz times the curvature (<~ |H| 1e-12 per row): 1e-8.
     assert abs(s.loc["deq", "log_joint_gap"] - s.loc["lbfgs", "log_joint_gap"]) < 1e-8
     assert s.loc["deq", "amortization_gap"] < 1e-8
     assert s.loc["deq", "converged"] == 1.0 and s.loc["lbfgs", "converged"] == 1.0
     # The log-likelihood alone is not stationary at the MAP: its gradient is lam z (the prior's
     # negative), so it moves to first order, by at most lam * sum|z| * max|dz| (x2 for slack).
-    bound = 2 * model.lam * float(result.latents["lbfgs"].abs().sum()) * s.loc["deq", "max_abs_dz"]
+    dz = float((result.latents["deq"] - result.latents["lbfgs"]).abs().max())
+    bound = 2 * model.lam * float(result.latents["lbfgs"].abs().sum()) * dz
     assert abs(s.loc["deq", "heldout_log_lik"] - s.loc["lbfgs", "heldout_log_lik"]) <= bound
     # the gaps are measured against the best method, so they are >= 0 and one of them is 0
     gaps = s.loc[["deq", "svi", "lbfgs"], "log_joint_gap"]
@@ -79,13 +88,14 @@ def test_table_schema(poisson_comparison):
         fit = set(t[(t.method == name) & (t.stage == "fit")]["metric"])
         held = set(t[(t.method == name) & (t.stage == "heldout")]["metric"])
         assert common | {"subspace_angle"} <= fit
-        assert common | {"max_abs_dz", "heldout_log_lik", "amortization_gap", "accuracy"} <= held
+        assert common | {"max_abs_dz", "certified_bound", "min_hessian_eig", "heldout_log_lik",
+                         "amortization_gap", "accuracy"} <= held
     deq = t[(t.method == "deq") & (t.stage == "heldout")].set_index("metric")["value"]
-    assert {"spectral_radius", "spectral_radius_max"} <= set(deq.index)
+    assert {"spectral_radius", "spectral_radius_max", "diagnostics_wall_time"} <= set(deq.index)
     assert deq["time_ratio_vs_deq"] == 1.0
-    # the reference's angle to itself is zero; angles are in [0, pi/2]
+    # the angle of the shared fit's loadings to themselves is zero; angles are in [0, pi/2]
     angles = t[t.metric == "subspace_angle"].set_index("method")["value"]
-    assert angles["lbfgs"] == pytest.approx(0.0, abs=1e-7)
+    assert angles[result.globals_source[0]] == pytest.approx(0.0, abs=1e-7)
     assert ((angles >= 0) & (angles <= math.pi / 2 + 1e-12)).all()
     assert set(result.latents) == {"deq", "svi", "lbfgs"}
     assert result.latents["deq"].shape == (20, model.latent_dim)  # 20% of 100 rows held out
@@ -118,11 +128,11 @@ def test_unknown_method_names_list_valid_ones():
     with pytest.raises(ValueError, match=r"unknown method 'newton'.*deq, lbfgs, svi"):
         method("newton")
     model = ExpFamPCA(family=family("bernoulli"), obs_dim=3, latent_dim=1)
-    y = model.simulate(10, seed=0, dtype=F64).data["y"]
+    data = model.simulate(10, seed=0, dtype=F64).data
     with pytest.raises(ValueError, match="valid methods are: deq, lbfgs, svi"):
-        compare(model, y, methods=["deq", "adam"], progress=False)
+        compare(model, data, methods=["deq", "adam"], progress=False)
     with pytest.raises(ValueError, match="duplicates"):
-        compare(model, y, methods=["lbfgs", LBFGSMethod()], progress=False)
+        compare(model, data, methods=["lbfgs", LBFGSMethod()], progress=False)
     assert set(METHODS) == {"deq", "svi", "lbfgs"}
     with pytest.raises(TypeError, match="abstract"):
         AbstractMethod()
@@ -131,12 +141,15 @@ def test_unknown_method_names_list_valid_ones():
 def test_bad_labels_and_heldout_raise():
     model = ExpFamPCA(family=family("bernoulli"), obs_dim=3, latent_dim=1)
     y = model.simulate(10, seed=0, dtype=F64).data["y"]
+    with pytest.raises(TypeError, match=r"data mapping .*\{'y': y\}; got Tensor"):
+        compare(model, y, methods=["lbfgs"], progress=False)
     with pytest.raises(ValueError, match=r"labels must have shape \(10,\)"):
-        compare(model, y, methods=["lbfgs"], labels=torch.zeros(9), progress=False)
+        compare(model, {"y": y}, methods=["lbfgs"], labels=torch.zeros(9), progress=False)
     with pytest.raises(ValueError, match="both labels and heldout_labels"):
-        compare(model, y, methods=["lbfgs"], heldout=y[:2], labels=torch.zeros(10), progress=False)
+        compare(model, {"y": y}, methods=["lbfgs"], heldout={"y": y[:2]}, labels=torch.zeros(10),
+                progress=False)
     with pytest.raises(ValueError, match="needs 0 or 1"):
-        compare(model, y, methods=["lbfgs"], heldout=y[:2] + 2, progress=False)
+        compare(model, {"y": y}, methods=["lbfgs"], heldout={"y": y[:2] + 2}, progress=False)
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -152,18 +165,18 @@ class CountingMethod(AbstractMethod):
     def _count(self, key):
         self.calls[key] = self.calls.get(key, 0) + 1
 
-    def fit_globals(self, model, y, *, seed, progress):
+    def fit_globals(self, model, data, *, seed, progress):
         self._count(("fit", seed))
-        return self.inner.fit_globals(model, y, seed=seed, progress=progress)
+        return self.inner.fit_globals(model, data, seed=seed, progress=progress)
 
-    def infer_locals(self, model, y, globals, *, seed, progress):
+    def infer_locals(self, model, data, globals, *, seed, progress):
         self._count(("heldout", seed))
         if self.interrupt and self.calls[("heldout", seed)] == 1 and seed == 1:
             raise KeyboardInterrupt
-        return self.inner.infer_locals(model, y, globals, seed=seed, progress=progress)
+        return self.inner.infer_locals(model, data, globals, seed=seed, progress=progress)
 
 
-_TIMING = {"wall_time", "time_ratio_vs_deq"}
+_TIMING = set(TIMING_METRICS)
 
 
 def _untimed(table):
@@ -172,12 +185,12 @@ def _untimed(table):
 
 def test_interrupted_comparison_resumes_equal_without_recomputing(tmp_path):
     model = ExpFamPCA(family=family("bernoulli"), obs_dim=6, latent_dim=1)
-    y = model.simulate(40, seed=2, dtype=F64).data["y"]
+    y = model.simulate(40, seed=2, dtype=F64).data
 
     def methods(interrupt=False):
         return [
             CountingMethod(name="a", inner=LBFGSMethod()),
-            CountingMethod(name="b", inner=LBFGSMethod(max_steps=5), interrupt=interrupt),
+            CountingMethod(name="b", inner=LBFGSMethod(optimizer=LBFGS(max_steps=5)), interrupt=interrupt),
         ]
 
     plain = compare(model, y, methods=methods(), seeds=(0, 1), progress=False)
@@ -202,4 +215,51 @@ def test_interrupted_comparison_resumes_equal_without_recomputing(tmp_path):
         torch.testing.assert_close(resumed.latents[name], plain.latents[name], rtol=0, atol=0)
     # a store of another run (different data) is refused, not mixed in
     with pytest.raises(ValueError, match="different run"):
-        compare(model, 1 - y, methods=second, seeds=(0, 1), store=store, progress=False)
+        compare(model, {"y": 1 - y["y"]}, methods=second, seeds=(0, 1), store=store, progress=False)
+
+
+# ------------------------------------------------------------------------------ validate once
+def _count_validate(monkeypatch, cls):
+    calls = []
+    original = cls.validate
+
+    def counting(self, data):
+        calls.append(type(self).__name__)
+        return original(self, data)
+
+    monkeypatch.setattr(cls, "validate", counting)
+    return calls
+
+
+@pytest.mark.parametrize("heldout", [False, True], ids=["split", "heldout-given"])
+def test_compare_validates_each_data_set_once(monkeypatch, heldout):
+    model = ExpFamPCA(family=family("poisson"), obs_dim=4, latent_dim=1, param_scale=0.5)
+    data = model.simulate(30, seed=0, dtype=F64).data
+    methods = [DEQMethod(optimizer=LBFGS(max_steps=5)), SVIMethod(optimizer=SVI(max_steps=20)),
+               LBFGSMethod(optimizer=LBFGS(max_steps=20))]
+    calls = _count_validate(monkeypatch, ExpFamPCA)
+    if heldout:
+        compare(model, {"y": data["y"][:20]}, heldout={"y": data["y"][20:]}, methods=methods, progress=False)
+    else:
+        compare(model, data, methods=methods, progress=False)
+    # one per data mapping passed in: the rows (and the held-out rows); nothing inside re-checks
+    assert calls == ["ExpFamPCA"] * (2 if heldout else 1)
+
+
+def test_compare_validates_once_for_coupled_and_hierarchical_models(monkeypatch):
+    from deqppl.encoders import DeepPEDEncoder
+    from deqppl.expfam import gaussian
+    from deqppl.kernels import SquaredExponential
+    from deqppl.models import HierarchicalExpFamPCA, KernelGLM
+
+    kglm = KernelGLM(gaussian(), SquaredExponential(), lam=1.0)
+    deep = HierarchicalExpFamPCA(widths=(4, 2, 1))
+    cases = [
+        (kglm, [SVIMethod(optimizer=SVI(max_steps=20)), LBFGSMethod(optimizer=LBFGS(max_steps=20))]),
+        (deep, [DEQMethod(encoder=DeepPEDEncoder, optimizer=LBFGS(max_steps=5)), LBFGSMethod(optimizer=LBFGS(max_steps=20))]),
+    ]
+    for model, methods in cases:
+        data = model.simulate(20, seed=0, dtype=F64).data
+        calls = _count_validate(monkeypatch, type(model))
+        compare(model, data, methods=methods, progress=False)
+        assert len(calls) == 1, type(model).__name__

@@ -6,6 +6,7 @@ import torch
 
 from deqppl.data import load_digits
 from deqppl.expfam import binomial
+from deqppl.optim import LBFGS, SVI
 from deqppl.harness import DEQMethod, LBFGSMethod, SVIMethod, compare
 from deqppl.models import ExpFamPCA
 
@@ -18,11 +19,11 @@ def test_digits_deq_latents_match_svi_and_lbfgs(latent_dim):
     y, labels = data.y[rows], data.labels[rows]
     model = ExpFamPCA(family=binomial(16), obs_dim=64, latent_dim=latent_dim)
     methods = [
-        DEQMethod(num_epochs=30, batch_size=80),
-        SVIMethod(max_steps=4000, lr=0.05),
+        DEQMethod(optimizer=LBFGS(max_steps=30)),
+        SVIMethod(optimizer=SVI(max_steps=4000, lr=0.05)),
         LBFGSMethod(),
     ]
-    result = compare(model, y, methods=methods, labels=labels, progress=False)
+    result = compare(model, {"y": y}, methods=methods, labels=labels, progress=False)
     s = result.summary
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(f"\n{result.model_name}, shared globals from {result.globals_source[0]}\n{s.T}")

@@ -25,7 +25,7 @@ def comparison():
         "binomial_l2": truth,
         "poisson_l2": ExpFamPCA(family=family("poisson"), obs_dim=8, latent_dim=2, param_scale=0.5),
     }
-    return models, y, compare_models(models, y[:45], y[45:], num_draws=40, seed=0, progress=False)
+    return models, y, compare_models(models, {"y": y[:45]}, {"y": y[45:]}, num_draws=40, seed=0, progress=False)
 
 
 def test_inference_data_groups_and_shapes(comparison):
@@ -59,7 +59,7 @@ def test_pointwise_log_lik_equals_log_joint_minus_priors():
     sim = model.simulate(9, seed=4, dtype=F64)
     draws = sim.truth["z"] + 0.1 * torch.randn(3, 9, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     globals_ = {"W": sim.truth["W"], "B": sim.truth["B"]}
-    got = pointwise_log_lik(model, sim.data["y"], globals_, draws)
+    got = pointwise_log_lik(model, model.validate(sim.data), globals_, draws)
     assert got.shape == (3, 9)
     def normal(loc, scale):  # float64 parameters (python floats would make them float32)
         return torch.distributions.Normal(torch.tensor(loc, dtype=F64), torch.tensor(scale, dtype=F64))
@@ -75,9 +75,9 @@ def test_bad_arguments_raise():
     model = ExpFamPCA(family=family("poisson"), obs_dim=3, latent_dim=1)
     y = model.simulate(6, seed=0, dtype=F64).data["y"]
     with pytest.raises(ValueError, match="models is empty"):
-        compare_models({}, y, y, progress=False)
+        compare_models({}, {"y": y}, {"y": y}, progress=False)
     with pytest.raises(ValueError, match="num_draws must be an integer >= 2, got 1"):
-        compare_models({"m": model}, y, y, num_draws=1, progress=False)
+        compare_models({"m": model}, {"y": y}, {"y": y}, num_draws=1, progress=False)
 
 
 def test_heldout_log_marginal_is_exact_for_gaussian_pca():
@@ -98,12 +98,12 @@ def test_heldout_log_marginal_is_exact_for_gaussian_pca():
     class TrueGlobals(AbstractMethod):
         name: str = "truth"
 
-        def fit_globals(self, model, y, *, seed, progress):
+        def fit_globals(self, model, data, *, seed, progress):
             return StageResult(values=dict(truth), log_joint=0.0, wall_time=0.0, num_steps=0,
                                num_grad_evals=0, status="given", converged=True)
 
     y = sim.data["y"]
-    mc = compare_models({"g": model}, y, y, num_draws=5, method=TrueGlobals(), progress=False)
+    mc = compare_models({"g": model}, {"y": y}, {"y": y}, num_draws=5, method=TrueGlobals(), progress=False)
     W, B = truth["W"].numpy(), truth["B"].numpy()
     cov = W @ W.T / model.lam + np.eye(4)
     want = stats.multivariate_normal(B, cov).logpdf(y.numpy()).sum()
@@ -119,6 +119,6 @@ def test_poisson_models_of_several_sizes_fit(float64):
         f"poisson_l{l}": ExpFamPCA(family=family("poisson"), obs_dim=8, latent_dim=l)
         for l in (1, 2, 3)
     }
-    res = compare_models(models, y[:100], y[100:], num_draws=20, seed=0, progress=False)
+    res = compare_models(models, {"y": y[:100]}, {"y": y[100:]}, num_draws=20, seed=0, progress=False)
     assert list(res.table["model"]) == list(models)
     assert np.isfinite(res.table["heldout_log_lik"].to_numpy()).all()

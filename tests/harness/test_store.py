@@ -24,6 +24,7 @@ from deqppl.harness.store import (
     save_settings,
 )
 from deqppl.models import ExpFamPCA
+from deqppl.optim import LBFGS
 
 F64 = torch.float64
 _TIMING = {"wall_time", "time_ratio_vs_deq"}
@@ -47,7 +48,7 @@ class Counting(AbstractMethod):
 
 
 def _methods():
-    return [Counting(name="a", inner=LBFGSMethod()), Counting(name="b", inner=LBFGSMethod(max_steps=5))]
+    return [Counting(name="a", inner=LBFGSMethod()), Counting(name="b", inner=LBFGSMethod(optimizer=LBFGS(max_steps=5)))]
 
 
 def _untimed(table):
@@ -57,7 +58,7 @@ def _untimed(table):
 @pytest.fixture(scope="module")
 def problem():
     model = ExpFamPCA(family=family("bernoulli"), obs_dim=6, latent_dim=1)
-    y = model.simulate(40, seed=2, dtype=F64).data["y"]
+    y = model.simulate(40, seed=2, dtype=F64).data
     return model, y
 
 

@@ -16,6 +16,7 @@ import torch
 
 from deqppl.data import load_digits
 from deqppl.expfam import binomial, family
+from deqppl.optim import LBFGS, SVI
 from deqppl.harness import DEQMethod, LBFGSMethod, SVIMethod, compare, compare_models
 from deqppl.models import ExpFamPCA
 
@@ -36,11 +37,11 @@ def digits_comparison():
     model = ExpFamPCA(family=binomial(16), obs_dim=64, latent_dim=3)
     return compare(
         model,
-        digits.y[train],
-        heldout=digits.y[held],
+        {"y": digits.y[train]},
+        heldout={"y": digits.y[held]},
         labels=digits.labels[train],
         heldout_labels=digits.labels[held],
-        methods=[DEQMethod(num_epochs=20), SVIMethod(max_steps=200), LBFGSMethod(max_steps=100)],
+        methods=[DEQMethod(optimizer=LBFGS(max_steps=20)), SVIMethod(optimizer=SVI(max_steps=200)), LBFGSMethod(optimizer=LBFGS(max_steps=100))],
         progress=False,
     )
 
@@ -49,8 +50,8 @@ def digits_comparison():
 def poisson_comparison():
     model = ExpFamPCA(family=family("poisson"), obs_dim=5, latent_dim=2)
     y = model.simulate(40, seed=0, dtype=torch.float64).data["y"]
-    methods = [DEQMethod(num_epochs=20), SVIMethod(max_steps=300), LBFGSMethod(max_steps=100)]
-    return compare(model, y, methods=methods, progress=False)
+    methods = [DEQMethod(optimizer=LBFGS(max_steps=20)), SVIMethod(optimizer=SVI(max_steps=300)), LBFGSMethod(optimizer=LBFGS(max_steps=100))]
+    return compare(model, {"y": y}, methods=methods, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +65,7 @@ def digits_models():
         for l in (1, 2)
     }
     return compare_models(
-        models, y[train[:60]], y[held], num_draws=20, method=LBFGSMethod(max_steps=50), progress=False
+        models, {"y": y[train[:60]]}, {"y": y[held]}, num_draws=20, method=LBFGSMethod(optimizer=LBFGS(max_steps=50)), progress=False
     )
 
 

@@ -29,9 +29,11 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 
 MEASURE = """
 <script>
-window.addEventListener("load", async () => {
+// Measured synchronously in the load handler: every image is a data: URI, so by "load" each is
+// complete and has its natural size (or failed to decode). Awaiting img.decode() here let
+// --dump-dom run first on a loaded machine (no measurement in the DOM), so it is not used.
+window.addEventListener("load", () => {
   const images = Array.from(document.images);
-  await Promise.all(images.map((img) => img.decode().catch(() => null)));
   const width = window.innerWidth;
   const result = {
     innerWidth: width,
