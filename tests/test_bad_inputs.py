@@ -792,3 +792,19 @@ def test_a_failing_method_records_its_failure_and_the_others_rows_appear(stage):
 def test_every_method_failing_is_one_clear_error():
     with pytest.raises(RuntimeError, match=r"every method failed in the 'fit' stage of seed 0 \(failing: FloatingPointError"):
         compare(_pca(), {"y": _y(20)}, methods=[Failing()], progress=False)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--seed", "1.5"), ("--total-count", "nan"), ("--latent-dim", "2.5"), ("--lam", "one")],
+)
+def test_unparsable_numbers_exit_2_naming_the_option(option, value, tmp_path, capsys):
+    # argparse's own refusal: exit status 2, usage plus one error line naming option and value
+    from deqppl.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--data", "simulate:poisson,n=30", option, value, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2
+    assert re.search(rf"error: argument {option}: invalid (int|float) value: '{value}'", err[-1])
+    assert not (tmp_path / "o").exists()
