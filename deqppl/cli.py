@@ -114,6 +114,8 @@ class Problem:
     description: str
     encoder: type | None
     model_comparison: dict | None
+    #: ``--heldout-fraction 0``: no rows held out; the held-out stage re-infers the training rows.
+    in_sample: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,10 +231,16 @@ def _simulate_spec(spec: str) -> tuple[str, dict[str, int]]:
 def _split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0.0 <= fraction < 1.0:
         raise UsageError(f"--heldout-fraction must lie in [0, 1), got {fraction}")
+    if n < 2:
+        raise UsageError(f"the data have {n} row{'s' * (n != 1)}; a comparison needs at least 2")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    num_held = int(round(fraction * n))
+    # a positive fraction holds out at least one row (0.2 of 3 rows is one row, not none)
+    num_held = max(1, int(round(fraction * n))) if fraction > 0 else 0
     if num_held > 0 and n - num_held < 2:
-        raise UsageError(f"--heldout-fraction {fraction} leaves fewer than 2 training rows of {n}")
+        raise UsageError(
+            f"--heldout-fraction {fraction} of {n} rows holds out {num_held}, leaving fewer than "
+            f"2 training rows; use --heldout-fraction 0 (no held-out rows) or more data"
+        )
     return order[num_held:], order[:num_held]
 
 
@@ -291,10 +299,13 @@ def _pca_problem(settings: dict):
             )
         if family_name == "binomial" and total_count is None:
             total_count = sizes.get("t")
-        truth = ExpFamPCA(
-            family=_family(family_name, total_count), obs_dim=sizes["d"], latent_dim=sizes["l"],
-            lam=settings["lam"],
-        )
+        try:
+            truth = ExpFamPCA(
+                family=_family(family_name, total_count), obs_dim=sizes["d"], latent_dim=sizes["l"],
+                nonlinearity=_lookup(nonlinearity, settings["nonlinearity"]), lam=settings["lam"],
+            )
+        except (ValueError, TypeError) as err:  # e.g. a family x nonlinearity pair that cannot work
+            raise UsageError(f"--data {settings['data']}: {err}") from None
         y = truth.simulate(sizes["n"], seed=seed, dtype=torch.float64).data["y"]
         latent_dim = settings["latent_dim"] or sizes["l"]
         columns = tuple(f"y{j}" for j in range(sizes["d"]))
@@ -426,15 +437,22 @@ def build_problem(settings: dict) -> Problem:
         labels = None if labels is None else labels[keep]
         n = int(keep.numel())
     train, held = _split(n, settings["heldout_fraction"], seed)
+    in_sample = held.numel() == 0
+    if in_sample:
+        # --heldout-fraction 0: every row is fitted, and the held-out stage re-infers the
+        # training rows' latents under the shared globals (an in-sample amortisation check);
+        # compare's own 20 % default must not apply.
+        held = train
     return Problem(
         model=model,
         data=take_rows(data, train),
-        heldout=take_rows(data, held) if held.numel() else None,
+        heldout=take_rows(data, held),
         labels=None if labels is None else labels[train],
-        heldout_labels=None if labels is None or not held.numel() else labels[held],
-        description=f"{where} ({n} rows): {description}",
+        heldout_labels=None if labels is None else labels[held],
+        description=f"{where} ({n} rows{', none held out' if in_sample else ''}): {description}",
         encoder=_encoder(model_name),
-        model_comparison=comparison,
+        model_comparison=None if in_sample else comparison,
+        in_sample=in_sample,
     )
 
 
@@ -537,17 +555,33 @@ def _run(settings: dict, problem: Problem, out: Path, *, progress: bool):
     methods = _methods(settings)
     if progress:
         print(f"deqppl: {problem.description}", file=sys.stderr)
-    comparison = compare(
-        problem.model,
-        problem.data,
-        methods=methods,
-        heldout=problem.heldout,
-        labels=problem.labels,
-        heldout_labels=problem.heldout_labels,
-        seeds=tuple(settings["seeds"]),
-        store=RunStore(out / "runs"),
-        progress=progress,
-    )
+    store = RunStore(out / "runs")
+    try:
+        comparison = compare(
+            problem.model,
+            problem.data,
+            methods=methods,
+            heldout=problem.heldout,
+            labels=problem.labels,
+            heldout_labels=problem.heldout_labels,
+            seeds=tuple(settings["seeds"]),
+            store=store,
+            progress=progress,
+        )
+    finally:
+        for moved in store.quarantined:
+            original = moved.with_name(moved.name.rsplit(".corrupt-", 1)[0])
+            print(
+                f"deqppl: {original} was damaged or altered; moved it to {moved.name} and redid "
+                f"the unit",
+                file=sys.stderr,
+            )
+    for (seed, method, stage), error in comparison.failures.items():
+        print(
+            f"deqppl: method {method!r} failed in the {stage} stage of seed {seed} ({error}); "
+            f"its rows in the table are NaN, the other methods' rows are complete",
+            file=sys.stderr,
+        )
     comparison.table.to_csv(out / "table.csv", index=False)
     comparison.summary.to_csv(out / "summary.csv")
     mc = _model_comparison(problem, settings, out, progress=progress)
@@ -559,8 +593,10 @@ def _run(settings: dict, problem: Problem, out: Path, *, progress: bool):
 
 
 def _cmd_compare(args) -> int:
-    if args.lam <= 0:
-        raise UsageError(f"--lam must be positive, got {args.lam}")
+    if not (args.lam > 0 and math.isfinite(args.lam)):
+        raise UsageError(f"--lam must be positive and finite, got {args.lam}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
     if args.latent_dim is not None and args.latent_dim < 1:
         raise UsageError(f"--latent-dim must be a positive integer, got {args.latent_dim}")
     if args.lengthscale is not None and not (args.lengthscale > 0 and math.isfinite(args.lengthscale)):
@@ -570,31 +606,58 @@ def _cmd_compare(args) -> int:
     if args.rows is not None and args.full:
         raise UsageError("give --rows N or --full, not both")
     settings = _settings(args)
-    out = Path(args.out)
-    previous = out / "run.json"
-    if previous.exists():
-        stored = json.loads(previous.read_text())
-        if stored != settings:
-            changed = sorted(k for k in settings if stored.get(k) != settings[k])
-            raise UsageError(
-                f"{out} holds a run with different settings ({', '.join(changed)}); "
-                "use another --out or delete that folder"
-            )
     _methods(settings)  # names checked before the data
-    problem = build_problem(settings)  # data errors surface here, before anything is stored or fitted
-    out.mkdir(parents=True, exist_ok=True)
-    previous.write_text(json.dumps(settings, indent=2) + "\n")
+    # The data first (a missing file is named as such, whatever --out holds), then --out:
+    # every error surfaces before anything is stored or fitted.
+    problem = build_problem(settings)
+    out = _prepare_out(Path(args.out), settings)
     comparison, paths = _run(settings, problem, out, progress=not args.no_progress)
     _print_summary(comparison, out, paths)
     return 0
 
 
+def _prepare_out(out: Path, settings: dict) -> Path:
+    """Check ``--out`` (a folder, creatable, holding no other run) and write ``run.json``."""
+    from deqppl.harness.store import CorruptFileError, load_settings, quarantine, save_settings
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (it is created if missing)")
+    previous = out / "run.json"
+    if previous.is_file():
+        try:
+            stored = load_settings(previous)
+        except CorruptFileError as err:
+            moved = quarantine(previous)
+            print(f"deqppl: {err}; moved it to {moved.name} and wrote this run's settings", file=sys.stderr)
+        else:
+            if stored != settings:
+                changed = sorted(k for k in settings if stored.get(k) != settings[k])
+                raise UsageError(
+                    f"{out} holds a run with different settings ({', '.join(changed)}); "
+                    "use another --out or delete that folder"
+                )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_settings(previous, settings)
+    except OSError as err:
+        raise UsageError(f"--out {out} cannot be created or written: {err.strerror or err}") from None
+    return out
+
+
 def _cmd_report(args) -> int:
+    from deqppl.harness.store import CorruptFileError, load_settings
+
     out = Path(args.out)
     path = out / "run.json"
-    if not path.exists():
+    if not path.is_file():
         raise UsageError(f"{path} not found; run `deqppl compare --out {out}` first")
-    settings = json.loads(path.read_text())
+    try:
+        settings = load_settings(path)
+    except CorruptFileError as err:
+        raise UsageError(
+            f"{err}; the report cannot be rebuilt without the run's settings: run the same "
+            f"`deqppl compare ... --out {out}` again (it moves the damaged file aside)"
+        ) from None
     problem = build_problem(settings)
     comparison, paths = _run(settings, problem, out, progress=not args.no_progress)
     _print_summary(comparison, out, paths)
@@ -652,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp_.add_argument("--seed", type=int, default=0, help="seed of the data split/simulation and fits")
     cmp_.add_argument("--seeds", default=None, help="comma-separated fit seeds (default: --seed)")
-    cmp_.add_argument("--heldout-fraction", type=float, default=0.2, help="rows held out (default 0.2)")
+    cmp_.add_argument("--heldout-fraction", type=float, default=0.2, help="rows held out (default 0.2; 0: none, the held-out stage then re-infers the training rows)")
     cmp_.add_argument("--label-column", default=None, help="data file column of integer labels")
     cmp_.add_argument(
         "--rows", type=int, default=None,

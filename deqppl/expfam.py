@@ -27,6 +27,7 @@ torch.Size([1])
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,7 +38,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions.utils import broadcast_all
 
-from deqppl.validation import as_tensor, check_finite, check_mask
+from deqppl.validation import as_tensor, check_finite, check_mask, check_real
 
 __all__ = [
     "ExpFamily",
@@ -354,8 +355,7 @@ def _is_integer(y: torch.Tensor) -> torch.Tensor:
 
 def gaussian(precision: float = 1.0) -> ExpFamily:
     r"""Gaussian with known precision $\lambda_0$: $T=\sqrt{\lambda_0}y$, $A=v^2/2$."""
-    if not (precision > 0 and math.isfinite(precision)):
-        raise ValueError(f"gaussian precision must be positive and finite, got {precision}")
+    precision = check_real(precision, "gaussian precision", minimum=0.0, exclusive_minimum=True)
     root = math.sqrt(precision)
     return ExpFamily(
         name="gaussian",
@@ -395,8 +395,14 @@ def bernoulli() -> ExpFamily:
 
 def binomial(total_count: int) -> ExpFamily:
     r"""Binomial($t$) on $\{0,\dots,t\}$: $A=t\log(1+e^v)$, mean $t\,$sigmoid."""
-    if int(total_count) != total_count or total_count < 1:
-        raise ValueError(f"binomial total_count must be a positive integer, got {total_count}")
+    # a number (not a bool, not a string), finite, whole and >= 1; 16.0 is accepted as 16
+    if isinstance(total_count, bool) or not isinstance(total_count, numbers.Real):
+        raise TypeError(
+            f"binomial total_count must be a positive integer, got {type(total_count).__name__} "
+            f"{total_count!r}"
+        )
+    if not (math.isfinite(total_count) and total_count == int(total_count) and total_count >= 1):
+        raise ValueError(f"binomial total_count must be a positive integer, got {total_count!r}")
     t = int(total_count)
     return ExpFamily(
         name="binomial",
@@ -634,7 +640,8 @@ _POSITIVE = Interval(lower=0.0)
 
 
 def _check_tau(tau: float) -> float:
-    if not (math.isfinite(tau) and tau != 0):
+    tau = check_real(tau, "smooth ReLU temperature tau")
+    if tau == 0:
         raise ValueError(f"smooth ReLU temperature tau must be finite and non-zero, got {tau}")
     return abs(float(tau))
 
@@ -669,8 +676,7 @@ def smooth_relu(tau: float = 1.0) -> Nonlinearity:
 
 def leaky_smooth_relu(tau: float = 1.0, slope: float = 0.1) -> Nonlinearity:
     r"""$(1-m)\mathrm{ReLU}_\tau(\eta)+m\eta$ with leak $m$ = ``slope`` in $[0, 1]$."""
-    if not 0.0 <= slope <= 1.0:
-        raise ValueError(f"leaky smooth ReLU slope must lie in [0, 1], got {slope}")
+    slope = check_real(slope, "leaky smooth ReLU slope", minimum=0.0, maximum=1.0)
     base = smooth_relu(tau)
     m = float(slope)
     return Nonlinearity(

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deqppl._validation import as_tensor, check_finite
+from deqppl.validation import as_tensor, check_finite
 
 __all__ = [
     "AbstractKernel",
@@ -48,6 +48,7 @@ __all__ = [
     "Product",
     "SquaredExponential",
     "Sum",
+    "check_gram",
     "kernel",
 ]
 
@@ -117,7 +118,11 @@ class AbstractKernel(abc.ABC):
             If an input is not numeric.
         ValueError
             If an input has the wrong number of dimensions, non-finite entries, or the two
-            inputs disagree in ``p``.
+            inputs disagree in ``p``; if the matrix has a non-finite entry (the hyperparameters
+            or inputs overflow the dtype); or, for ``K(x, x)`` (``x2`` omitted or ``x1``
+            itself), if the matrix is not symmetric to round-off or (for a kernel that is not
+            built only from this module's kernels, which are positive semi-definite by
+            construction) not positive semi-definite to round-off. See :func:`check_gram`.
         """
         a = _as_inputs(x1, "x1")
         b = a if x2 is None else _as_inputs(x2, "x2")
@@ -129,7 +134,11 @@ class AbstractKernel(abc.ABC):
         if a.dtype != b.dtype:
             dtype = torch.promote_types(a.dtype, b.dtype)
             a, b = a.to(dtype), b.to(dtype)
-        return self._matrix(a, b)
+        K = self._matrix(a, b)
+        _check_matrix(self, K, a, b)
+        if x2 is None or x2 is x1:
+            K = _check_gram(self, K)
+        return K
 
     @abc.abstractmethod
     def _matrix(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -148,6 +157,115 @@ class AbstractKernel(abc.ABC):
         return Product(_flatten(Product, self) + _flatten(Product, other))
 
     __rmul__ = __mul__
+
+
+#: Kernels positive semi-definite and exactly symmetric by construction (sums and elementwise
+#: products of PSD kernels are PSD: the Schur product theorem); exact types only, so that a
+#: user's subclass overriding ``_matrix`` is checked.
+def _psd_by_construction(k: AbstractKernel) -> bool:
+    if type(k) in (Sum, Product):
+        return all(_psd_by_construction(part) for part in k.kernels)
+    return type(k) in (Constant, SquaredExponential, Matern32, Matern52, Periodic, Linear)
+
+
+def _check_matrix(k: AbstractKernel, K: object, x1: torch.Tensor, x2: torch.Tensor) -> None:
+    """A kernel's output must be a finite floating ``(n1, n2)`` tensor."""
+    shape = (x1.shape[0], x2.shape[0])
+    if not isinstance(K, torch.Tensor) or not K.is_floating_point() or tuple(K.shape) != shape:
+        got = f"shape {tuple(K.shape)}, dtype {K.dtype}" if isinstance(K, torch.Tensor) else type(K).__name__
+        raise ValueError(
+            f"kernel {k!r} returned {got} for inputs of {shape[0]} and {shape[1]} rows; a kernel "
+            f"must return a floating tensor of shape (n1, n2) = {shape}"
+        )
+    bad = ~torch.isfinite(K)
+    if bool(bad.any()):
+        i, j = torch.nonzero(bad)[0].tolist()
+        raise ValueError(
+            f"kernel {k!r} gives the non-finite value {K[i, j].item()} at row {i}, column {j} of "
+            f"its matrix ({int(bad.sum())} non-finite entries): its hyperparameters or inputs "
+            f"overflow {K.dtype}; rescale the inputs or the variance"
+        )
+
+
+def _check_gram(k: AbstractKernel, K: torch.Tensor) -> torch.Tensor:
+    if _psd_by_construction(k):
+        return K  # exactly symmetric (distances from explicit differences) and PSD (theorem)
+    return check_gram(K, name=f"the matrix K(x, x) of kernel {k!r}")
+
+
+def check_gram(K: torch.Tensor, *, name: str = "K") -> torch.Tensor:
+    r"""Check that ``K`` is a symmetric positive semi-definite ``(n, n)`` matrix, to round-off.
+
+    Returns $(K+K^\top)/2$, so that every consumer (a Cholesky factor reading one triangle,
+    a DEQ weighting the whole matrix) sees the same matrix.
+
+    Round-off tolerance: with $s=\max_{ij}|K_{ij}|$ and $\epsilon$ the dtype's machine
+    epsilon, asymmetry up to $\sqrt\epsilon\,s$ is accepted (far above what rounding of a
+    symmetric formula produces, far below any genuine asymmetry), and eigenvalues down to
+    $-10\,n\,\epsilon\,s$ (Weyl's bound $\lVert E\rVert_2\le n\max|E_{ij}|$ for entrywise
+    errors $|E_{ij}|\le\epsilon s$, with a factor 10 for the eigensolver's own backward error).
+
+    Parameters
+    ----------
+    K
+        Square floating matrix, shape ``(n, n)``.
+    name
+        How messages call ``K``.
+
+    Raises
+    ------
+    ValueError
+        Naming the worst asymmetric pair (row, column and both values) or the most negative
+        eigenvalue, with the tolerance and what is allowed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> check_gram(torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
+    tensor([[2., 1.],
+            [1., 2.]])
+    >>> check_gram(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+    Traceback (most recent call last):
+    ...
+    ValueError: K is not symmetric: K[0, 1] = 2.0 but K[1, 0] = 0.0 ...
+    >>> check_gram(torch.tensor([[1.0, 2.0], [2.0, 1.0]]))
+    Traceback (most recent call last):
+    ...
+    ValueError: K is not positive semi-definite: its smallest eigenvalue is -1 < ...
+    """
+    if K.dim() != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"{name} must be a square matrix (n, n), got shape {tuple(K.shape)}")
+    check_finite(K, name)
+    n = K.shape[0]
+    if n == 0:
+        return K
+    eps = torch.finfo(K.dtype).eps
+    scale = float(K.abs().max())
+    asym = (K - K.T).abs()
+    worst = float(asym.max())
+    if worst > math.sqrt(eps) * scale:
+        i, j = divmod(int(asym.argmax()), n)
+        raise ValueError(
+            f"{name} is not symmetric: K[{i}, {j}] = {K[i, j].item()!r} but K[{j}, {i}] = "
+            f"{K[j, i].item()!r} (difference {worst:.3g} > round-off tolerance "
+            f"{math.sqrt(eps) * scale:.3g}); a kernel must satisfy k(x, x') = k(x', x)"
+        )
+    K = 0.5 * (K + K.T)
+    tol = 10.0 * n * eps * scale
+    eye = torch.eye(n, dtype=K.dtype, device=K.device)
+    # A Cholesky factorisation succeeds exactly when K + tol I is positive definite (to its
+    # own round-off): one O(n^3/3) factorisation decides; the eigenvalues are computed only
+    # to describe a failure.
+    _, info = torch.linalg.cholesky_ex(K + tol * eye)
+    if int(info) != 0:
+        lam_min = float(torch.linalg.eigvalsh(K)[0])
+        if lam_min < -tol:
+            raise ValueError(
+                f"{name} is not positive semi-definite: its smallest eigenvalue is "
+                f"{lam_min:.6g} < -{tol:.3g} (round-off tolerance); a kernel must give "
+                f"positive semi-definite matrices (Mercer's condition)"
+            )
+    return K
 
 
 def _flatten(kind: type, k: AbstractKernel) -> tuple[AbstractKernel, ...]:

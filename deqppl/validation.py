@@ -17,16 +17,22 @@ ValueError: y contains a non-finite value nan at row 1, column 0 (1 non-finite e
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 __all__ = [
+    "FLOAT_DTYPES",
     "ValidatedData",
     "as_tensor",
     "check_data_keys",
     "check_finite",
+    "check_int",
     "check_mask",
+    "check_real",
+    "check_seed",
     "check_shape",
     "position",
     "validated",
@@ -49,7 +55,18 @@ def as_tensor(
     """Convert array-likes to a floating tensor, rejecting non-numeric input with a clear error.
 
     Integer and boolean input is promoted to ``dtype`` (default: torch's default float dtype);
-    floating input keeps its dtype unless ``dtype`` is given.
+    floating input keeps its dtype unless ``dtype`` is given. The result must be float32 or
+    float64 (:data:`FLOAT_DTYPES`): half-precision input raises ``TypeError`` naming the
+    dtypes allowed, never a silent upcast.
+
+    Examples
+    --------
+    >>> as_tensor([1, 2], "y").dtype
+    torch.float32
+    >>> as_tensor(torch.ones(2, dtype=torch.float16), "y")
+    Traceback (most recent call last):
+    ...
+    TypeError: y has dtype torch.float16; deqppl computes in torch.float32 or torch.float64 only ...
     """
     if isinstance(x, torch.Tensor):
         t = x
@@ -68,9 +85,21 @@ def as_tensor(
         t = t.to(dtype)
     elif not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; deqppl computes in "
+            f"{' or '.join(str(d) for d in FLOAT_DTYPES)} only (half precision cannot represent "
+            f"the sums of a log joint or its gradients: fits would stop at a wrong optimum), so "
+            f"convert explicitly, e.g. {name}.double()"
+        )
     if device is not None:
         t = t.to(device)
     return t
+
+
+#: Floating dtypes the library computes in. float16/bfloat16 (eps 1e-3/8e-3) are refused rather
+#: than silently upcast: the caller chooses the precision and gets results in it (as in torch).
+FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 _INTEGER_DTYPES = {
@@ -153,6 +182,110 @@ def check_data_keys(data: object, names: Sequence[str], owner: str) -> None:
             f"{owner} data must have exactly the keys {list(names)}; "
             f"unknown: {unknown}, missing: {missing}"
         )
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def check_int(
+    value: object, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """Return ``value`` as an ``int`` in ``[minimum, maximum]``, or raise naming it.
+
+    Integers of any kind (Python, NumPy) pass; ``bool``, floats (even ``2.0``: a count given as
+    a float is usually a mistake elsewhere), strings and ``None`` raise ``TypeError``.
+
+    Examples
+    --------
+    >>> check_int(3, "num_steps", minimum=1)
+    3
+    >>> check_int(0, "subsample_size", minimum=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: subsample_size must be an integer >= 1, got 0
+    >>> check_int(1.5, "seed")
+    Traceback (most recent call last):
+    ...
+    TypeError: seed must be an integer, got float 1.5
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {_type_name(value)} {value!r}")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        if maximum is None:
+            allowed = f">= {minimum}"
+        elif minimum is None:
+            allowed = f"<= {maximum}"
+        else:
+            allowed = f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value}")
+    return value
+
+
+#: Seeds: non-negative and representable by torch.manual_seed and numpy alike.
+_MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """Return ``seed`` as an ``int`` in ``[0, 2**63 - 1]``; see :func:`check_int`.
+
+    Examples
+    --------
+    >>> check_seed("1")
+    Traceback (most recent call last):
+    ...
+    TypeError: seed must be an integer, got str '1'
+    """
+    return check_int(seed, name, minimum=0, maximum=_MAX_SEED)
+
+
+def check_real(
+    value: object,
+    name: str,
+    *,
+    minimum: float | None = None,
+    exclusive_minimum: bool = False,
+    maximum: float | None = None,
+) -> float:
+    """Return ``value`` as a finite ``float`` above ``minimum`` (and below ``maximum``).
+
+    ``bool``, strings (``'1'``), ``None`` and other non-numbers raise ``TypeError``; NaN, an
+    infinity or a value out of range raise ``ValueError`` saying what is allowed.
+
+    Examples
+    --------
+    >>> check_real(0.5, "lam", minimum=0.0, exclusive_minimum=True)
+    0.5
+    >>> check_real("1", "lam")
+    Traceback (most recent call last):
+    ...
+    TypeError: lam must be a real number, got str '1'
+    >>> check_real(float("nan"), "precision", minimum=0.0, exclusive_minimum=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: precision must be positive and finite, got nan
+    >>> check_real(2.0, "slope", minimum=0.0, maximum=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: slope must be a finite number >= 0 and <= 1, got 2.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_type_name(value)} {value!r}")
+    number = float(value)
+    if minimum == 0 and maximum is None:
+        allowed = "positive and finite" if exclusive_minimum else "non-negative and finite"
+    else:
+        parts = []
+        if minimum is not None:
+            parts.append(f"{'>' if exclusive_minimum else '>='} {minimum:g}")
+        if maximum is not None:
+            parts.append(f"<= {maximum:g}")
+        allowed = "a finite number" + (" " + " and ".join(parts) if parts else "")
+    below = minimum is not None and (number <= minimum if exclusive_minimum else number < minimum)
+    if not math.isfinite(number) or below or (maximum is not None and number > maximum):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return number
 
 
 class ValidatedData(Mapping):

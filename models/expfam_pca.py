@@ -19,7 +19,7 @@ import torch
 
 from deqppl.expfam import ExpFamily, Likelihood, Nonlinearity, identity
 from deqppl.protocols import AbstractModel, Simulation, num_rows, param_prior, simulate_from
-from deqppl.validation import check_data_keys, check_shape
+from deqppl.validation import check_data_keys, check_int, check_real, check_shape
 
 __all__ = ["ExpFamPCA"]
 
@@ -88,15 +88,10 @@ class ExpFamPCA(AbstractModel):
         if not isinstance(self.family, ExpFamily):
             raise TypeError(f"family must be an ExpFamily, got {type(self.family).__name__}")
         for name in ("obs_dim", "latent_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (self.lam > 0 and math.isfinite(self.lam)):
-            raise ValueError(f"lam (latent prior precision) must be positive and finite, got {self.lam}")
-        if self.param_scale is not None and not (
-            self.param_scale > 0 and math.isfinite(self.param_scale)
-        ):
-            raise ValueError(f"param_scale must be positive and finite or None, got {self.param_scale}")
+            check_int(getattr(self, name), name, minimum=1)
+        check_real(self.lam, "lam (latent prior precision)", minimum=0.0, exclusive_minimum=True)
+        if self.param_scale is not None:
+            check_real(self.param_scale, "param_scale", minimum=0.0, exclusive_minimum=True)
         # rejects a nonlinearity whose range leaves the family's natural-parameter domain
         # (and gaussian-only R with other families), before any fitting
         Likelihood(self.family, self.nonlinearity)

@@ -11,6 +11,7 @@ $\mathcal N(0, s^2)$ entries (or a flat prior).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch
 
 from deqppl.expfam import Likelihood, Nonlinearity, gaussian, identity
 from deqppl.protocols import AbstractModel, Simulation, num_rows, param_prior, simulate_from
-from deqppl.validation import check_data_keys, check_shape
+from deqppl.validation import check_data_keys, check_real, check_shape
 
 __all__ = ["HierarchicalExpFamPCA"]
 
@@ -78,13 +79,16 @@ class HierarchicalExpFamPCA(AbstractModel):
             raise ValueError(f"nonlinearities must be {depth} Nonlinearity objects (one per layer), got {nls!r}")
         object.__setattr__(self, "nonlinearities", nls)
         precs = (1.0,) * (depth + 1) if self.precisions is None else tuple(self.precisions)
-        if len(precs) != depth + 1 or not all(p > 0 and math.isfinite(p) for p in precs):
+        if len(precs) != depth + 1 or not all(
+            not isinstance(p, bool) and isinstance(p, numbers.Real) and p > 0 and math.isfinite(p)
+            for p in precs
+        ):
             raise ValueError(
                 f"precisions must be {depth + 1} positive finite numbers (lambda^(0)..lambda^(L)), got {precs!r}"
             )
         object.__setattr__(self, "precisions", tuple(float(p) for p in precs))
-        if self.param_scale is not None and not (self.param_scale > 0 and math.isfinite(self.param_scale)):
-            raise ValueError(f"param_scale must be positive and finite or None, got {self.param_scale}")
+        if self.param_scale is not None:
+            check_real(self.param_scale, "param_scale", minimum=0.0, exclusive_minimum=True)
         for layer in range(1, depth + 1):
             self.likelihood(layer)  # each R^(l) must map into the Gaussian's natural parameters
 

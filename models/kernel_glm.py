@@ -41,7 +41,7 @@ from deqppl.encoders.kglm import DEQWeights, kglm_weights
 from deqppl.expfam import ExpFamily
 from deqppl.kernels import AbstractKernel
 from deqppl.protocols import AbstractModel, Simulation, simulate_from
-from deqppl.validation import as_tensor, check_data_keys, check_finite
+from deqppl.validation import as_tensor, check_data_keys, check_finite, check_real
 
 __all__ = ["DEQWeights", "KernelGLM"]
 
@@ -98,10 +98,9 @@ class KernelGLM(AbstractModel):
             raise TypeError(f"family must be an ExpFamily, got {self.family!r}")
         if not isinstance(self.kernel, AbstractKernel):
             raise TypeError(f"kernel must be a deqppl.kernels kernel, got {self.kernel!r}")
-        if not (math.isfinite(self.lam) and self.lam > 0):
-            raise ValueError(f"lam must be positive and finite, got {self.lam}")
-        if self.jitter is not None and not (math.isfinite(self.jitter) and self.jitter >= 0):
-            raise ValueError(f"jitter must be non-negative and finite or None, got {self.jitter}")
+        check_real(self.lam, "lam", minimum=0.0, exclusive_minimum=True)
+        if self.jitter is not None:
+            check_real(self.jitter, "jitter", minimum=0.0)
         if not self.family.domain.is_real_line:  # f = L u ranges over every real number
             raise ValueError(
                 f"KernelGLM needs a family whose natural parameter may be any real number; "
@@ -198,7 +197,8 @@ class KernelGLM(AbstractModel):
     # ---------------------------------------------------------------------------------------
     def gram(self, x: torch.Tensor) -> torch.Tensor:
         """The jittered kernel matrix $K_j=K+jI$ of shape ``(n, n)`` used by the model."""
-        K = self.kernel(x)
+        # named x (the model's data name), not x1 (the kernel's argument); O(n p) next to K's O(n^2 p)
+        K = self.kernel(_check_inputs(x, "x"))
         jitter = _DEFAULT_JITTER.get(K.dtype, 1e-4) if self.jitter is None else self.jitter
         return K + jitter * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
 
@@ -235,6 +235,7 @@ class KernelGLM(AbstractModel):
         x_new
             New inputs, shape ``(m,)`` or ``(m, p)``.
         """
+        x_train, x_new = (_check_inputs(x, name) for x, name in ((x_train, "x_train"), (x_new, "x_new")))
         alpha = (self.family.T(y_train) - self.family.mean(f)) / self.lam
         return self.kernel(x_new, x_train) @ alpha
 
@@ -297,10 +298,10 @@ class KernelGLM(AbstractModel):
         values: Mapping[str, torch.Tensor],
         heldout: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
-        r"""Predicted means $A'(f^*_a)$ of $T(y^*_a)$ at new inputs, ``(m,)`` (the report's calibration).
+        r"""Predicted means $E[y^*_a\mid f^*_a]$ at new inputs, ``(m,)`` (the report's calibration).
 
         The same $f^*$ as :meth:`predictive_log_lik`; for Bernoulli the predicted probability,
-        for Poisson the rate, for the Gaussian family $\sqrt{\lambda_0}$ times the mean of $y$.
+        for Poisson the rate.
         Parameters as :meth:`predictive_log_lik` (``heldout`` needs only ``"x"``).
 
         Examples
@@ -325,3 +326,11 @@ class KernelGLM(AbstractModel):
         L = self.cholesky(x)
         weights = torch.linalg.solve_triangular(L.T, values["u"][:, None], upper=True)[:, 0]
         return self.kernel(x_new, x) @ weights
+
+def _check_inputs(x: object, name: str) -> torch.Tensor:
+    """Inputs as a finite ``(n,)`` or ``(n, p)`` tensor, errors naming them by ``name``."""
+    t = as_tensor(x, name)
+    if t.dim() not in (1, 2):
+        raise ValueError(f"{name} must have shape (n,) or (n, p), got {tuple(t.shape)}")
+    check_finite(t, name)
+    return t

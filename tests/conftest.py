@@ -17,3 +17,14 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield torch.float64
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def _never_in_the_working_directory(tmp_path, monkeypatch):
+    """Run every test in its own empty directory.
+
+    Tests never read from or write into the checkout: a relative path (the command line's
+    default ``--out deqppl-out``, say) lands in the test's ``tmp_path``, so a run of the README's
+    main command in the checkout cannot change what a test sees, and no test leaves files behind.
+    """
+    monkeypatch.chdir(tmp_path)

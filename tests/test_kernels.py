@@ -178,3 +178,66 @@ def test_lookup_by_name() -> None:
         kernel("matern32", lenghtscale=1.0)
     with pytest.raises(ValueError, match="-1"):
         kernel("matern32", lengthscale=-1.0)
+
+
+# ------------------------------------------------------------------- kernel matrices checked
+class ExpandedSE(AbstractKernel):
+    """A user's squared exponential written the usual fast way, with ``x x'^T`` by matmul.
+
+    Rounding makes its ``K(x, x)`` asymmetric (by about eps) and its smallest eigenvalues
+    slightly negative: the round-off the checks must accept.
+    """
+
+    def _matrix(self, x1, x2):
+        d2 = (x1**2).sum(-1)[:, None] - 2 * x1 @ x2.T + (x2**2).sum(-1)[None, :]
+        return torch.exp(-0.5 * d2.clamp_min(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [50, 400])
+def test_round_off_of_a_valid_user_kernel_is_accepted(dtype, n):
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(n), dtype=torch.float64).to(dtype)
+    K = ExpandedSE()(x)
+    assert torch.equal(K, K.T)  # symmetrised, so Cholesky and the DEQ read the same matrix
+    # the oracle: the built-in kernel (exact differences) and scikit-learn's RBF
+    ref = skk.RBF(1.0)(x.double().numpy())
+    # float32: entries of d2 up to ~40 carry absolute rounding ~40 * 1.2e-7, so K differs by
+    # ~5e-6 at worst; float64's 1e-12 is the same bound with eps = 2.2e-16
+    atol = 1e-5 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(K.double().numpy(), ref, rtol=0, atol=atol)
+    np.testing.assert_allclose(SquaredExponential()(x).double().numpy(), ref, rtol=0, atol=atol)
+
+
+def test_asymmetric_and_indefinite_matrices_are_refused_with_the_numbers():
+    x = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
+
+    class Shifted(AbstractKernel):  # k(x, x') = exp(-(x - x' - 0.1)^2): not symmetric
+        def _matrix(self, x1, x2):
+            return torch.exp(-((x1 - x2.T - 0.1) ** 2))
+
+    with pytest.raises(ValueError, match=r"is not symmetric: K\[\d, \d\] = 0\.\d+ but K\[\d, \d\] = 0\.\d+"):
+        Shifted()(x)
+    # the cross matrix K(x1, x2) is not a Gram matrix and has no symmetry to check
+    assert Shifted()(x, x[:3]).shape == (6, 3)
+
+    class Negated(AbstractKernel):  # -SE: symmetric, every eigenvalue negative
+        def _matrix(self, x1, x2):
+            return -SquaredExponential()._matrix(x1, x2)
+
+    K = SquaredExponential()(x)
+    lam_min = float(torch.linalg.eigvalsh(-K)[0])  # the oracle of the reported eigenvalue
+    with pytest.raises(ValueError, match=f"smallest eigenvalue is {lam_min:.6g} <"):
+        Negated()(x)
+
+
+def test_builtin_kernels_are_exactly_symmetric_without_the_psd_solve(monkeypatch):
+    # built-in kernels are PSD by construction; the O(n^3) check is only for user kernels
+    calls = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    k = (SquaredExponential(0.5) + Linear()) * Periodic() + 2.0 * Matern52()
+    K = k(x)
+    assert torch.equal(K, K.T) and calls == []
+    ExpandedSE()(x)
+    assert calls == [1]

@@ -235,25 +235,37 @@ def load_table(
 ) -> Dataset:
     """Load a numeric table from a CSV or Parquet file, checking every cell first.
 
+    The CSV is read with Python's :mod:`csv` module, exactly as written: no column is renamed,
+    guessed or skipped, so a quirk of the file is an error naming it rather than data.
+
     Parameters
     ----------
     path
-        ``.csv`` (header row required) or ``.parquet`` (needs ``pyarrow``).
+        ``.csv`` (UTF-8, a header row of unique non-empty names, then one line per data row
+        with as many fields as the header; blank lines are skipped) or ``.parquet`` (needs
+        ``pyarrow``).
     columns
         Expected observation columns, in order; a header mismatch raises. Default: every
         column except ``label_column``.
     label_column
         Optional column of integer labels kept aside for downstream checks.
     dtype
-        Floating dtype of the returned tensor.
+        ``torch.float64`` or ``torch.float32``, the dtype of the returned tensor.
 
     Raises
     ------
     FileNotFoundError
         If ``path`` does not exist.
+    ImportError
+        For a Parquet file without ``pyarrow``, saying what to install.
+    TypeError
+        If ``dtype`` is not float32 or float64.
     ValueError
-        Naming the file, row (1-based data row) and column of the first missing or non-numeric
-        cell, or the header mismatch.
+        Naming the file and, where it applies, the data row (1-based, blank lines not
+        counted; the file's line number in brackets) and column: a directory or unknown suffix,
+        an empty file, an empty or duplicated column name, a row with more or fewer fields
+        than the header, no data rows, a missing or non-numeric cell, a label that is not a
+        whole number, or the header mismatch.
 
     Examples
     --------
@@ -262,22 +274,32 @@ def load_table(
     >>> _ = p.write_text("a,b\\n1,2\\n3,4\\n")
     >>> tuple(load_table(p).y.shape)
     (2, 2)
+    >>> _ = p.write_text("a,a\\n1,2\\n")
+    >>> load_table(p)
+    Traceback (most recent call last):
+    ...
+    ValueError: .../t.csv: the header names column 'a' twice (columns 1 and 2); ...
     """
-    import pandas as pd
+    from deqppl.validation import FLOAT_DTYPES
 
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"load_table dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype!r}"
+        )
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"data file {str(path)!r} is a directory; give a .csv or .parquet file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        header, rows = _read_csv(path)
     elif suffix in (".parquet", ".pq"):
-        frame = pd.read_parquet(path).astype(str)
+        header, rows = _read_parquet(path)
     else:
         raise ValueError(
             f"data file {str(path)!r} has suffix {suffix!r}; allowed: .csv, .parquet"
         )
-    header = [str(c) for c in frame.columns]
     if label_column is not None and label_column not in header:
         raise ValueError(
             f"{path}: label column {label_column!r} not in the header {header}"
@@ -288,14 +310,18 @@ def load_table(
             f"{path}: header mismatch: expected columns {list(columns)}, found {data_cols}"
         )
     if not data_cols:
-        raise ValueError(f"{path}: no data columns")
-    values = np.empty((len(frame), len(data_cols)), dtype=np.float64)
-    for j, col in enumerate(data_cols):
-        for i, cell in enumerate(frame[col].tolist()):
-            values[i, j] = _parse_cell(cell, path, i, col)
+        raise ValueError(f"{path}: no data columns (the header is {header})")
+    if not rows:
+        raise ValueError(f"{path}: no data rows below the header; at least one row is needed")
+    index = {name: j for j, name in enumerate(header)}
+    values = np.empty((len(rows), len(data_cols)), dtype=np.float64)
+    for i, (line, cells) in enumerate(rows):
+        for j, col in enumerate(data_cols):
+            values[i, j] = _parse_cell(cells[index[col]], path, i, col, line)
     labels = None
     if label_column is not None:
-        raw = [_parse_cell(c, path, i, label_column) for i, c in enumerate(frame[label_column])]
+        k = index[label_column]
+        raw = [_parse_label(cells[k], path, i, label_column, line) for i, (line, cells) in enumerate(rows)]
         labels = torch.as_tensor(np.asarray(raw, dtype=np.int64))
     return Dataset(
         y=torch.as_tensor(values, dtype=dtype),
@@ -305,9 +331,89 @@ def load_table(
     )
 
 
-def _parse_cell(cell: object, path: Path, row: int, column: str) -> float:
+def _check_header(path: Path, header: list[str]) -> list[str]:
+    header = [name.strip() for name in header]
+    for j, name in enumerate(header):
+        if name == "":
+            raise ValueError(
+                f"{path}: column {j + 1} of the header has an empty name; every column needs a "
+                f"unique, non-empty name"
+            )
+    seen: dict[str, int] = {}
+    for j, name in enumerate(header):
+        if name in seen:
+            raise ValueError(
+                f"{path}: the header names column {name!r} twice (columns {seen[name] + 1} and "
+                f"{j + 1}); column names must be unique"
+            )
+        seen[name] = j
+    return header
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int | None, list[str]]]]:
+    """Header and ``(line number, cells)`` of each non-blank data row, every row checked."""
+    import csv
+    import io
+
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: drop a byte-order mark
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); save "
+            f"the table as a UTF-8 CSV"
+        ) from None
+    # strict: a stray or unterminated quote is an error, not a cell that swallows the line
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    rows: list[tuple[int | None, list[str]]] = []
+    try:
+        for cells in reader:
+            if not cells:  # a blank line
+                continue
+            if header is None:
+                header = _check_header(path, cells)
+                continue
+            if len(cells) != len(header):
+                raise ValueError(
+                    f"{path}: data row {len(rows) + 1} (line {reader.line_num}) has "
+                    f"{len(cells)} fields but the header has {len(header)} "
+                    f"({', '.join(header)}); every row needs one field per column"
+                )
+            rows.append((reader.line_num, cells))
+    except csv.Error as err:
+        raise ValueError(f"{path}: line {reader.line_num} is not valid CSV ({err})") from None
+    if header is None:
+        raise ValueError(f"{path}: the file is empty; a header row of column names is needed")
+    return header, rows
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int | None, list[str]]]]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path)
+    except ImportError:
+        raise ImportError(
+            f"reading the Parquet file {str(path)!r} needs pyarrow: pip install pyarrow "
+            f"(or save the table as .csv)"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any reader failure means a damaged/foreign file
+        raise ValueError(
+            f"{path}: not a readable Parquet file ({type(err).__name__}: {err})"
+        ) from None
+    header = _check_header(path, [str(c) for c in frame.columns])
+    cells = frame.astype(str).values.tolist()
+    return header, [(None, row) for row in cells]
+
+
+def _where(path: Path, row: int, column: str, line: int | None) -> str:
+    at = "" if line is None else f" (line {line})"
+    return f"{path}: row {row + 1}{at}, column {column!r}"
+
+
+def _parse_cell(cell: object, path: Path, row: int, column: str, line: int | None = None) -> float:
     text = str(cell).strip()
-    where = f"{path}: row {row + 1}, column {column!r}"
+    where = _where(path, row, column, line)
     if text == "" or text.lower() in ("nan", "na", "null", "none"):
         raise ValueError(f"{where}: missing value {text!r}; every cell must hold a number")
     try:
@@ -315,5 +421,19 @@ def _parse_cell(cell: object, path: Path, row: int, column: str) -> float:
     except ValueError:
         raise ValueError(f"{where}: non-numeric value {text!r}") from None
     if not np.isfinite(value):
-        raise ValueError(f"{where}: non-finite value {text!r}")
+        raise ValueError(f"{where}: non-finite value {text!r}; only finite numbers are allowed")
     return value
+
+
+#: Labels above 2**53 cannot all be told apart once parsed as floats.
+_MAX_LABEL = 2**53
+
+
+def _parse_label(cell: object, path: Path, row: int, column: str, line: int | None) -> int:
+    value = _parse_cell(cell, path, row, column, line)
+    if value != round(value) or abs(value) > _MAX_LABEL:
+        raise ValueError(
+            f"{_where(path, row, column, line)}: label {str(cell).strip()!r} is not a whole "
+            f"number; class labels must be integers (at most 2**53 in size)"
+        )
+    return int(value)

@@ -28,7 +28,7 @@ from torch import nn
 
 from deqppl.deq import AbstractAdjoint, AbstractSolver, Anderson, Newton
 from deqppl.expfam import Likelihood, relu
-from deqppl.validation import as_tensor, check_shape
+from deqppl.validation import as_tensor, check_finite, check_shape
 
 from .base import AbstractMAPEncoder, LaplaceResult, default_adjoint, default_rtol, weighted_gram
 
@@ -159,12 +159,13 @@ class PEDEncoder(AbstractMAPEncoder):
         gen = torch.Generator().manual_seed(seed)
         if W is None:
             W = torch.randn(d, l, generator=gen) / math.sqrt(d)
-        if B is None:
-            B = torch.zeros(d, dtype=W.dtype)
         W = as_tensor(W, "W")
-        B = as_tensor(B, "B", dtype=W.dtype)
+        B = torch.zeros(d, dtype=W.dtype) if B is None else as_tensor(B, "B", dtype=W.dtype)
         check_shape(W, (d, l), "W")
         check_shape(B, (d,), "B")
+        # named here: a NaN would otherwise surface later as a residual of f, naming neither
+        check_finite(W, "W")
+        check_finite(B, "B")
         self.W = nn.Parameter(W.detach().clone())
         self.B = nn.Parameter(B.detach().clone())
 

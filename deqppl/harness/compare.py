@@ -61,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -68,6 +69,7 @@ import pandas as pd
 import torch
 
 from deqppl._progress import progress as _progress
+from deqppl.validation import check_seed
 from deqppl.harness.accuracy import CertifiedBound, certified_bound
 from deqppl.harness.downstream import fit_classifier, fit_pca
 from deqppl.harness.methods import (
@@ -163,6 +165,10 @@ class Comparison:
     train_data
         The validated training data mapping of the first seed (a coupled model's held-out
         predictions need it, e.g. the report's calibration panel).
+    failures
+        ``(seed, method, stage)`` -> the error of every unit whose method raised (its rows
+        are in the table with ``converged`` 0 and NaN metrics; the other methods' rows are
+        complete). Empty when every unit ran.
     """
 
     table: pd.DataFrame
@@ -180,6 +186,7 @@ class Comparison:
     bounds: dict[str, torch.Tensor] = field(default_factory=dict)
     coupled: bool = False
     train_data: dict[str, torch.Tensor] = field(default_factory=dict)
+    failures: dict[tuple[int, str, str], str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (
@@ -287,7 +294,11 @@ def _split(model, data, heldout, labels, heldout_labels, seed):
             None if lab is None else lab[train],
             None if lab is None else lab[test],
         )
-    held = validated(model, _check_data(heldout, "heldout"))
+    try:
+        held = validated(model, _check_data(heldout, "heldout"))
+    except (TypeError, ValueError) as err:
+        # the model names its data ("y"); the caller passed them as ``heldout``
+        raise type(err)(f"heldout: {err}") from None
     m = num_rows(held, "heldout")
     if m < 1:
         raise ValueError("heldout has no rows")
@@ -303,13 +314,49 @@ def _split(model, data, heldout, labels, heldout_labels, seed):
     )
 
 
+#: ``StageResult.status`` of a unit whose method raised; the error follows after ": ".
+FAILED = "failed"
+
+
 def _run_unit(store, unit, fingerprint, run) -> StageResult:
     if store is not None and unit in store:
         return store.load(unit, fingerprint=fingerprint)
-    result = run()
+    start = time.perf_counter()
+    try:
+        result = run()
+    except Exception as err:  # noqa: BLE001 - a method's failure is a result, not the end of the run
+        # Not stored: a re-run tries the unit again (the same inputs fail the same way, so a
+        # resumed run still equals an uninterrupted one).
+        message = " ".join(f"{type(err).__name__}: {err}".split())
+        return StageResult(
+            values={}, log_joint=math.nan, wall_time=time.perf_counter() - start, num_steps=0,
+            num_grad_evals=0, status=f"{FAILED}: {message}", converged=False,
+        )
     if store is not None:
         store.save(unit, result, fingerprint=fingerprint)
     return result
+
+
+def _is_failed(result: StageResult) -> bool:
+    return result.status.startswith(FAILED + ":")
+
+
+def _fill_failed(results: dict[str, StageResult], stage: str, seed: int, failures: dict) -> None:
+    """Give failed units NaN values shaped like a successful unit's, and note their errors.
+
+    The metrics below then treat a failed method like a diverged one (NaN latents: no
+    certificate, NaN accuracy), and its rows still appear in the table.
+    """
+    failed = [name for name, r in results.items() if _is_failed(r)]
+    for name in failed:
+        failures[(seed, name, stage)] = results[name].status.split(": ", 1)[1]
+    ok = [r for r in results.values() if not _is_failed(r)]
+    if failed and not ok:
+        detail = "; ".join(f"{name}: {failures[(seed, name, stage)]}" for name in failed)
+        raise RuntimeError(f"every method failed in the {stage!r} stage of seed {seed} ({detail})")
+    for name in failed:
+        shapes = {k: torch.full_like(v, math.nan) for k, v in ok[0].values.items()}
+        results[name] = dataclasses.replace(results[name], values=shapes)
 
 
 def _best(results: Mapping[str, StageResult]) -> str:
@@ -428,7 +475,7 @@ def compare(
     True
     """
     methods = _resolve_methods(methods)
-    seeds = [int(s) for s in seeds]
+    seeds = [check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)]
     if not seeds:
         raise ValueError("seeds is empty; pass at least one seed")
     train, test, lab_train, lab_ho = _split(model, data, heldout, labels, heldout_labels, seeds[0])
@@ -454,6 +501,7 @@ def compare(
     global_metrics = getattr(model, "global_metrics", None)
 
     rows: list[tuple] = []
+    failures: dict[tuple[int, str, str], str] = {}
     first: dict[str, object] = {}
     sources: dict[int, str] = {}
     for seed in _progress(seeds, enable=progress, desc="compare (seeds)"):
@@ -465,6 +513,7 @@ def compare(
                 _hash(data_key, repr(m), seed, "fit"),
                 lambda m=m: m.fit_globals(model, train, seed=seed, progress=progress),
             )
+        _fill_failed(fits, "fit", seed, failures)
         source = _best(fits)
         sources[seed] = source
         shared = {k: fits[source].values[k] for k in model.global_sites}
@@ -477,12 +526,15 @@ def compare(
                 _hash(data_key, repr(m), seed, "heldout", globals_key),
                 lambda m=m: m.infer_locals(model, infer_data, shared, seed=seed, progress=progress),
             )
+        _fill_failed(held, "heldout", seed, failures)
 
         fit_metrics = _common_rows(fits, deq_name)
         if callable(global_metrics):
             ref_globals = {k: fits[source].values[k] for k in model.global_sites}
             for name, r in fits.items():
                 values = {k: r.values[k] for k in model.global_sites}
+                if not _finite(values):  # a failed or diverged fit has nothing to compare
+                    continue
                 fit_metrics[name].update(
                     {k: float(v) for k, v in global_metrics(values, ref_globals).items()}
                 )
@@ -510,6 +562,12 @@ def compare(
             if len(layout.local_sites) > 1:
                 for k in layout.local_sites:
                     metrics[f"max_abs_dz[{k}]"] = max_abs_dz(loc[k], locals_[reference][k])
+            if _is_failed(held[name]):
+                # nothing to score (NaN parameters would be refused by the distributions)
+                rows_ = 1 if layout.coupled else num_rows(test)
+                per_datum[name] = torch.full((rows_,), math.nan, dtype=next(iter(test.values())).dtype)
+                metrics["heldout_log_lik"] = math.nan
+                continue
             if layout.coupled:
                 lik = model.predictive_log_lik(train, values, test)
                 per_datum[name] = torch.tensor([local_log_joint(model, infer_data, values)])
@@ -571,6 +629,7 @@ def compare(
         bounds=first["bounds"],
         coupled=layout.coupled,
         train_data=dict(train),
+        failures=failures,
     )
 
 

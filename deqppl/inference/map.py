@@ -128,6 +128,12 @@ def _prepare(
     # The one validation of the data (none if the caller passes data it validated for this
     # model, deqppl.validation.ValidatedData): everything below receives validated tensors.
     data = dict(validated(model, data))
+    for name, value in data.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 0:
+            raise ValueError(
+                f"data[{name!r}] has no rows (shape {tuple(value.shape)}); fit_map needs at "
+                f"least one row of data"
+            )
     floats = [v.dtype for v in data.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     dtype = floats[0] if floats else torch.get_default_dtype()
 
@@ -175,6 +181,14 @@ def _prepare(
         fixed_local = sorted(set(fixed_t) & local)
         if fixed_local:
             raise ValueError(f"cannot fix local sites {fixed_local} when subsampling")
+        size = next(
+            f.size for name in local for f in nodes[name]["cond_indep_stack"] if f.name == "data"
+        )
+        if optimizer.subsample_size > size:
+            raise ValueError(
+                f"SVI(subsample_size={optimizer.subsample_size}) exceeds the {size} rows of the "
+                f"data; use subsample_size <= {size}, or None for full batches"
+            )
     return _Problem(
         data=data,
         fixed=fixed_t,

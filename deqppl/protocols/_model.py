@@ -37,7 +37,7 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide.initialization import InitMessenger
 from torch.distributions import transform_to
 
-from deqppl.validation import as_tensor, check_data_keys, check_finite, position
+from deqppl.validation import as_tensor, check_data_keys, check_finite, check_seed, position
 
 __all__ = ["AbstractModel", "PyroModel", "Simulation", "simulate_from"]
 
@@ -127,6 +127,7 @@ def simulate_from(
     (torch.Size([3]), torch.Size([]))
     """
     num_data = _check_num_data(num_data)
+    seed = check_seed(seed)
     covariates = dict(covariates or {})
     kwargs = covariates if covariates else {"num_data": num_data}
     with torch.random.fork_rng(devices=[]):
