@@ -251,6 +251,12 @@ def _check_family(family: object) -> ExpFamily:
     return family
 
 
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # the fixed-point map and its Jacobian
 # --------------------------------------------------------------------------------------------
@@ -635,10 +641,7 @@ class KGLMLayer(nn.Module):
         check_support: bool = True,
     ) -> None:
         super().__init__()
-        self.family = _check_family(family)
-        if not isinstance(check_support, bool):
-            raise TypeError(f"check_support must be True or False, got {check_support!r}")
-        self.check_support = check_support
+        self.family, self.check_support = _check_family(family), _check_flag("check_support", check_support)
         if not isinstance(init, AbstractInitialization):
             raise TypeError(f"init must be Informed(...), Naive(...) or Random(), got {init!r}")
         x = as_tensor(x, "x")
@@ -900,10 +903,7 @@ class ConvKGLMLayer(nn.Module):
         check_support: bool = True,
     ) -> None:
         super().__init__()
-        self.family = _check_family(family)
-        if not isinstance(check_support, bool):
-            raise TypeError(f"check_support must be True or False, got {check_support!r}")
-        self.check_support = check_support
+        self.family, self.check_support = _check_family(family), _check_flag("check_support", check_support)
         H, W = (int(s) for s in shape)
         if H < 1 or W < 1:
             raise ValueError(f"shape must be two positive integers (H, W), got {shape!r}")
