@@ -79,6 +79,7 @@ from deqppl.optim import (
 )
 from deqppl.validation import as_tensor, check_finite, check_shape
 
+from ._traced import TRACE_MIN_ENTRIES, TracedObjective
 from .base import AbstractMAPEncoder, default_adjoint, default_rtol
 from .fit import EncoderFitResult
 
@@ -359,6 +360,14 @@ class AutoDEQ(AbstractMAPEncoder):
         raises :class:`NotAMinimumError`. ``None`` (default): with :class:`SafeguardedNewton`
         only, where one more batched Hessian is cheap; for the L-BFGS path (large $D$) it
         costs $D$ backward passes, so it is asked for explicitly (or call :meth:`curvature`).
+    trace_objective
+        Trace the per-row objective of each batch shape once into aten graphs, with the terms
+        that do not depend on the latents (``lgamma(y + 1)``, the globals' priors, ...)
+        evaluated once per solve instead of once per evaluation (:mod:`deqppl.encoders._traced`),
+        for the descent solvers. ``None`` (default): for batches of at least
+        ``2**16`` data entries, where the trace (about a second, once per shape) pays off.
+        A program that cannot be traced without values (control flow on data), or whose
+        trace does not reproduce the Pyro log joint at the first batch, keeps the Pyro path.
 
     Raises
     ------
@@ -405,6 +414,7 @@ class AutoDEQ(AbstractMAPEncoder):
         throw: bool = True,
         seed: int = 0,
         check_minimum: bool | None = None,
+        trace_objective: bool | None = None,
     ) -> None:
         descent = isinstance(solver, (SafeguardedNewton, SafeguardedLBFGS))
         super().__init__(model, solver=None if descent else solver, adjoint=adjoint, throw=throw)
@@ -412,6 +422,10 @@ class AutoDEQ(AbstractMAPEncoder):
         if check_minimum is not None and not isinstance(check_minimum, bool):
             raise TypeError(f"check_minimum must be True, False or None, got {check_minimum!r}")
         self.check_minimum = check_minimum
+        if trace_objective is not None and not isinstance(trace_objective, bool):
+            raise TypeError(f"trace_objective must be True, False or None, got {trace_objective!r}")
+        self.compile = trace_objective
+        self._traced: dict = {}
         name = model.describe() if hasattr(model, "describe") else type(model).__name__
         plate = getattr(model, "plate_name", None)
         if plate is None or getattr(model, "locals_coupled", False):
@@ -580,11 +594,8 @@ class AutoDEQ(AbstractMAPEncoder):
             with pyro.validation_enabled(False):
                 g, F = self._grad_fn(data, layout, params)(u)
             return F, g
-        with torch.enable_grad(), pyro.validation_enabled(False):
-            uu = u.detach().requires_grad_(True)
-            F = self._neg_rows(uu, data, layout, params)
-            (g,) = torch.autograd.grad(F.sum(), uu, allow_unused=True)
-        return F.detach(), torch.zeros_like(u) if g is None else g
+        with pyro.validation_enabled(False):
+            return _autograd_value_and_grad(lambda uu: self._neg_rows(uu, data, layout, params), u)
 
     def _linearize(self, u, data, layout, params):
         """$F$, $\nabla F$ per row, and a function computing the per-row Hessians there.
@@ -596,40 +607,55 @@ class AutoDEQ(AbstractMAPEncoder):
         called. Plain autograd rather than ``torch.func`` here because torch.func decomposes
         fused kernels into primitives: measured, Bernoulli PCA ($N = 10^4$, $d = 50$, $l = 5$)
         gradient 9 ms against 40 ms and Hessians 38 ms against 128 ms ($d = 500$, $l = 20$:
-        2.2 s against 13 s); Poisson alike. :meth:`_linearize_functional` is the composable
+        2.2 s against 13 s); Poisson alike. :meth:`_hessian_functional` is the composable
         variant, used for the adjoint.
         """
-        n, D = u.shape
         if _in_functorch_transform():  # autograd cannot run inside a torch.func transform
             F, g = self._value_and_grad(u, data, layout, params)
             return F, g, lambda: self._hessian_functional(u, data, layout, params)
-        with torch.enable_grad(), pyro.validation_enabled(False):
-            uu = u.detach().requires_grad_(True)
-            F = self._neg_rows(uu, data, layout, params)
-            (g,) = torch.autograd.grad(F.sum(), uu, create_graph=True, allow_unused=True)
-        chunk = self._hessian_chunk(n, D, data)
+        with pyro.validation_enabled(False):
+            return _autograd_linearize(lambda uu: self._neg_rows(uu, data, layout, params), u,
+                                       self._hessian_chunk(u.shape[0], u.shape[1], data))
 
-        def hessian() -> torch.Tensor:
-            if g is None or not g.requires_grad:  # F is at most linear in u
-                return u.new_zeros(n, D, D)
-            eye = torch.eye(D, dtype=u.dtype, device=u.device)
-            rows = []
-            with torch.enable_grad(), pyro.validation_enabled(False):
-                for k in range(0, D, chunk):
-                    basis = eye[k : k + chunk].unsqueeze(1).expand(-1, n, D)
-                    try:
-                        (part,) = torch.autograd.grad(g, uu, basis, retain_graph=True,
-                                                      is_grads_batched=True, allow_unused=True)
-                    except RuntimeError:  # an op without a batching rule: one direction at a time
-                        part = torch.stack([
-                            torch.autograd.grad(g, uu, b, retain_graph=True, allow_unused=True)[0]
-                            for b in basis
-                        ])
-                    rows.append(part)
-            # rows[i, b] = e_i^T H_b: the rows of each (symmetric) per-row Hessian
-            return torch.cat(rows).transpose(0, 1).detach()
+    def _evaluator(self, data, layout, params, u0: torch.Tensor) -> _Evaluator:
+        """The objective's evaluations for one solve: traced graphs where they pay (module notes)."""
+        n = u0.shape[0]
+        width = sum(v[:1].numel() for v in data.values())
+        wanted = self.compile if self.compile is not None else n * width >= TRACE_MIN_ENTRIES
+        fast = None
+        if wanted and not _in_functorch_transform() and layout.dim > 0:
+            fast = self._traced_value(data, layout, params, u0)
+        return _Evaluator(self, data, layout, params, fast)
 
-        return F.detach(), torch.zeros_like(u) if g is None else g.detach(), hessian
+    def _traced_value(self, data, layout, params, u0):
+        names, dnames = tuple(params), tuple(sorted(data))
+        key = (
+            tuple(u0.shape), u0.dtype, u0.device,
+            tuple((n, tuple(params[n].shape), params[n].dtype) for n in names),
+            tuple((k, tuple(data[k].shape), data[k].dtype) for k in dnames),
+        )
+        inputs = [params[n] for n in names] + [data[k] for k in dnames]
+        traced = self._traced.get(key, False)
+        if traced is False:
+            def fn(u, *flat):
+                with pyro.validation_enabled(False):
+                    return self._neg_rows(u, dict(zip(dnames, flat[len(names):])), layout,
+                                          dict(zip(names, flat[: len(names)])))
+
+            try:
+                traced = TracedObjective(fn, u0, inputs)
+                value = traced.bind(inputs)
+                with pyro.validation_enabled(False):
+                    reference = self._neg_rows(u0, data, layout, params)
+                # The one check against the Pyro trace, at the first batch of this shape: a
+                # program the trace does not reproduce keeps the Pyro path.
+                if not torch.allclose(value(u0), reference, rtol=1e-10, atol=1e-10, equal_nan=True):
+                    traced = None
+            except Exception:  # noqa: BLE001 - untraceable without values: the Pyro path
+                traced = None
+            self._traced[key] = traced
+            return None if traced is None else value
+        return None if traced is None else traced.bind(inputs)
 
     @staticmethod
     def _hessian_chunk(n: int, D: int, data) -> int:
@@ -740,8 +766,10 @@ class AutoDEQ(AbstractMAPEncoder):
         rtol = default_rtol(dtype) if solver.rtol is None else float(solver.rtol)
         start = time.perf_counter()
         with torch.no_grad():
+            ev = self._evaluator(data, layout, self._globals(detach=True), z0.detach())
             run = _newton if isinstance(solver, SafeguardedNewton) else _lbfgs
-            u, counts = run(self, solver, z0.detach().clone(), data, layout, rtol)
+            u, counts = run(ev, solver, z0.detach().clone(), rtol)
+        everything = torch.arange(u.shape[0], device=u.device)
         adjoint = adjoint or self.adjoint or default_adjoint(dtype)
         # The check: zero steps where the descent met the rule; one residual-Newton step (with
         # the exact Jacobian I - H) for a row it left unconverged.
@@ -750,6 +778,9 @@ class AutoDEQ(AbstractMAPEncoder):
         check = Newton(rtol=rtol, atol=float(solver.atol), max_steps=1)
 
         def layer(z, params):
+            if ev.fast is not None and not torch.is_grad_enabled() and not _in_functorch_transform():
+                # the forward check only needs values: the traced gradient
+                return z - ev.value_and_grad(everything, z)[1]
             with pyro.validation_enabled(False):
                 return z - self._grad_fn(data, layout, params)(z)[0]
 
@@ -772,7 +803,7 @@ class AutoDEQ(AbstractMAPEncoder):
             check = isinstance(solver, SafeguardedNewton)
         if check:
             with torch.no_grad():
-                report = _curvature(self.hessian(sol.value.detach(), data))
+                report = _curvature(ev.linearize(everything, sol.value.detach())[2]())
             counts["hessians"] += 1
         sol = dataclasses.replace(
             sol,
@@ -849,6 +880,98 @@ def _curvature(H: torch.Tensor) -> CurvatureReport:
     return CurvatureReport(min_eigenvalue=torch.linalg.eigvalsh(H)[..., 0], is_minimum=info == 0)
 
 
+# ---------------------------------------------------------------------------------- evaluations
+def _autograd_value_and_grad(neg_rows, u):
+    with torch.enable_grad():
+        uu = u.detach().requires_grad_(True)
+        F = neg_rows(uu)
+        (g,) = torch.autograd.grad(F.sum(), uu, allow_unused=True)
+    return F.detach(), torch.zeros_like(u) if g is None else g
+
+
+def _autograd_linearize(neg_rows, u, chunk: int):
+    """$F$, $\nabla F$ and a lazy per-row Hessian by autograd (see :meth:`AutoDEQ._linearize`)."""
+    n, D = u.shape
+    with torch.enable_grad():
+        uu = u.detach().requires_grad_(True)
+        F = neg_rows(uu)
+        (g,) = torch.autograd.grad(F.sum(), uu, create_graph=True, allow_unused=True)
+
+    def hessian() -> torch.Tensor:
+        if g is None or not g.requires_grad:  # F is at most linear in u
+            return u.new_zeros(n, D, D)
+        eye = torch.eye(D, dtype=u.dtype, device=u.device)
+        rows = []
+        with torch.enable_grad(), pyro.validation_enabled(False):
+            for k in range(0, D, chunk):
+                basis = eye[k : k + chunk].unsqueeze(1).expand(-1, n, D)
+                try:
+                    (part,) = torch.autograd.grad(g, uu, basis, retain_graph=True,
+                                                  is_grads_batched=True, allow_unused=True)
+                except RuntimeError:  # an op without a batching rule: one direction at a time
+                    part = torch.stack([
+                        torch.autograd.grad(g, uu, b, retain_graph=True, allow_unused=True)[0]
+                        for b in basis
+                    ])
+                rows.append(part)
+        # rows[i, b] = e_i^T H_b: the rows of each (symmetric) per-row Hessian
+        return torch.cat(rows).transpose(0, 1).detach()
+
+    return F.detach(), torch.zeros_like(u) if g is None else g.detach(), hessian
+
+
+class _Evaluator:
+    """$F$, $\nabla F$ and Hessians at points ``x`` of the rows ``rows`` of one batch.
+
+    With a traced objective (``fast``: ``u -> F`` on all ``n`` rows) a large subset is
+    evaluated on the whole batch, the other rows at 0 (rows do not interact, so they do not
+    change the subset's values), and a small one (at most a quarter of the rows, where the
+    traced pass would mostly compute filler) by the Pyro trace of the subset.
+    """
+
+    def __init__(self, enc: AutoDEQ, data, layout: _Layout, params, fast) -> None:
+        self.enc, self.data, self.layout, self.params, self.fast = enc, data, layout, params, fast
+        self.n = next(iter(data.values())).shape[0]
+        self.chunk = enc._hessian_chunk(self.n, layout.dim, data)
+
+    def _traced(self, rows: torch.Tensor) -> bool:
+        return self.fast is not None and 4 * rows.numel() > self.n
+
+    def _full(self, rows, x):
+        if rows.numel() == self.n:  # rows are sorted and distinct: all of them, in order
+            return x
+        U = x.new_zeros(self.n, x.shape[1])
+        U[rows] = x
+        return U
+
+    def _pick(self, rows, *values):
+        if rows.numel() == self.n:
+            return values
+        return tuple(v[rows] for v in values)
+
+    def _sub(self, rows):
+        return self.data if rows.numel() == self.n else _rows(self.data, rows)
+
+    def value(self, rows, x):
+        if self._traced(rows):
+            with torch.no_grad():
+                return self._pick(rows, self.fast(self._full(rows, x)))[0]
+        with pyro.validation_enabled(False):
+            return self.enc._neg_rows(x, self._sub(rows), self.layout, self.params)
+
+    def value_and_grad(self, rows, x):
+        if self._traced(rows):
+            return self._pick(rows, *_autograd_value_and_grad(self.fast, self._full(rows, x)))
+        return self.enc._value_and_grad(x, self._sub(rows), self.layout, self.params)
+
+    def linearize(self, rows, x):
+        if self._traced(rows):
+            F, g, hess = _autograd_linearize(self.fast, self._full(rows, x), self.chunk)
+            F, g = self._pick(rows, F, g)
+            return F, g, (hess if rows.numel() == self.n else lambda: hess()[rows])
+        return self.enc._linearize(x, self._sub(rows), self.layout, self.params)
+
+
 # ---------------------------------------------------------------------------------- the solvers
 def _converged(u, g, rtol, atol):
     res = torch.linalg.vector_norm(g, dim=-1)
@@ -869,8 +992,8 @@ def _descent_direction(g: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return d
 
 
-def _line_search(enc, solver, u, F, g, d, data, layout, params, counts, *, with_grad, first=1.0):
-    """Armijo backtracking on F per row from step ``first``; accepted mask, new u, F (and g)."""
+def _line_search(ev, solver, where, u, F, g, d, counts, *, with_grad, first=1.0):
+    """Armijo backtracking on F per row of the batch's rows ``where`` from step ``first``; accepted mask, new u, F (and g)."""
     slope = (g * d).sum(-1)
     resolution = 1e-12 * F.abs().clamp(min=1.0)
     accepted = torch.zeros_like(slope, dtype=torch.bool)
@@ -884,14 +1007,12 @@ def _line_search(enc, solver, u, F, g, d, data, layout, params, counts, *, with_
         if todo.numel() == 0:
             break
         trial = u[todo] + t[todo, None] * d[todo]
-        sub = _rows(data, todo)
         counts["fevals"] += 1
         if with_grad:
-            F_try, g_try = enc._value_and_grad(trial, sub, layout, params)
+            F_try, g_try = ev.value_and_grad(where[todo], trial)
             finite = torch.isfinite(F_try) & torch.isfinite(g_try).all(-1)
         else:
-            with pyro.validation_enabled(False):
-                F_try = enc._neg_rows(trial, sub, layout, params)
+            F_try = ev.value(where[todo], trial)
             finite = torch.isfinite(F_try)
         ok = finite & (
             (F_try <= F[todo] + solver.armijo * t[todo] * slope[todo]) | free[todo]
@@ -906,7 +1027,7 @@ def _line_search(enc, solver, u, F, g, d, data, layout, params, counts, *, with_
     return accepted, u_new, F_new, g_new
 
 
-def _newton(enc, solver, u, data, layout, rtol):
+def _newton(ev, solver, u, rtol):
     """Safeguarded Newton, batched over rows; converged and failed rows leave the batch.
 
     Each step linearises at the full Newton step of every active row (one pass that is also
@@ -914,7 +1035,6 @@ def _newton(enc, solver, u, data, layout, rtol):
     and one Hessian per step); rows that must backtrack do so on $F$ alone, then are
     linearised at the accepted point.
     """
-    params = enc._globals(detach=True)
     N = u.shape[0]
     done = torch.zeros(N, dtype=torch.bool, device=u.device)
     stuck = torch.zeros_like(done)
@@ -930,11 +1050,10 @@ def _newton(enc, solver, u, data, layout, rtol):
         return step == 0 or (solver.refresh is not None and step % solver.refresh == 0)
 
     def linearize(rows, *, trial=False, hessian=True):
-        sub = _rows(data, rows)
         if hessian:
-            F_r, g_r, hess = enc._linearize(u[rows], sub, layout, params)
+            F_r, g_r, hess = ev.linearize(rows, u[rows])
         else:
-            (F_r, g_r), hess = enc._value_and_grad(u[rows], sub, layout, params), None
+            (F_r, g_r), hess = ev.value_and_grad(rows, u[rows]), None
         finite = torch.isfinite(F_r) & torch.isfinite(g_r).all(-1)
         F[rows], g[rows] = F_r, g_r
         if not trial:  # a non-finite trial point is a rejected step, not a failure
@@ -985,8 +1104,8 @@ def _newton(enc, solver, u, data, layout, rtol):
             rows = idx[back]
             u[rows], F[rows], g[rows] = u0[back], F0[back], g0[back]
             accepted, u_new, _, _ = _line_search(
-                enc, solver, u0[back], F0[back], g0[back], d[back], _rows(data, rows), layout,
-                params, counts, with_grad=False, first=0.5,
+                ev, solver, rows, u0[back], F0[back], g0[back], d[back], counts,
+                with_grad=False, first=0.5,
             )
             u[rows] = u_new
             stuck[rows[~accepted]] = True
@@ -1013,8 +1132,7 @@ def _bfgs_update(B: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return torch.where(ok[:, None, None], new, B)
 
 
-def _lbfgs(enc, solver, u, data, layout, rtol):
-    params = enc._globals(detach=True)
+def _lbfgs(ev, solver, u, rtol):
     N, D = u.shape
     m = solver.memory
     S = u.new_zeros(N, m, D)
@@ -1022,7 +1140,7 @@ def _lbfgs(enc, solver, u, data, layout, rtol):
     valid = torch.zeros(N, m, dtype=torch.bool, device=u.device)
     head = torch.zeros(N, dtype=torch.long, device=u.device)
     counts = {"steps": 0, "fevals": 1, "hessians": 0}
-    F, g = enc._value_and_grad(u, data, layout, params)
+    F, g = ev.value_and_grad(torch.arange(N, device=u.device), u)
     done = torch.zeros(N, dtype=torch.bool, device=u.device)
     stuck = ~(torch.isfinite(F) & torch.isfinite(g).all(-1))
     atol = float(solver.atol)
@@ -1058,8 +1176,7 @@ def _lbfgs(enc, solver, u, data, layout, rtol):
             d[bad] = -ga[bad]
             valid[idx[bad]] = False
         accepted, u_new, F_new, g_new = _line_search(
-            enc, solver, u[idx], F[idx], ga, d, _rows(data, idx), layout, params, counts,
-            with_grad=True,
+            ev, solver, idx, u[idx], F[idx], ga, d, counts, with_grad=True,
         )
         s_new, y_new = u_new - u[idx], g_new - ga
         keep = accepted & ((s_new * y_new).sum(-1) > 1e-10 * torch.linalg.vector_norm(s_new, dim=-1)
