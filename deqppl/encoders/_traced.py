@@ -2,7 +2,7 @@ r"""The per-row objective of :class:`~deqppl.encoders.AutoDEQ` traced once into 
 
 Each evaluation of the objective through Pyro re-runs the program, its handlers and every
 ``log_prob``, including the terms that do not depend on the latents (``lgamma(y + 1)`` of a
-Poisson likelihood, the normalising constants of the priors, the ``W`` and ``B`` priors that
+Poisson likelihood, the normalising constants of the priors, the priors of the globals that
 drop out of the per-row sums). Here the objective $F(u; \theta, y)$ of one batch shape is
 traced once by ``make_fx`` in *fake* mode (shapes only, no values: a program whose control flow
 depends on values cannot be traced and keeps the Pyro path), dead code is eliminated, and the
@@ -13,8 +13,26 @@ graph is split into
 * a *body*: the nodes that depend on $u$, taking the prologue's outputs as inputs,
 
 so that each Newton step runs only the aten operations that involve the latents, with no
-Pyro handler in between. Derivatives of the body come from plain autograd (the fused backward
-kernels), as in :meth:`AutoDEQ._linearize`.
+Pyro handler in between.
+
+Separable curvature. A generic per-row Hessian costs $D$ backward passes over every
+observation entry. Most likelihoods have more structure, which the body graph shows: the
+latents enter through *affine* maps $a_k = A_k u + b_k$ (``z @ W.T + B``, ``u - loc``),
+which feed *pointwise* operations (``exp``, ``xlogy``, ``binary_cross_entropy_with_logits``,
+``pow``, ...) whose results are only summed. Then
+
+$$F_s(u) = \sum_k \sum_e \varphi_{ke}\big(a_k(u)_e\big) + \text{linear},\qquad
+H_s = \sum_k A_k^\top \operatorname{diag}(c_k) A_k,\qquad c_k = \nabla^2_{a_k} F\,\mathbf 1,$$
+
+where $c_k$, the diagonal of a diagonal Hessian, is *one* Hessian-vector product (direction
+all-ones, one double-backward pass), and each $A_k$ -- the same for every row where its
+coefficients do not come from the data -- is read off one forward-mode pass per solve. The
+Hessians are then one GEMM $c_k\,[A_{k,\cdot i}A_{k,\cdot j}]$, the same product the
+hand-written PED encoder forms. The analysis (:class:`_Separable`) accepts a graph only if
+every operation is of a known affine, pointwise or summing kind, no pointwise operation mixes
+two affine leaves or two differently-moved copies of one, and nothing pointwise follows a sum;
+the first batch of each shape checks the result against the autograd Hessian. Any other graph
+gets the autograd Hessian of :meth:`AutoDEQ._linearize`.
 """
 
 from __future__ import annotations
@@ -29,15 +47,46 @@ import torch.fx as fx
 #: per evaluation) does not amortise.
 TRACE_MIN_ENTRIES = 2**16
 
+_aten = torch.ops.aten
+
+#: One input tensor (argument 0) whose elements are moved, copied or selected, never combined.
+_MOVES = {
+    _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.permute.default,
+    _aten.transpose.int, _aten.t.default, _aten.expand.default, _aten.unsqueeze.default,
+    _aten.squeeze.dim, _aten.squeeze.dims, _aten.squeeze.default, _aten.alias.default,
+    _aten.clone.default, _aten.slice.Tensor, _aten.select.int,
+}
+#: Linear in their latent-dependent inputs whatever those are (sums of them, negation).
+_ADDITIVE = {_aten.add.Tensor, _aten.sub.Tensor, _aten.neg.default, _aten.rsub.Scalar, _aten.rsub.Tensor,
+             _aten.add.Scalar, _aten.sub.Scalar}
+#: Linear when exactly one input depends on the latents (the first one, for a division).
+_PRODUCTS = {_aten.mul.Tensor, _aten.div.Tensor, _aten.mul.Scalar, _aten.div.Scalar}
+_CONTRACTIONS = {_aten.mm.default, _aten.bmm.default, _aten.matmul.default}
+_SUMS = {_aten.sum.dim_IntList, _aten.sum.default}
+#: Elementwise (with broadcasting): each output element depends on the input elements at its
+#: own position only (smooth or piecewise, autograd differentiates them either way).
+_POINTWISE = {
+    _aten.abs.default, _aten.clamp.default, _aten.clamp_min.default, _aten.clamp_max.default,
+    _aten.exp.default, _aten.log.default, _aten.log1p.default, _aten.expm1.default,
+    _aten.pow.Tensor_Scalar, _aten.pow.Tensor_Tensor, _aten.xlogy.Tensor, _aten.lgamma.default,
+    _aten.digamma.default, _aten.sigmoid.default, _aten.tanh.default, _aten.softplus.default,
+    _aten.sqrt.default, _aten.rsqrt.default, _aten.reciprocal.default, _aten.logaddexp.default,
+    _aten.erf.default, _aten.erfc.default, _aten.sinh.default, _aten.cosh.default, _aten.asinh.default,
+    _aten.atan.default, _aten.sin.default, _aten.cos.default, _aten.mul.Tensor, _aten.div.Tensor,
+    _aten.binary_cross_entropy_with_logits.default,
+}
+
 
 class TracedObjective:
     """``F(u, *params, *data)`` of one batch shape as a prologue and a body graph.
 
     Raises whatever ``make_fx`` raises when the function cannot be traced without values; the
-    caller then keeps the Pyro path.
+    caller then keeps the Pyro path. ``num_params`` inputs come first, then the data (whose
+    first dimension is the rows).
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], u: torch.Tensor, inputs: Sequence[torch.Tensor]) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], u: torch.Tensor, inputs: Sequence[torch.Tensor],
+                 *, num_params: int) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         gm = make_fx(fn, tracing_mode="fake")(u, *inputs)
@@ -45,10 +94,13 @@ class TracedObjective:
         graph = gm.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         (output,) = [n for n in graph.nodes if n.op == "output"]
-        dep = {placeholders[0]}
+        dep, from_data = {placeholders[0]}, set(placeholders[1 + num_params :])
         for node in graph.nodes:
-            if node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
-                dep.add(node)
+            if node.op == "call_function":
+                if any(a in dep for a in node.all_input_nodes):
+                    dep.add(node)
+                if any(a in from_data for a in node.all_input_nodes):
+                    from_data.add(node)
         frontier: list[fx.Node] = []
         for node in graph.nodes:
             if node in dep and node.op != "placeholder":
@@ -63,7 +115,7 @@ class TracedObjective:
             if node not in dep:
                 env[node] = pro.node_copy(node, lambda a: env[a])
         pro.output(tuple(env[a] for a in frontier))
-        body, benv = fx.Graph(), {placeholders[0]: None}
+        body, benv = fx.Graph(), {}
         benv[placeholders[0]] = body.placeholder("u")
         for i, a in enumerate(frontier):
             benv[a] = body.placeholder(f"c{i}")
@@ -71,18 +123,328 @@ class TracedObjective:
             if node in dep and node.op != "placeholder":
                 benv[node] = body.node_copy(node, lambda a: benv[a])
         body.output(benv[result])
+        _simplify(body)
         self.prologue = fx.GraphModule(gm, pro)
         self.prologue.graph.eliminate_dead_code()
         self.prologue.recompile()
         self.body = fx.GraphModule(gm, body)
         self.shape = tuple(u.shape)
+        self.separable = _Separable.analyse(self.body, [a in from_data for a in frontier], self.shape)
 
-    def bind(self, inputs: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``u -> F(u)`` at these globals and data (the prologue evaluated once, here)."""
-        consts = tuple(self.prologue(*inputs))
-        body = self.body
+    def bind(self, inputs: Sequence[torch.Tensor], *, globals_key: object = None) -> BoundObjective:
+        """The objective at these globals and data (the prologue evaluated once, here).
 
-        def value(u: torch.Tensor) -> torch.Tensor:
-            return body(u, *consts)
+        ``globals_key`` identifies the values of the globals (e.g. their tensors' versions):
+        the separable Hessian's coefficients depend on the globals only and are kept while it
+        is unchanged (``None``: recomputed).
+        """
+        return BoundObjective(self, tuple(self.prologue(*inputs)), globals_key)
 
-        return value
+
+class BoundObjective:
+    """``u -> F(u)`` of one batch, its gradient and Hessians (separable where possible)."""
+
+    def __init__(self, traced: TracedObjective, consts: tuple, globals_key: object) -> None:
+        self.traced, self.consts = traced, consts
+        self.curvature = None
+        if traced.separable is not None:
+            self.curvature = traced.separable.bind(consts, globals_key)
+            if self.curvature is None:
+                traced.separable = None
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return self.traced.body(u, *self.consts)
+
+    def linearize(self, u: torch.Tensor):
+        """``F, g, hessian`` as :func:`deqppl.encoders.auto._autograd_linearize`, or ``None``
+        where the Hessian is not separable."""
+        return None if self.curvature is None else self.curvature.linearize(u)
+
+    def check(self, u: torch.Tensor) -> None:
+        """Compare the separable Hessians at ``u`` with autograd's; drop them if they differ.
+
+        One Hessian-vector product per row with a random direction $v_s$ (rows do not
+        interact, so one double-backward pass gives every $H_s v_s$): a structural error of
+        the analysis shows in it with probability one, at the cost of one of the $D$ passes a
+        full autograd Hessian would take.
+        """
+        if self.curvature is None:
+            return
+        gen = torch.Generator(device=u.device).manual_seed(1)
+        v = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)
+        H = self.curvature.linearize(u)[2]()
+        with torch.enable_grad():
+            uu = u.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self(uu).sum(), uu, create_graph=True)
+            (Hv,) = torch.autograd.grad(g, uu, v, allow_unused=True) if g.requires_grad else (None,)
+        ref = torch.zeros_like(u) if Hv is None else Hv
+        mine = (H @ v.unsqueeze(-1)).squeeze(-1)
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        gap = float((mine - ref).abs().max()) if ref.numel() else 0.0
+        if not bool(torch.isfinite(H).all()) or not gap <= 1e-9 * (1.0 + scale):
+            self.traced.separable = None
+            self.curvature = None
+
+
+class _Separable:
+    """The body split into affine leaves $a_k(u)$ and a pointwise-then-summed rest (module notes)."""
+
+    def __init__(self, affine: fx.GraphModule, rest: fx.GraphModule, num_leaves: int, shape) -> None:
+        self.affine, self.rest, self.num_leaves, self.shape = affine, rest, num_leaves, shape
+        self._products: tuple | None = None  # (globals key, products)
+
+    @classmethod
+    def analyse(cls, body: fx.GraphModule, row_consts: list[bool], shape) -> _Separable | None:
+        n, D = shape
+        if n < D:  # the Jacobians are read off D distinct rows
+            return None
+        graph = body.graph
+        placeholders = [p for p in graph.nodes if p.op == "placeholder"]
+        u, consts = placeholders[0], placeholders[1:]
+        from_data = {c for c, r in zip(consts, row_consts) if r}
+        # latent-dependent nodes: affine | pointwise | summed
+        kind: dict[fx.Node, str] = {u: "affine"}
+        # affine node -> its leaf: itself, or the affine node it is an elementwise-linear
+        # function of (x + c, c * x, -x, same shape), which the rest graph recomputes
+        root: dict[fx.Node, fx.Node] = {u: u}
+        leaves_of: dict[fx.Node, dict] = {}  # pointwise/summed node -> {leaf: moves since}
+        leaves: list[fx.Node] = []
+
+        def one_linear(node, ins):  # linear in its single latent-dependent input
+            op = node.target
+            if len(ins) != 1:
+                return op in _ADDITIVE
+            return op in _ADDITIVE or (op in _PRODUCTS and (op is not _aten.div.Tensor or node.args[0] is ins[0]))
+
+        def same_shape(node, a):
+            return tuple(node.meta["val"].shape) == tuple(a.meta["val"].shape)
+
+        for node in graph.nodes:
+            if node.op == "output":
+                break
+            if node.op != "call_function":
+                continue
+            ins = [a for a in node.all_input_nodes if a in kind]
+            if not ins:
+                return None  # a constant computed in the body: never produced by the split
+            kinds = {kind[a] for a in ins}
+            op = node.target
+            others = [a for a in node.all_input_nodes if a not in kind]
+            if kinds == {"affine"}:
+                if len(ins) == 1 and one_linear(node, ins) and op not in _MOVES and same_shape(node, ins[0]):
+                    kind[node], root[node] = "affine", root[ins[0]]  # elementwise-linear
+                    continue
+                if op in _MOVES or op in _ADDITIVE or op in _SUMS or (
+                    ((op in _PRODUCTS and one_linear(node, ins)) or (op in _CONTRACTIONS and len(ins) == 1))
+                    and not any(a in from_data for a in others)  # coefficients shared by all rows
+                ):
+                    kind[node], root[node] = "affine", node
+                    continue
+                if op not in _POINTWISE or not _elementwise_call(node):
+                    return None
+                sources = {root[a]: () for a in ins}
+                if len(sources) > 1:
+                    return None  # two leaves mixed pointwise: cross terms
+                if len(ins) > 1 and len({tuple(a.meta["val"].shape) for a in ins}) > 1:
+                    return None
+                for leaf in sources:
+                    if leaf not in leaves:
+                        leaves.append(leaf)
+                leaves_of[node] = sources
+                kind[node] = "pointwise"
+                continue
+            # some input is downstream of a leaf
+            merged: dict = {}
+            for a in ins:
+                if kind[a] == "affine":
+                    src = {root[a]: ()}
+                    if root[a] not in leaves:
+                        leaves.append(root[a])
+                else:
+                    src = leaves_of[a]
+                for leaf, moves in src.items():
+                    if leaf in merged and merged[leaf] != moves:
+                        merged[leaf] = None  # the same leaf along two different paths
+                    else:
+                        merged.setdefault(leaf, moves)
+            linear = one_linear(node, ins)
+            if "summed" in kinds:
+                if linear or op in _SUMS or op in _MOVES:
+                    kind[node], leaves_of[node] = "summed", merged  # a linear function of the sums
+                    continue
+                return None  # something nonlinear after a sum: not separable
+            if op in _SUMS or (op in _CONTRACTIONS and len(ins) == 1):
+                kind[node], leaves_of[node] = "summed", merged
+                continue
+            if op in _MOVES:
+                kind[node] = "pointwise"
+                leaves_of[node] = {leaf: (None if m is None else m + ((op, _static(node.args[1:])),))
+                                   for leaf, m in merged.items()}
+                continue
+            if not (linear or (op in _POINTWISE and _elementwise_call(node))):
+                return None
+            if not linear and (len(merged) > 1 or any(m is None for m in merged.values())):
+                return None  # two leaves, or two copies of one, mixed nonlinearly
+            if not linear and len(ins) > 1 and len({tuple(a.meta["val"].shape) for a in ins}) > 1:
+                return None  # broadcasting one copy of a leaf against another
+            kind[node], leaves_of[node] = "pointwise", merged
+        (output,) = [p for p in graph.nodes if p.op == "output"]
+        result = output.args[0]
+        if kind.get(result) != "summed" or not leaves:
+            return None
+        for leaf in leaves:
+            val = leaf.meta.get("val")
+            if val is None or val.dim() < 1 or val.shape[0] != n:
+                return None  # the rows must be the leaf's first dimension
+        # the affine part: u, consts -> leaves
+        affine, env = fx.Graph(), {}
+        for p in placeholders:
+            env[p] = affine.placeholder(p.name)
+        needed, stack = set(), list(leaves)
+        while stack:
+            x = stack.pop()
+            if x in needed or x.op == "placeholder":
+                continue
+            needed.add(x)
+            stack.extend(x.all_input_nodes)
+        for node in graph.nodes:
+            if node in needed:
+                env[node] = affine.node_copy(node, lambda a: env[a])
+        affine.output(tuple(env[x] for x in leaves))
+        # the rest: leaves, consts -> F, every node the output needs, recomputed from the leaves
+        rest, renv = fx.Graph(), {}
+        for i, leaf in enumerate(leaves):
+            renv[leaf] = rest.placeholder(f"leaf{i}")
+        for p in consts:
+            renv[p] = rest.placeholder(p.name)
+        wanted, stack = set(), [result]
+        while stack:
+            x = stack.pop()
+            if x in wanted or x in renv:
+                continue
+            if x is u:
+                return None  # the output reaches the latents other than through the leaves
+            wanted.add(x)
+            stack.extend(x.all_input_nodes)
+        for node in graph.nodes:
+            if node in wanted:
+                renv[node] = rest.node_copy(node, lambda a: renv[a])
+        rest.output(renv[result])
+        a_mod, r_mod = fx.GraphModule(body, affine), fx.GraphModule(body, rest)
+        a_mod.graph.eliminate_dead_code()
+        a_mod.recompile()
+        return cls(a_mod, r_mod, len(leaves), shape)
+
+    def bind(self, consts: tuple, globals_key: object = None) -> _BoundSeparable | None:
+        if globals_key is not None and self._products is not None and self._products[0] == globals_key:
+            return _BoundSeparable(self, consts, self._products[1])
+        n, D = self.shape
+        dtype = next((c.dtype for c in consts if isinstance(c, torch.Tensor) and c.is_floating_point()),
+                     torch.get_default_dtype())
+        device = next((c.device for c in consts if isinstance(c, torch.Tensor)), torch.device("cpu"))
+        # Affine leaves: row r of the tangent in direction e_(r mod D) gives, in rows 0..D-1,
+        # the columns of each A_k, and in rows D..2D-1 (where n allows) the same columns again:
+        # a leaf whose coefficients differ between rows is caught here.
+        reps = min(2, n // D)
+        tangent = torch.zeros(n, D, dtype=dtype, device=device)
+        idx = torch.arange(reps * D, device=device)
+        tangent[idx, idx % D] = 1.0
+        base = torch.zeros(n, D, dtype=dtype, device=device)
+        with torch.no_grad():
+            # the leaves are affine: a difference of two evaluations is their linear part
+            # (forward-mode AD would do too, but loads TorchScript decompositions that warn)
+            at_tangent, at_base = self.affine(tangent, *consts), self.affine(base, *consts)
+            tangents = [a - b for a, b in zip(at_tangent, at_base)]
+        products = []
+        for t in tangents:
+            cols = t[:D].reshape(D, -1)
+            if reps == 2 and not torch.allclose(cols, t[D : 2 * D].reshape(D, -1), rtol=1e-12, atol=0.0):
+                return None
+            A = cols.T  # (e_k, D)
+            products.append((A[:, :, None] * A[:, None, :]).reshape(A.shape[0], D * D))
+        self._products = (globals_key, products)
+        return _BoundSeparable(self, consts, products)
+
+
+class _BoundSeparable:
+    def __init__(self, sep: _Separable, consts: tuple, products: list[torch.Tensor]) -> None:
+        self.sep, self.consts, self.products = sep, consts, products
+
+    def linearize(self, u: torch.Tensor):
+        n, D = u.shape
+        sep, consts = self.sep, self.consts
+        with torch.enable_grad():
+            uu = u.detach().requires_grad_(True)
+            leaves = sep.affine(uu, *consts)
+            free = [x.detach().requires_grad_(True) for x in leaves]
+            F = sep.rest(*free, *consts)
+            grads = torch.autograd.grad(F.sum(), free, create_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, free)]
+            (g,) = torch.autograd.grad(leaves, uu, [gr.detach() for gr in grads], allow_unused=True)
+        g = torch.zeros_like(u) if g is None else g
+
+        def hessian() -> torch.Tensor:
+            H = u.new_zeros(n, D * D)
+            live = [(x, gr, P) for x, gr, P in zip(free, grads, self.products) if gr.requires_grad]
+            if live:
+                with torch.enable_grad():
+                    total = sum(gr.sum() for _, gr, _ in live)
+                    curv = torch.autograd.grad(total, [x for x, _, _ in live], allow_unused=True)
+                for c, (x, _, P) in zip(curv, live):
+                    if c is not None:
+                        H.addmm_(c.reshape(n, -1), P)
+            return H.reshape(n, D, D)
+
+        return F.detach(), g.detach(), hessian
+
+
+def _simplify(graph: fx.Graph) -> None:
+    """Exact rewrites of compositions that distributions produce (log of an exp'd rate).
+
+    ``xlogy(a, exp(b)) -> a * b`` (equal where ``b`` is finite; ``exp(b)`` overflowing to
+    ``inf`` is a rejected step either way) and ``log(exp(b)) -> b``: a Poisson rate given
+    as ``exp(eta)`` is taken back to ``eta`` by ``log_prob``, and both passes and their
+    derivatives are saved.
+    """
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (_aten.xlogy.Tensor, _aten.log.default):
+            continue
+        b = node.args[1] if node.target is _aten.xlogy.Tensor else node.args[0]
+        moves = []  # look through views and expands of the exp
+        while isinstance(b, fx.Node) and b.op == "call_function" and b.target in _MOVES:
+            moves.append(b)
+            b = b.args[0]
+        if not (isinstance(b, fx.Node) and b.target is _aten.exp.default):
+            continue
+        with graph.inserting_before(node):
+            x = b.args[0]
+            for m in reversed(moves):
+                x = graph.call_function(m.target, (x, *m.args[1:]), dict(m.kwargs))
+                x.meta = dict(m.meta)
+            if node.target is _aten.xlogy.Tensor:
+                x = graph.call_function(_aten.mul.Tensor, (node.args[0], x))
+                x.meta = dict(node.meta)
+        node.replace_all_uses_with(x)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+
+
+def _static(args) -> tuple:
+    """Hashable form of an operation's non-tensor arguments (for the move signatures)."""
+    out = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out.append(tuple(a))
+        elif isinstance(a, fx.Node):
+            out.append(a.name)
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def _elementwise_call(node: fx.Node) -> bool:
+    """A pointwise operation called elementwise (no reduction argument that sums)."""
+    if node.target is _aten.binary_cross_entropy_with_logits.default:
+        reduction = node.args[4] if len(node.args) > 4 else node.kwargs.get("reduction", 1)
+        return reduction == 0
+    return True

@@ -45,6 +45,7 @@ stationary point is a strict minimum.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -215,17 +216,22 @@ class CurvatureReport:
 
     Attributes
     ----------
-    min_eigenvalue
-        ``(B,)`` smallest eigenvalue of the Hessian $H_s$ of $F_s$ in unconstrained
-        coordinates.
+    hessian
+        ``(B, D, D)``: the Hessians $H_s$ of $F_s$ in unconstrained coordinates.
     is_minimum
         ``(B,)``: $H_s$ positive definite (Cholesky succeeds), so the stationary point is a
         strict local minimum. A row with ``False`` is a saddle or a maximum (or degenerate):
         its "MAP" is not a mode.
     """
 
-    min_eigenvalue: torch.Tensor
+    hessian: torch.Tensor
     is_minimum: torch.Tensor
+
+    @functools.cached_property
+    def min_eigenvalue(self) -> torch.Tensor:
+        """``(B,)`` smallest eigenvalue of each $H_s$ (computed on first access: the batched
+        eigendecomposition costs more than the solve's last Newton step)."""
+        return torch.linalg.eigvalsh(self.hessian)[..., 0]
 
     @property
     def num_not_minimum(self) -> int:
@@ -342,8 +348,9 @@ class AutoDEQ(AbstractMAPEncoder):
         :func:`~deqppl.inference.fit_map`), with the shapes of a prior trace of the program
         with one row (``model(num_data=1)``).
     solver
-        :class:`SafeguardedNewton` (default for $D \le 8$, :data:`NEWTON_MAX_DIM`),
-        :class:`SafeguardedLBFGS` (default above), or any :mod:`deqppl.deq` solver, which then solves $u = f(u)$ on the
+        :class:`SafeguardedNewton` (default for $D \le 8$, :data:`NEWTON_MAX_DIM`, and for
+        any $D$ where the traced objective gives separable Hessians, see
+        ``trace_objective``), :class:`SafeguardedLBFGS` (default otherwise), or any :mod:`deqppl.deq` solver, which then solves $u = f(u)$ on the
         layer directly (no safeguard on $F_s$).
     adjoint
         How gradients reach the globals through $u^*$ (for downstream losses); default
@@ -424,7 +431,7 @@ class AutoDEQ(AbstractMAPEncoder):
         self.check_minimum = check_minimum
         if trace_objective is not None and not isinstance(trace_objective, bool):
             raise TypeError(f"trace_objective must be True, False or None, got {trace_objective!r}")
-        self.compile = trace_objective
+        self.trace_objective = trace_objective
         self._traced: dict = {}
         name = model.describe() if hasattr(model, "describe") else type(model).__name__
         plate = getattr(model, "plate_name", None)
@@ -621,7 +628,7 @@ class AutoDEQ(AbstractMAPEncoder):
         """The objective's evaluations for one solve: traced graphs where they pay (module notes)."""
         n = u0.shape[0]
         width = sum(v[:1].numel() for v in data.values())
-        wanted = self.compile if self.compile is not None else n * width >= TRACE_MIN_ENTRIES
+        wanted = self.trace_objective if self.trace_objective is not None else n * width >= TRACE_MIN_ENTRIES
         fast = None
         if wanted and not _in_functorch_transform() and layout.dim > 0:
             fast = self._traced_value(data, layout, params, u0)
@@ -635,6 +642,8 @@ class AutoDEQ(AbstractMAPEncoder):
             tuple((k, tuple(data[k].shape), data[k].dtype) for k in dnames),
         )
         inputs = [params[n] for n in names] + [data[k] for k in dnames]
+        # the globals' storage and in-place version: unchanged globals keep their coefficients
+        globals_key = tuple((id(p), p.data_ptr(), p._version) for p in self.site_parameters().values())
         traced = self._traced.get(key, False)
         if traced is False:
             def fn(u, *flat):
@@ -643,19 +652,23 @@ class AutoDEQ(AbstractMAPEncoder):
                                           dict(zip(names, flat[: len(names)])))
 
             try:
-                traced = TracedObjective(fn, u0, inputs)
-                value = traced.bind(inputs)
+                traced = TracedObjective(fn, u0, inputs, num_params=len(names))
+                value = traced.bind(inputs, globals_key=globals_key)
                 with pyro.validation_enabled(False):
                     reference = self._neg_rows(u0, data, layout, params)
                 # The one check against the Pyro trace, at the first batch of this shape: a
                 # program the trace does not reproduce keeps the Pyro path.
                 if not torch.allclose(value(u0), reference, rtol=1e-10, atol=1e-10, equal_nan=True):
                     traced = None
+                else:  # and the separable Hessians against autograd's, off the start point
+                    gen = torch.Generator(device=u0.device).manual_seed(0)
+                    probe = u0 + 0.1 * torch.randn(u0.shape, generator=gen, dtype=u0.dtype, device=u0.device)
+                    value.check(probe)
             except Exception:  # noqa: BLE001 - untraceable without values: the Pyro path
                 traced = None
             self._traced[key] = traced
             return None if traced is None else value
-        return None if traced is None else traced.bind(inputs)
+        return None if traced is None else traced.bind(inputs, globals_key=globals_key)
 
     @staticmethod
     def _hessian_chunk(n: int, D: int, data) -> int:
@@ -744,12 +757,10 @@ class AutoDEQ(AbstractMAPEncoder):
         data = self._data(data, validated)
         layout = self._layout(data)
         solver = solver or self.solver
-        if solver is None:
-            solver = SafeguardedNewton() if layout.dim <= NEWTON_MAX_DIM else SafeguardedLBFGS()
         if isinstance(solver, AbstractSolver):
             return super().solve(data, z0=z0, solver=solver, adjoint=adjoint, throw=throw,
                                  trace=trace, validated=True)
-        if not isinstance(solver, (SafeguardedNewton, SafeguardedLBFGS)):
+        if solver is not None and not isinstance(solver, (SafeguardedNewton, SafeguardedLBFGS)):
             raise TypeError(
                 f"solver must be SafeguardedNewton, SafeguardedLBFGS, a deqppl.deq solver or "
                 f"None, got {solver!r}"
@@ -763,12 +774,15 @@ class AutoDEQ(AbstractMAPEncoder):
             check_finite(z0, "z0")
         throw = self.throw if throw is None else throw
         dtype = z0.dtype
-        rtol = default_rtol(dtype) if solver.rtol is None else float(solver.rtol)
         start = time.perf_counter()
         with torch.no_grad():
             ev = self._evaluator(data, layout, self._globals(detach=True), z0.detach())
+            if solver is None:  # Newton where Hessians are cheap: few latents, or separable
+                separable = ev.fast is not None and ev.fast.curvature is not None
+                solver = SafeguardedNewton() if separable or layout.dim <= NEWTON_MAX_DIM else SafeguardedLBFGS()
+            rtol = default_rtol(dtype) if solver.rtol is None else float(solver.rtol)
             run = _newton if isinstance(solver, SafeguardedNewton) else _lbfgs
-            u, counts = run(ev, solver, z0.detach().clone(), rtol)
+            u, g_final, counts = run(ev, solver, z0.detach().clone(), rtol)
         everything = torch.arange(u.shape[0], device=u.device)
         adjoint = adjoint or self.adjoint or default_adjoint(dtype)
         # The check: zero steps where the descent met the rule; one residual-Newton step (with
@@ -778,9 +792,13 @@ class AutoDEQ(AbstractMAPEncoder):
         check = Newton(rtol=rtol, atol=float(solver.atol), max_steps=1)
 
         def layer(z, params):
-            if ev.fast is not None and not torch.is_grad_enabled() and not _in_functorch_transform():
-                # the forward check only needs values: the traced gradient
-                return z - ev.value_and_grad(everything, z)[1]
+            if not torch.is_grad_enabled() and not _in_functorch_transform():
+                # the forward check needs values only: the gradient at the descent's last
+                # iterate is known (each row's, at that row's point), elsewhere the traced one
+                if torch.equal(z, u):
+                    return z - g_final
+                if ev.fast is not None:
+                    return z - ev.value_and_grad(everything, z)[1]
             with pyro.validation_enabled(False):
                 return z - self._grad_fn(data, layout, params)(z)[0]
 
@@ -877,7 +895,7 @@ class NotAMinimumError(RuntimeError):
 
 def _curvature(H: torch.Tensor) -> CurvatureReport:
     _, info = torch.linalg.cholesky_ex(H)
-    return CurvatureReport(min_eigenvalue=torch.linalg.eigvalsh(H)[..., 0], is_minimum=info == 0)
+    return CurvatureReport(hessian=H, is_minimum=info == 0)
 
 
 # ---------------------------------------------------------------------------------- evaluations
@@ -966,7 +984,9 @@ class _Evaluator:
 
     def linearize(self, rows, x):
         if self._traced(rows):
-            F, g, hess = _autograd_linearize(self.fast, self._full(rows, x), self.chunk)
+            U = self._full(rows, x)
+            lin = self.fast.linearize(U)  # separable Hessians where the graph allows
+            F, g, hess = lin if lin is not None else _autograd_linearize(self.fast, U, self.chunk)
             F, g = self._pick(rows, F, g)
             return F, g, (hess if rows.numel() == self.n else lambda: hess()[rows])
         return self.enc._linearize(x, self._sub(rows), self.layout, self.params)
@@ -1117,7 +1137,7 @@ def _newton(ev, solver, u, rtol):
                 approx = u.new_zeros(N, u.shape[1], u.shape[1])
             approx[idx] = _bfgs_update(H, u[idx] - u0, g[idx] - g0)
         counts["steps"] += 1
-    return u, counts
+    return u, g, counts
 
 
 def _bfgs_update(B: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -1190,7 +1210,7 @@ def _lbfgs(ev, solver, u, rtol):
         u[idx], F[idx], g[idx] = u_new, F_new, g_new
         stuck[idx[~accepted]] = True
         counts["steps"] += 1
-    return u, counts
+    return u, g, counts
 
 
 # ---------------------------------------------------------------------------------- the joint fit

@@ -471,3 +471,76 @@ def test_compare_puts_autodeq_next_to_the_hand_written_encoder(zoo):
     # rel 1e-6: both joint fits stop at the harness's default L-BFGS tolerances
     assert summary.loc["autodeq", "log_joint"] == pytest.approx(summary.loc["deq", "log_joint"], rel=1e-6)
     assert summary.loc["autodeq", "max_abs_dz"] < 1e-6 and summary.loc["deq", "max_abs_dz"] < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# the traced objective (deqppl/encoders/_traced.py): same fixed points, exact Hessians
+# ----------------------------------------------------------------------------------------------
+def _traced_kinds(enc):
+    """Per traced batch shape: None (Pyro path), 'separable' or 'autograd' Hessians."""
+    return [None if t is None else ("separable" if t.separable is not None else "autograd")
+            for t in enc._traced.values()]
+
+
+TRACED_PCA = [c for c in CASES if c[0] in ("poisson", "bernoulli", "gaussian", "binomial5",
+                                             "bernoulli-smooth_relu", "exponential-neg_smooth_relu")]
+
+
+@pytest.mark.parametrize("case", TRACED_PCA, ids=[c[0] for c in TRACED_PCA])
+def test_traced_objective_equals_the_pyro_path(case):
+    _, fam, nl, lam, scale = case
+    model, y, values = _pca(fam, nl, lam, scale, n=40)
+    solver = SafeguardedNewton(rtol=TIGHT)
+    traced = AutoDEQ(model, values, solver=solver, trace_objective=True)
+    plain = AutoDEQ(model, values, solver=solver, trace_objective=False)
+    with torch.no_grad():
+        sol_t, sol_p = traced.solve(y), plain.solve(y)
+    assert _traced_kinds(traced) == ["separable"] and _traced_kinds(plain) == []
+    assert bool(sol_t.converged.all())
+    torch.testing.assert_close(sol_t.value, sol_p.value, rtol=0.0, atol=1e-10)
+    # the separable Hessians at the solution against autograd's on the Pyro trace
+    torch.testing.assert_close(sol_t.solver_info.hessian, plain.hessian(sol_t.value, traced.check_data(y)))
+
+
+@pytest.mark.parametrize("name, kind", [("poisson_factor", "autograd"), ("robust_pca", "separable"),
+                                        ("item_response", "separable")])
+def test_traced_objective_on_user_models(name, kind):
+    # poisson_factor: rate = size * exp(z W^T + B) multiplies two leaves pointwise (cross terms),
+    # so its traced objective keeps autograd's Hessians
+    model, sim = _simulated(name)
+    values = {site: sim.truth[site] for site in model.global_sites}
+    traced = AutoDEQ(model, values, trace_objective=True)
+    plain = AutoDEQ(model, values, trace_objective=False)
+    with torch.no_grad():
+        sol_t, sol_p = traced.solve(sim.data), plain.solve(sim.data)
+    assert _traced_kinds(traced) == [kind]
+    # both stop at the default relative residual 1e-8 from the same start: equal to ~1e-8
+    torch.testing.assert_close(sol_t.value, sol_p.value, rtol=0.0, atol=1e-7)
+    torch.testing.assert_close(sol_t.solver_info.hessian, plain.hessian(sol_t.value, traced.check_data(sim.data)))
+
+
+def _value_branching(y=None, *, num_data=None):
+    """Control flow on a data value: traceable only with values, so it keeps the Pyro path."""
+    n = len(y) if y is not None else num_data
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+    with pyro.plate("data", n):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        scale = 2.0 if y is not None and float(y.abs().max()) > 100.0 else 1.0
+        return pyro.sample("y", dist.Normal(z, scale), obs=y)
+
+
+def test_untraceable_program_keeps_the_pyro_path():
+    model = PyroModel(_value_branching, data_names=("y",), local_sites=("z",), global_sites=("mu",))
+    y = torch.linspace(-2.0, 2.0, 20, dtype=F64)
+    enc = AutoDEQ(model, {"mu": torch.tensor(0.5, dtype=F64)}, trace_objective=True)
+    with torch.no_grad():
+        z, sol = enc(y)
+    assert _traced_kinds(enc) == [None]
+    # closed form: z = (y + mu) / 2 (unit prior and likelihood variances)
+    torch.testing.assert_close(z[:, 0], (y + 0.5) / 2)
+
+
+def test_trace_objective_must_be_a_bool_or_none():
+    model, _, values = _pca(poisson(), identity(), 1.0, 0.5)
+    with pytest.raises(TypeError, match="trace_objective"):
+        AutoDEQ(model, values, trace_objective="yes")
