@@ -31,10 +31,9 @@ from .auto import (  # noqa: E402
     NotAMinimumError,
     SafeguardedLBFGS,
     SafeguardedNewton,
-    fit_autodeq,
 )
 
-__all__ += ["AutoDEQ", "CurvatureReport", "NotAMinimumError", "SafeguardedLBFGS", "SafeguardedNewton", "fit_autodeq"]
+__all__ += ["AutoDEQ", "CurvatureReport", "NotAMinimumError", "SafeguardedLBFGS", "SafeguardedNewton"]
 
 from .kglm import (  # noqa: E402
     DEQWeights,

@@ -67,22 +67,10 @@ from deqppl.deq import (
     fixed_point,
 )
 from deqppl.inference.log_joint import latent_sites, log_joint
-from deqppl.optim import (
-    LBFGS,
-    AbstractStepper,
-    Adam,
-    FitConvergenceError,
-    LBFGSStepper,
-    Observation,
-    StopRules,
-    drive,
-    lbfgs_rules,
-)
 from deqppl.validation import as_tensor, check_finite, check_shape
 
 from ._traced import TRACE_MIN_ENTRIES, TracedObjective
 from .base import AbstractMAPEncoder, default_adjoint, default_rtol
-from .fit import EncoderFitResult
 
 __all__ = [
     "AutoDEQ",
@@ -91,7 +79,6 @@ __all__ = [
     "SafeguardedLBFGS",
     "SafeguardedNewton",
     "NEWTON_MAX_DIM",
-    "fit_autodeq",
 ]
 
 #: Stacked latent sizes up to this use :class:`SafeguardedNewton` by default, above it
@@ -289,8 +276,9 @@ _HESSIAN_CHUNK_ELEMENTS = 2**23
 _INIT_RADIUS = 0.5
 
 
-def _prior_globals(model, names, *, seed: int, owner: str) -> dict[str, torch.Tensor]:
-    """Seeded initial globals from a prior trace of the program with one row (caller's RNG kept)."""
+def _prior_globals(model, names, *, seed: int, owner: str, strict: bool = True):
+    """Seeded initial globals and their transforms from a prior trace of the program with one
+    row (caller's RNG kept); ``None`` where the program cannot run without data and not ``strict``."""
 
     def init(site: dict) -> torch.Tensor:
         fn = site["fn"]
@@ -309,11 +297,29 @@ def _prior_globals(model, names, *, seed: int, owner: str) -> dict[str, torch.Te
             torch.manual_seed(seed)
             trace = poutine.trace(InitMessenger(init)(model)).get_trace(num_data=1)
     except Exception as err:  # the program needs data to know its shapes (covariates, ...)
+        if not strict:
+            return None
         raise ValueError(
             f"AutoDEQ could not trace {owner} without data to shape its globals ({err}); pass "
             f"values={{site: tensor}} for {list(names)}"
         ) from err
-    return {n: trace.nodes[n]["value"] for n in names if n in trace.nodes}
+    values = {n: trace.nodes[n]["value"] for n in names if n in trace.nodes}
+    transforms = {n: biject_to(trace.nodes[n]["fn"].support) for n in names if n in trace.nodes}
+    return values, transforms
+
+
+_IDENTITY = torch.distributions.transforms.identity_transform
+
+
+def _unconstrain(t, value: torch.Tensor, name: str) -> torch.Tensor:
+    """``t.inv(value)``, or a ValueError naming the site where the value leaves the support."""
+    u = t.inv(value)
+    if not bool(torch.isfinite(u).all()):
+        raise ValueError(
+            f"values[{name!r}] lies outside the support of global site {name!r} "
+            f"({t.codomain}); pass a value inside it"
+        )
+    return u.detach().clone()
 
 
 def _in_functorch_transform() -> bool:
@@ -444,8 +450,9 @@ class AutoDEQ(AbstractMAPEncoder):
         if not tuple(model.local_sites):
             raise ValueError(f"{name} declares no local sites: there is nothing to encode")
         names = tuple(model.global_sites)
+        prior = _prior_globals(model, names, seed=seed, owner=name, strict=values is None)
         if values is None:
-            values = _prior_globals(model, names, seed=seed, owner=name)
+            values = prior[0]
         if not isinstance(values, Mapping):
             raise TypeError(
                 f"values must be a mapping global site -> tensor (e.g. MAPResult.values) or None, "
@@ -456,18 +463,66 @@ class AutoDEQ(AbstractMAPEncoder):
             raise ValueError(
                 f"values must give every global site of {name} {list(names)}; missing {missing}"
             )
-        dtype = None
-        for n in names:
-            t = as_tensor(values[n], f"values[{n!r}]", dtype=dtype)
-            dtype = t.dtype
-            check_finite(t, f"values[{n!r}]")
-            self.register_parameter(n, nn.Parameter(t.detach().clone()))
+        # The globals are held unconstrained (each through its support's biject_to, as
+        # fit_map): fit_encoder optimises these leaves, site_parameters() maps them back.
+        # Supports come from the one-row prior trace; a program that needs data to run gets
+        # them at the first data (identity until then, see _inspect).
+        self._supports_known = prior is not None and all(n in prior[1] for n in names)
+        transforms = prior[1] if self._supports_known else {}
+        self._transforms = [transforms.get(n, _IDENTITY) for n in names]
+        dtype, leaves = None, []
+        for n, t in zip(names, self._transforms):
+            value = as_tensor(values[n], f"values[{n!r}]", dtype=dtype)
+            dtype = value.dtype
+            check_finite(value, f"values[{n!r}]")
+            leaves.append(nn.Parameter(_unconstrain(t, value.detach(), n)))
+        self.unconstrained = nn.ParameterList(leaves)
         self._layouts: dict = {}
 
     @classmethod
     def from_values(cls, model, values: Mapping[str, torch.Tensor], **options) -> AutoDEQ:
         """An encoder holding the globals ``values`` (e.g. ``MAPResult.values``)."""
         return cls(model, values, **options)
+
+    # ------------------------------------------------------------------ the globals
+    def site_parameters(self) -> dict[str, torch.Tensor]:
+        """The global sites, computed (differentiably) from the unconstrained leaves.
+
+        A global with real support is its leaf itself (the identity transform), so in-place
+        changes of ``site_parameters()[name]`` reach the encoder for those.
+        """
+        return {n: t(p) for n, t, p in zip(self.model.global_sites, self._transforms, self.unconstrained)}
+
+    def fit_parameters(self) -> list[torch.Tensor]:
+        """The unconstrained leaves :func:`~deqppl.encoders.fit_encoder` optimises, in the order
+        of ``model.global_sites``: a positive or bounded global stays in its support."""
+        return list(self.unconstrained)
+
+    def load_values(self, values: Mapping[str, torch.Tensor]) -> AutoDEQ:
+        """Set the globals from ``values`` (extra keys ignored); see
+        :meth:`AbstractMAPEncoder.load_values`. A value outside its site's support is a
+        ``ValueError``."""
+        names = tuple(self.model.global_sites)
+        if not isinstance(values, Mapping):
+            raise TypeError(f"values must be a mapping site -> tensor, got {type(values).__name__}")
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ValueError(f"values must give every global site {list(names)}; missing {missing}")
+        if not names:
+            return self
+        dtype = as_tensor(values[names[0]], names[0]).dtype
+        current = self.site_parameters()
+        leaves = {}
+        for n, t in zip(names, self._transforms):
+            value = as_tensor(values[n], n, dtype=dtype)
+            check_shape(value, tuple(current[n].shape), n)
+            check_finite(value, n)
+            leaves[n] = _unconstrain(t, value, n)
+        self.to(dtype)
+        with torch.no_grad():
+            for p, n in zip(self.unconstrained, names):
+                p.copy_(leaves[n])
+        return self
 
     # ------------------------------------------------------------------ structure
     @property
@@ -526,16 +581,23 @@ class AutoDEQ(AbstractMAPEncoder):
         if absent:
             raise ValueError(f"{name} declares sites {absent} that are not latent sample sites of its program")
         shapes, transforms = {}, {}
+        current = self.site_parameters()
         for n in glob:
             transforms[n] = biject_to(trace.nodes[n]["fn"].support)
             want = tuple(trace.nodes[n]["value"].shape)
-            got = tuple(getattr(self, n).shape)
+            got = tuple(current[n].shape)
             if got != want:
                 raise ValueError(
                     f"global site {n!r} of {name} must have shape {want} for these data, got a "
                     f"value of shape {got}"
                 )
             shapes[n] = want
+        if not self._supports_known:  # a program that needs data to run: supports learned here
+            with torch.no_grad():
+                for i, n in enumerate(glob):
+                    self.unconstrained[i].copy_(_unconstrain(transforms[n], current[n].detach(), n))
+            self._transforms = [transforms[n] for n in glob]
+            self._supports_known = True
         sites, offset = [], 0
         for n in local:
             node = trace.nodes[n]
@@ -643,7 +705,7 @@ class AutoDEQ(AbstractMAPEncoder):
         )
         inputs = [params[n] for n in names] + [data[k] for k in dnames]
         # the globals' storage and in-place version: unchanged globals keep their coefficients
-        globals_key = tuple((id(p), p.data_ptr(), p._version) for p in self.site_parameters().values())
+        globals_key = tuple((id(p), p.data_ptr(), p._version) for p in self.unconstrained)
         traced = self._traced.get(key, False)
         if traced is False:
             def fn(u, *flat):
@@ -1211,260 +1273,3 @@ def _lbfgs(ev, solver, u, rtol):
         stuck[idx[~accepted]] = True
         counts["steps"] += 1
     return u, g, counts
-
-
-# ---------------------------------------------------------------------------------- the joint fit
-def _unconstrained_globals(enc: AutoDEQ, layout: _Layout) -> tuple[list, list[tuple[str, object, tuple]]]:
-    """Transforms of the globals and their unconstrained starting values (flattened)."""
-    specs, parts = [], []
-    for n, value in enc.site_parameters().items():
-        t = layout.global_transforms[n]
-        u = t.inv(value.detach())
-        specs.append((n, t, tuple(u.shape)))
-        parts.append(u.reshape(-1))
-    return parts, specs
-
-
-def _assemble(x: torch.Tensor, specs) -> dict[str, torch.Tensor]:
-    out, i = {}, 0
-    for n, t, shape in specs:
-        k = math.prod(shape)
-        out[n] = t(x[i : i + k].reshape(shape))
-        i += k
-    return out
-
-
-def fit_autodeq(
-    encoder: AutoDEQ,
-    data: object,
-    *,
-    optimizer: LBFGS | Adam | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    warm_start: bool = True,
-    callback: Callable[[int, float], None] | None = None,
-    throw: bool = False,
-) -> EncoderFitResult:
-    r"""Fit the globals of an :class:`AutoDEQ` by joint MAP through its fixed point.
-
-    The objective is the model's negative log joint at the per-row MAP,
-    $L(\theta) = -\log p(\theta) - \sum_s \log p(y_s, z_s^*(\theta)\mid\theta)$, minimised
-    over the globals in unconstrained coordinates (each global through its support's
-    ``biject_to``, as :func:`~deqppl.inference.fit_map`), so positive or bounded globals stay
-    in their support. Because $z^*$ is a stationary point of the same objective, the implicit
-    term of the gradient vanishes (envelope theorem, SPEC §2.4): every solve runs without an
-    adjoint and the gradient is that of $L$ at the detached $z^*$.
-
-    Parameters
-    ----------
-    encoder
-        The :class:`AutoDEQ`, trained in place (its globals are its parameters).
-    data
-        The model's data mapping (or the bare tensor for one data name); validated once here.
-    optimizer
-        :class:`~deqppl.optim.LBFGS` (default): the *profiled* objective full batch, every
-        evaluation one warm-started batched solve; ``gtol=None`` means $\epsilon^{1/2}$, as
-        :func:`~deqppl.encoders.fit_encoder` (the profiled gradient is exact only to the
-        tolerance of the solves). :class:`~deqppl.optim.Adam`: shuffled minibatches, each loss
-        scaled by $N/n$ to an unbiased estimate of $L$, the full-data loss after each epoch
-        for the stopping rule and the schedule.
-    seed
-        Seeds Adam's shuffling (a private generator).
-    progress
-        Show a progress bar.
-    warm_start
-        Start each row's solve from its last solution.
-    callback
-        ``callback(step, loss)`` after each step (an L-BFGS iteration or an Adam epoch).
-    throw
-        Raise :class:`~deqppl.optim.FitConvergenceError` unless the fit converged.
-
-    Returns
-    -------
-    EncoderFitResult
-        ``loss_trace`` is the full-data negative log joint at the start and after each step.
-
-    Raises
-    ------
-    TypeError
-        ``encoder`` is not an :class:`AutoDEQ` or ``optimizer`` not LBFGS/Adam.
-    ValueError
-        Bad data or model structure (as :meth:`AutoDEQ.check_data`).
-
-    Examples
-    --------
-    >>> import pyro, pyro.distributions as dist, torch
-    >>> from deqppl.protocols import PyroModel
-    >>> def program(y=None, *, num_data=None):
-    ...     mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 10.0))
-    ...     with pyro.plate("data", len(y) if y is not None else num_data):
-    ...         z = pyro.sample("z", dist.Normal(mu, 1.0))
-    ...         return pyro.sample("y", dist.Normal(z, 1.0), obs=y)
-    >>> model = PyroModel(program, data_names=("y",), local_sites=("z",), global_sites=("mu",))
-    >>> y = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
-    >>> fit = fit_autodeq(AutoDEQ(model), y, progress=False)
-    >>> # joint MAP: z_s = (y_s + mu) / 2, so mu = (sum(y) / 2) / (N / 2 + 1 / 100) = 3 / 1.51
-    >>> fit.status.name, round(float(fit.encoder.values()["mu"]), 6), round(3 / 1.51, 6)
-    ('CONVERGED', 1.986755, 1.986755)
-    """
-    start = time.perf_counter()
-    optimizer = LBFGS() if optimizer is None else optimizer
-    if not isinstance(optimizer, (LBFGS, Adam)):
-        raise TypeError(f"fit_autodeq optimizes with deqppl.optim.LBFGS(...) or Adam(...); got {optimizer!r}")
-    if not isinstance(encoder, AutoDEQ):
-        raise TypeError(f"fit_autodeq fits an AutoDEQ encoder, got {type(encoder).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    data = encoder.check_data(data)  # the one validation; the solves below get validated rows
-    layout = encoder._layout(data)
-    parts, specs = _unconstrained_globals(encoder, layout)
-    if not specs:
-        raise ValueError(f"{encoder.model.describe()} has no global sites: nothing to fit")
-    x0 = torch.cat(parts)
-    num_data = next(iter(data.values())).shape[0]
-    objective = _JointObjective(encoder, data, specs, warm_start=warm_start)
-    if isinstance(optimizer, LBFGS):
-        settings = optimizer
-        if optimizer.gtol is None:
-            settings = dataclasses.replace(optimizer, gtol=math.sqrt(torch.finfo(x0.dtype).eps))
-        stepper = LBFGSStepper(objective, x0, settings)
-        out = drive(
-            stepper,
-            lbfgs_rules(settings, x0.dtype, x0.numel()),
-            max_steps=int(optimizer.max_steps),
-            progress=progress,
-            desc="fit_autodeq (L-BFGS)",
-            callback=callback,
-        )
-        objective.assign(stepper.x)
-        grad_norm = float(stepper.g.norm())
-    else:
-        stepper = _AdamStepper(objective, x0, optimizer, num_data=num_data, seed=seed)
-        out = drive(
-            stepper,
-            StopRules(rtol=float(optimizer.rtol), strict=True),
-            max_steps=int(optimizer.num_epochs),
-            progress=progress,
-            desc="fit_autodeq (Adam)",
-            callback=callback,
-            unit="epoch",
-        )
-        objective.assign(stepper.x.detach())
-        _, g = objective(stepper.x.detach())
-        grad_norm = float(g.norm())
-    result = EncoderFitResult(
-        encoder=encoder,
-        loss_trace=torch.tensor(out.trace, dtype=torch.float64),
-        num_steps=out.num_steps,
-        num_grad_evals=out.num_evals,
-        wall_time=time.perf_counter() - start,
-        status=out.status,
-        criterion=out.criterion,
-        grad_norm=grad_norm if math.isfinite(grad_norm) else math.nan,
-        optimizer=optimizer,
-        num_solves=objective.num_solves,
-    )
-    if throw and not result.converged:
-        raise FitConvergenceError(result, "fit_autodeq")
-    return result
-
-
-class _JointObjective:
-    r"""Unconstrained globals $x \mapsto (L, \nabla L)$ at the solved per-row MAP (envelope)."""
-
-    def __init__(self, encoder: AutoDEQ, data, specs, *, warm_start: bool) -> None:
-        self.encoder, self.data, self.specs = encoder, data, specs
-        self.warm_start = warm_start
-        self.z: torch.Tensor | None = None
-        self.num_solves = 0
-
-    def assign(self, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            for n, value in _assemble(x.detach(), self.specs).items():
-                getattr(self.encoder, n).copy_(value)
-
-    def solve(self, rows: torch.Tensor | None, z0: torch.Tensor | None) -> torch.Tensor | None:
-        data = self.data if rows is None else _rows(self.data, rows)
-        with torch.no_grad():
-            self.num_solves += 1
-            sol = self.encoder.solve(data, z0=z0, throw=False, validated=True)
-            if not bool(sol.converged.all()) and z0 is not None:  # a far trial point: cold start
-                self.num_solves += 1
-                sol = self.encoder.solve(data, throw=False, validated=True)
-        return sol.value.detach() if bool(sol.converged.all()) else None
-
-    def loss(self, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor | None, scale: float) -> torch.Tensor:
-        enc = self.encoder
-        data = self.data if rows is None else _rows(self.data, rows)
-        layout = enc._layout(data)
-        values = {**_assemble(x, self.specs), **enc._constrained(z, layout)}
-        return -log_joint(enc.model, data, values, data_scale=scale, plate_name=enc.plate_name)
-
-    def __call__(self, x: torch.Tensor) -> tuple[float, torch.Tensor]:
-        nan = (math.nan, torch.full_like(x, math.nan))
-        self.assign(x)
-        z = self.solve(None, self.z if self.warm_start else None)
-        if z is None:  # an unsolved fixed point has no profiled loss: the line search backs off
-            return nan
-        with torch.enable_grad():
-            xx = x.detach().clone().requires_grad_(True)
-            loss = self.loss(xx, z, None, 1.0)
-            if not bool(torch.isfinite(loss)):
-                return nan
-            (g,) = torch.autograd.grad(loss, xx)
-        self.z = z
-        return float(loss.detach()), g
-
-
-class _AdamStepper(AbstractStepper):
-    """One epoch of minibatch Adam on the unconstrained globals per step, then the full loss."""
-
-    def __init__(self, objective: _JointObjective, x0: torch.Tensor, settings: Adam, *, num_data: int, seed: int):
-        self.objective, self.settings, self.num_data = objective, settings, num_data
-        self.x = x0.detach().clone().requires_grad_(True)
-        self.adam = torch.optim.Adam([self.x], lr=settings.lr, betas=settings.betas)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.cache: torch.Tensor | None = None
-        self.epoch = 0
-        self.num_plateaus = 0
-        self.loss = math.nan
-
-    def _full(self) -> float:
-        obj = self.objective
-        obj.assign(self.x.detach())
-        z = obj.solve(None, self.cache if obj.warm_start else None)
-        if z is None:
-            return math.nan
-        self.cache = z
-        with torch.no_grad():
-            return float(obj.loss(self.x.detach(), z, None, 1.0))
-
-    def start(self) -> Observation:
-        self.loss = self._full()
-        return Observation(loss=self.loss, num_steps=0, num_evals=0)
-
-    def step(self, budget: int) -> Observation:
-        s, obj, n = self.settings, self.objective, self.num_data
-        lr = s.schedule.lr(s.lr, step=self.epoch, max_steps=s.num_epochs, num_plateaus=self.num_plateaus)
-        for group in self.adam.param_groups:
-            group["lr"] = lr
-        evals = 0
-        perm = torch.randperm(n, generator=self.gen)
-        for idx in perm.split(s.batch_size):
-            obj.assign(self.x.detach())
-            z0 = self.cache[idx] if (obj.warm_start and self.cache is not None) else None
-            z = obj.solve(idx, z0)
-            if z is None:
-                return Observation(loss=math.nan, num_evals=evals, stalled="a minibatch solve failed")
-            if self.cache is not None:
-                self.cache[idx] = z
-            self.adam.zero_grad()
-            obj.loss(self.x, z, idx, n / idx.numel()).backward()
-            self.adam.step()
-            evals += 1
-        self.epoch += 1
-        new = self._full()
-        if not new < self.loss:
-            self.num_plateaus += 1
-        self.loss = new
-        return Observation(loss=new, num_evals=evals)

@@ -359,6 +359,13 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
         """The model's global sites as the encoder's live parameters (not copies), by site name."""
         return {name: getattr(self, name) for name in self.model.global_sites}
 
+    def fit_parameters(self) -> list[torch.Tensor]:
+        """The leaf tensors :func:`~deqppl.encoders.fit_encoder` optimises: by default the
+        global sites themselves, in the order of ``model.global_sites``. An encoder holding
+        constrained globals in unconstrained coordinates (``AutoDEQ``) returns those leaves;
+        :meth:`site_parameters` then computes the sites from them, differentiably."""
+        return list(self.site_parameters().values())
+
     def values(self) -> dict[str, torch.Tensor]:
         """The model's global sites (detached copies), e.g. ``{"W": ..., "B": ...}``."""
         return {name: t.detach().clone() for name, t in self.site_parameters().items()}

@@ -144,7 +144,8 @@ def _rows(data: Mapping[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torc
 
 
 def _params(encoder: nn.Module) -> list[torch.Tensor]:
-    return list(encoder.site_parameters().values())
+    # the encoder's own parametrisation of its globals (unconstrained leaves for AutoDEQ)
+    return list(encoder.fit_parameters())
 
 
 def _flat(params: list[torch.Tensor]) -> torch.Tensor:
