@@ -477,19 +477,21 @@ report.passed, y.shape, float(y.max())'''),
     ("md", """\
 ## Learning the globals through the encoder
 
-`fit_autodeq` fits $(W, B)$ by joint MAP through the fixed point: the envelope theorem makes the
-gradient of the log joint at the detached per-row MAP exact, so L-BFGS works on the profiled
-objective of the globals only (every evaluation one batched solve). `fit_map` fits every site
+`fit_encoder` fits $(W, B)$ by joint MAP through the fixed point, as for the hand-written
+encoders: the envelope theorem makes the gradient of the log joint at the detached per-row MAP
+exact, so L-BFGS works on the profiled objective of the globals only (every evaluation one
+batched solve), in unconstrained coordinates (`AutoDEQ` holds positive or bounded globals
+through their supports' transforms). `fit_map` fits every site
 jointly, by L-BFGS or by SVI (`AutoDelta` + Adam)."""),
     ("code", '''\
 import time
 
-from deqppl.encoders import AutoDEQ, fit_autodeq
+from deqppl.encoders import AutoDEQ, fit_encoder
 from deqppl.inference import fit_map
 
 encoder = AutoDEQ(model, seed=0)
 start = time.perf_counter()
-deq = fit_autodeq(encoder, {"y": y}, progress=False)
+deq = fit_encoder(encoder, {"y": y}, progress=False)
 deq_time = time.perf_counter() - start
 lbfgs = fit_map(model, {"y": y}, seed=0, progress=False)
 svi = fit_map(model, {"y": y}, optimizer=SVI_SETTINGS, seed=0, progress=False)
