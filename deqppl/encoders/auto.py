@@ -22,11 +22,17 @@ implicit term vanishes (the envelope theorem, SPEC §2.4).
 Solving. The rows are independent problems, solved batched by a descent method on each
 $F_s$ (settings objects :class:`SafeguardedNewton` and :class:`SafeguardedLBFGS`): a solver
 that sees only $f$ (the fixed-point protocol) cannot tell a minimum from a saddle, while a
-descent method with an Armijo backtracking on $F_s$ cannot step uphill. Per-row gradients and
-Hessians come from autograd on the trace: one reverse pass gives every row's gradient (rows do
-not interact), and the per-row Hessians are the vector-Jacobian products of that gradient with
-the $D$ coordinate directions, each set in every row at once, batched by ``vmap`` inside
-autograd (``is_grads_batched``). Inside :mod:`torch.func` transforms, and for the adjoint, the
+descent method with an Armijo backtracking on $F_s$ cannot step uphill. For large batches the
+objective is traced once per batch shape into aten graphs (:mod:`deqppl.encoders._traced`):
+the terms that do not depend on the latents are evaluated once per solve, and where the graph
+is *separable* (the latents enter through affine maps feeding pointwise operations that are
+summed, as in every exponential-family likelihood) the per-row Hessians are
+$A^\top\operatorname{diag}(c)A$ from one Hessian-vector product and a GEMM, the product the
+PED encoder forms by hand. Otherwise per-row gradients and Hessians come from autograd on the
+trace: one reverse pass gives every row's gradient (rows do not interact), and the per-row
+Hessians are the vector-Jacobian products of that gradient with the $D$ coordinate
+directions, each set in every row at once, batched by ``vmap`` inside autograd
+(``is_grads_batched``). Inside :mod:`torch.func` transforms, and for the adjoint, the
 same quantities come from ``torch.func`` (``grad``, ``vjp``, ``vmap``), which compose with
 them (plain autograd is used elsewhere because it was measured 3-6x faster: torch.func
 decomposes fused kernels such as Bernoulli's ``binary_cross_entropy_with_logits``). Rows that have
@@ -82,9 +88,10 @@ __all__ = [
 ]
 
 #: Stacked latent sizes up to this use :class:`SafeguardedNewton` by default, above it
-#: :class:`SafeguardedLBFGS`. A generic Hessian costs D batched backward passes through the
-#: trace (the PED encoder's analytic one is a single GEMM), so Newton pays off only for a few
-#: dimensions. Measured (benchmarks/bench_autodeq.py cases, CPU time, float64): Poisson PCA
+#: :class:`SafeguardedLBFGS` unless the traced objective gives separable Hessians (one GEMM,
+#: as the PED encoder's; measured there: Newton 4.9 s / 3.1 s against L-BFGS 13.7 s / 6.3 s,
+#: Poisson / Bernoulli PCA d=500, l=20, N=10 000). A generic Hessian costs D batched backward
+#: passes through the trace, so Newton pays off only for a few dimensions. Measured (benchmarks/bench_autodeq.py cases, CPU time, float64): Poisson PCA
 #: d=50, l=5, N=10 000: Newton 545 ms, L-BFGS 861 ms; Bernoulli d=50, l=5: Newton 596 ms,
 #: L-BFGS 480 ms; d=500, l=20, N=2 000: Newton 4.9 s / 13 s (Poisson / Bernoulli), L-BFGS
 #: 1.4 s / 0.9 s.
@@ -349,7 +356,8 @@ class AutoDEQ(AbstractMAPEncoder):
         Every global site's value, e.g. ``MAPResult.values`` or a simulation's truth (extra
         keys, such as local sites, are ignored). Checked against the model's trace on the
         first data seen: a missing global or one of the wrong shape is a ``ValueError`` before
-        any solve. ``None`` (to fit them, e.g. by :func:`fit_autodeq`): each global starts at
+        any solve. ``None`` (to fit them, e.g. by :func:`~deqppl.encoders.fit_encoder`, which optimises
+        them in unconstrained coordinates, :meth:`fit_parameters`): each global starts at
         unconstrained values uniform in $(-0.5, 0.5)$ drawn with ``seed`` (as
         :func:`~deqppl.inference.fit_map`), with the shapes of a prior trace of the program
         with one row (``model(num_data=1)``).
@@ -494,8 +502,28 @@ class AutoDEQ(AbstractMAPEncoder):
         return {n: t(p) for n, t, p in zip(self.model.global_sites, self._transforms, self.unconstrained)}
 
     def fit_parameters(self) -> list[torch.Tensor]:
-        """The unconstrained leaves :func:`~deqppl.encoders.fit_encoder` optimises, in the order
-        of ``model.global_sites``: a positive or bounded global stays in its support."""
+        r"""The unconstrained leaves :func:`~deqppl.encoders.fit_encoder` optimises, in the order
+        of ``model.global_sites``: a positive or bounded global stays in its support.
+
+        Examples
+        --------
+        The joint MAP through the fixed point, against its closed form:
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from deqppl.encoders import fit_encoder
+        >>> from deqppl.protocols import PyroModel
+        >>> def program(y=None, *, num_data=None):
+        ...     mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 10.0))
+        ...     with pyro.plate("data", len(y) if y is not None else num_data):
+        ...         z = pyro.sample("z", dist.Normal(mu, 1.0))
+        ...         return pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+        >>> model = PyroModel(program, data_names=("y",), local_sites=("z",), global_sites=("mu",))
+        >>> y = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+        >>> fit = fit_encoder(AutoDEQ(model), y, progress=False)
+        >>> # joint MAP: z_s = (y_s + mu) / 2, so mu = (sum(y) / 2) / (N / 2 + 1 / 100) = 3 / 1.51
+        >>> fit.status.name, round(float(fit.encoder.values()["mu"]), 6), round(3 / 1.51, 6)
+        ('CONVERGED', 1.986755, 1.986755)
+        """
         return list(self.unconstrained)
 
     def load_values(self, values: Mapping[str, torch.Tensor]) -> AutoDEQ:

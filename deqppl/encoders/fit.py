@@ -191,7 +191,9 @@ def fit_encoder(
     encoder
         An encoder of the protocol (:class:`~deqppl.encoders.AbstractMAPEncoder`, e.g.
         :class:`~deqppl.encoders.PEDEncoder`, :class:`~deqppl.encoders.DeepPEDEncoder`),
-        trained in place; its dtype is the fit's.
+        trained in place; its dtype is the fit's. The optimiser moves the tensors of
+        :meth:`~deqppl.encoders.AbstractMAPEncoder.fit_parameters` (the globals themselves, or
+        :class:`~deqppl.encoders.AutoDEQ`'s unconstrained leaves).
     data
         The model's data mapping (e.g. ``{"y": y}``), or the bare tensor of a model with one
         data name; validated once, here, by the encoder's model (not again if it is a
