@@ -398,14 +398,27 @@ class _BoundSeparable:
         return F.detach(), g.detach(), hessian
 
 
+_NO_OP_MOVES = {_aten.alias.default, _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default,
+                 _aten.expand.default, _aten.permute.default}
+
+
 def _simplify(graph: fx.Graph) -> None:
-    """Exact rewrites of compositions that distributions produce (log of an exp'd rate).
+    """Exact rewrites of compositions that distributions produce (log of an exp'd rate), after
+    dropping moves that change nothing (so that one affine leaf is not seen as two).
 
     ``xlogy(a, exp(b)) -> a * b`` (equal where ``b`` is finite; ``exp(b)`` overflowing to
     ``inf`` is a rejected step either way) and ``log(exp(b)) -> b``: a Poisson rate given
     as ``exp(eta)`` is taken back to ``eta`` by ``log_prob``, and both passes and their
     derivatives are saved.
     """
+    for node in list(graph.nodes):  # moves that change nothing (alias, same-shape view or expand)
+        if node.op == "call_function" and node.target in _NO_OP_MOVES and isinstance(node.args[0], fx.Node):
+            src = node.args[0]
+            if "val" in node.meta and "val" in src.meta and (
+                tuple(node.meta["val"].shape) == tuple(src.meta["val"].shape)
+            ) and (node.target is not _aten.permute.default or list(node.args[1]) == sorted(node.args[1])):
+                node.replace_all_uses_with(src)
+                graph.erase_node(node)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (_aten.xlogy.Tensor, _aten.log.default):
             continue
