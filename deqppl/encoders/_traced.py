@@ -119,6 +119,8 @@ class TracedObjective:
         benv[placeholders[0]] = body.placeholder("u")
         for i, a in enumerate(frontier):
             benv[a] = body.placeholder(f"c{i}")
+        for a in (placeholders[0], *frontier):  # shapes, for the rewrites and the analysis
+            benv[a].meta = dict(a.meta)
         for node in graph.nodes:
             if node in dep and node.op != "placeholder":
                 benv[node] = body.node_copy(node, lambda a: benv[a])
@@ -189,8 +191,8 @@ class BoundObjective:
 class _Separable:
     """The body split into affine leaves $a_k(u)$ and a pointwise-then-summed rest (module notes)."""
 
-    def __init__(self, affine: fx.GraphModule, rest: fx.GraphModule, num_leaves: int, shape) -> None:
-        self.affine, self.rest, self.num_leaves, self.shape = affine, rest, num_leaves, shape
+    def __init__(self, affine: fx.GraphModule, rest: fx.GraphModule, shape) -> None:
+        self.affine, self.rest, self.shape = affine, rest, shape
         self._products: tuple | None = None  # (globals key, products)
 
     @classmethod
@@ -333,7 +335,7 @@ class _Separable:
         a_mod, r_mod = fx.GraphModule(body, affine), fx.GraphModule(body, rest)
         a_mod.graph.eliminate_dead_code()
         a_mod.recompile()
-        return cls(a_mod, r_mod, len(leaves), shape)
+        return cls(a_mod, r_mod, shape)
 
     def bind(self, consts: tuple, globals_key: object = None) -> _BoundSeparable | None:
         if globals_key is not None and self._products is not None and self._products[0] == globals_key:
@@ -361,7 +363,9 @@ class _Separable:
             if reps == 2 and not torch.allclose(cols, t[D : 2 * D].reshape(D, -1), rtol=1e-12, atol=0.0):
                 return None
             A = cols.T  # (e_k, D)
-            products.append((A[:, :, None] * A[:, None, :]).reshape(A.shape[0], D * D))
+            # the upper triangle only (H is symmetric): D(D+1)/2 columns of the GEMM, not D^2
+            i, j = torch.triu_indices(D, D, device=device)
+            products.append(A[:, i] * A[:, j])
         self._products = (globals_key, products)
         return _BoundSeparable(self, consts, products)
 
@@ -384,7 +388,8 @@ class _BoundSeparable:
         g = torch.zeros_like(u) if g is None else g
 
         def hessian() -> torch.Tensor:
-            H = u.new_zeros(n, D * D)
+            i, j = torch.triu_indices(D, D, device=u.device)
+            upper = u.new_zeros(n, i.numel())
             live = [(x, gr, P) for x, gr, P in zip(free, grads, self.products) if gr.requires_grad]
             if live:
                 with torch.enable_grad():
@@ -392,8 +397,11 @@ class _BoundSeparable:
                     curv = torch.autograd.grad(total, [x for x, _, _ in live], allow_unused=True)
                 for c, (x, _, P) in zip(curv, live):
                     if c is not None:
-                        H.addmm_(c.reshape(n, -1), P)
-            return H.reshape(n, D, D)
+                        upper.addmm_(c.reshape(n, -1), P)
+            H = u.new_empty(n, D, D)
+            H[:, i, j] = upper
+            H[:, j, i] = upper
+            return H
 
         return F.detach(), g.detach(), hessian
 
