@@ -83,7 +83,9 @@ class Tanh(AbstractActivation):
         return torch.tanh(t)
 
     def derivative(self, t):
-        return 1.0 - torch.tanh(t) ** 2
+        # sech^2 t, not 1 - tanh^2 t: tanh t rounds to 1 for t > 9 in float32, so the
+        # difference cancels to exactly 0 while sech^2 t is representable down to ~1e-38
+        return torch.cosh(t).reciprocal() ** 2
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,8 @@ class Sigmoid(AbstractActivation):
         return torch.sigmoid(t)
 
     def derivative(self, t):
-        s = torch.sigmoid(t)
-        return s * (1.0 - s)
+        # s(t) s(-t), not s (1 - s): 1 - s(t) cancels to exactly 0 for t > 17 in float32
+        return torch.sigmoid(t) * torch.sigmoid(-t)
 
 
 @dataclass(frozen=True)
