@@ -118,7 +118,7 @@ def outcome(row) -> str:
                      else "explicit: nothing to solve")
     else:
         frac = row.get("fraction_converged", math.nan)
-        test = "" if math.isnan(frac) else f"; {100 * (1 - frac):.0f} % of test images unconverged"
+        test = "" if math.isnan(frac) else f"; {100 * (1 - frac):.1f} % of test images unconverged"
         parts.append(f"solves failed in {bad}/{runs} runs (mean {row['forward_failed']:.0f} "
                      f"training samples, {row['skipped_steps']:.0f} skipped steps{test})")
     if not math.isnan(row.get("certified", math.nan)):

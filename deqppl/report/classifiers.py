@@ -28,8 +28,10 @@ CLASSIFIER_TABLES: dict[str, tuple[str, ...]] = {
         "monotonicity_margin", "measured_margin", "lipschitz",
     ),
 }
-# Counts over seeds: shown as totals, without a spread.
-_COUNTS = ("unconverged_runs", "runs")
+# Shown without a spread: counts over seeds (totals), the parameter count and settings (the
+# same for every seed) and 0/1 checks (their mean is the fraction of seeds that passed).
+_NO_SPREAD = ("unconverged_runs", "runs", "num_parameters", "monotonicity_margin", "certified",
+              "cone_ok", "activation_ok", "injection_ok", "all_samples_converged")
 
 
 def _cell(mean: float, sd: float, runs: float) -> str:
@@ -41,7 +43,8 @@ def _cell(mean: float, sd: float, runs: float) -> str:
 
 def classifier_tables(comparison) -> list[tuple[str, pd.DataFrame]]:
     """The comparison's summary as text tables: ``model``, ``stage``, ``method``, then one
-    column per metric, each cell ``mean ± sd`` over seeds (counts as totals, ``—`` missing).
+    column per metric, each cell ``mean ± sd`` over seeds (counts as totals; parameter counts,
+    settings and 0/1 checks as the mean alone; ``—`` missing).
 
     Parameters
     ----------
@@ -58,7 +61,7 @@ def classifier_tables(comparison) -> list[tuple[str, pd.DataFrame]]:
     >>> sd = pd.DataFrame({"test_accuracy": [0.01], "certified": [0.0]}, index=index)
     >>> tables = classifier_tables(ClassifierComparison(table=pd.DataFrame(), summary=summary, sd=sd))
     >>> [(title[:11], frame.values.tolist()) for title, frame in tables]
-    [('Accuracy, c', [['d-linear', 'test', 'pcdeq', '0.9 ± 0.01', '2']]), ('Certificate', [['d-linear', 'test', 'pcdeq', '1 ± 0']])]
+    [('Accuracy, c', [['d-linear', 'test', 'pcdeq', '0.9 ± 0.01', '2']]), ('Certificate', [['d-linear', 'test', 'pcdeq', '1']])]
     """
     summary, sd = comparison.summary, comparison.sd
     runs = summary["runs"] if "runs" in summary.columns else pd.Series(1.0, index=summary.index)
@@ -70,7 +73,7 @@ def classifier_tables(comparison) -> list[tuple[str, pd.DataFrame]]:
         frame = summary.index.to_frame(index=False).astype(str)
         for metric in shown:
             means = summary[metric].tolist()
-            if metric in _COUNTS or metric not in sd.columns:
+            if metric in _NO_SPREAD or metric not in sd.columns:
                 frame[metric] = [format_value(m) for m in means]
             else:
                 frame[metric] = [_cell(m, s, r) for m, s, r in
