@@ -38,7 +38,7 @@ from __future__ import annotations
 import abc
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
