@@ -217,7 +217,7 @@ def _column(table, name: str, first_row: int, path: Path) -> np.ndarray:
     if col.null_count:
         i = pc.index(pc.is_null(col), True).as_py()
         raise ValueError(f"{path}: row {first_row + i}, column {name!r} is empty (null); every observation needs a value")
-    return col.to_numpy().astype(np.float64, copy=False)
+    return col.to_numpy().astype(np.float64)  # a writable copy (Arrow buffers are read-only)
 
 
 # --------------------------------------------------------------------------------------------
