@@ -11,7 +11,7 @@
                    [--no-model-comparison] [--out DIR] [--small] [--no-progress]
     deqppl report --out DIR
     deqppl encode --model FITTED --data FILE.parquet|FILE.csv --out LATENTS.parquet
-                  [--chunk-rows N] [--no-laplace] [--overwrite] [--no-progress]
+                  [--chunk-rows N] [--no-laplace] [--overwrite] [--device D] [--no-progress]
 
 ``compare`` fits a model of the zoo to the data by every method (:func:`deqppl.harness.compare`)
 and writes into ``--out``: ``table.csv`` (tidy, one row per model x method x seed x stage x
@@ -698,6 +698,7 @@ def _add_encode_parser(sub) -> None:
     enc.add_argument("--no-laplace", action="store_true", help="do not write Laplace standard deviations")
     enc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    enc.add_argument("--device", default=None, help="where to solve, e.g. cuda (default cpu)")
     enc.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
 
 
@@ -713,8 +714,9 @@ def _cmd_encode(args) -> int:
             laplace=not args.no_laplace,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            device=args.device,
         )
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
         print(f"deqppl encode: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

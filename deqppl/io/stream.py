@@ -343,6 +343,7 @@ def encode(
     laplace: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> EncodeResult:
     """Encode every row of a Parquet/CSV file with a fitted encoder, chunk by chunk, resumably.
 
@@ -366,6 +367,9 @@ def encode(
         Replace an existing ``out_path`` (at the end); otherwise an existing file is an error.
     progress
         Show a progress bar in rows.
+    device
+        Where to solve when ``encoder`` is a model file (e.g. ``"cuda"``); an encoder object is
+        used where it is. Chunks are moved there and results back to the CPU.
 
     Returns
     -------
@@ -421,8 +425,13 @@ def encode(
     if isinstance(encoder, (str, os.PathLike)):
         model_path = Path(encoder)
         columns = read_info(model_path).columns
-        encoder = load(model_path)
+        encoder = load(model_path, device=device)
     elif isinstance(encoder, AbstractMAPEncoder):
+        if device is not None:
+            raise ValueError(
+                "device is for a model file path; an encoder object is used on its own device "
+                "(move it with encoder.to(device))"
+            )
         columns = default_columns(encoder.model)
     else:
         raise TypeError(
@@ -454,6 +463,7 @@ def encode(
         "chunk_rows": chunk_rows,
         "laplace": laplace,
         "dtype": str(ref.dtype) if ref is not None else None,
+        "device": str(ref.device) if ref is not None else None,
         "deqppl": __version__,
         "torch": torch.__version__,
     }

@@ -288,3 +288,21 @@ def test_sigkill_half_way_then_resume(tmp_path):
     full = io.encode(model_path, data, tmp_path / "full.parquet", chunk_rows=100, progress=False)
     assert pq.read_table(out).equals(pq.read_table(full.out_path))
     assert json.loads(json.dumps(res.num_rows)) == 12_000
+
+
+def test_device_of_a_model_file(problem, tmp_path):
+    enc, y, model_path, data = problem
+    res = io.encode(model_path, data, tmp_path / "z.parquet", chunk_rows=50, device="cpu", progress=False)
+    assert res.converged
+    with pytest.raises(ValueError, match="device is for a model file path"):
+        io.encode(enc, data, tmp_path / "w.parquet", device="cpu", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_encode_on_cuda_equals_cpu(problem, tmp_path):
+    _, _, model_path, data = problem
+    cpu = pq.read_table(io.encode(model_path, data, tmp_path / "c.parquet", chunk_rows=30, progress=False).out_path)
+    gpu = pq.read_table(io.encode(model_path, data, tmp_path / "g.parquet", chunk_rows=30, device="cuda", progress=False).out_path)
+    # 1e-10: the same float64 Newton iteration; GEMMs differ in summation order on the GPU
+    assert (_matrix(cpu, "z", L) - _matrix(gpu, "z", L)).abs().max() < 1e-10
+    assert gpu.column("converged").to_pylist() == cpu.column("converged").to_pylist()
