@@ -74,7 +74,11 @@ def register(name: str) -> Callable[[C], C]:
         other = _SAVEABLE.get(name)
         if other is not None and other.__qualname__ != cls.__qualname__:
             raise ValueError(f"the saveable name {name!r} is taken by {other.__module__}.{other.__qualname__}")
-        _SAVEABLE[name] = cls
+        # The same class imported twice under two module names (the zoo as deqppl.models and
+        # as a top-level models package, e.g. by doctest collection): both copies can be
+        # saved, and loading builds the one under deqppl, else the first registered.
+        if other is None or (cls.__module__.startswith("deqppl.") and not other.__module__.startswith("deqppl.")):
+            _SAVEABLE[name] = cls
         cls.saved_name = name
         return cls
 
@@ -98,6 +102,8 @@ def name_of(cls: type) -> str:
     for name, other in _SAVEABLE.items():
         if other is cls:
             return name
+    if isinstance(cls, type) and "saved_name" in cls.__dict__:  # a second copy of a registered class
+        return cls.__dict__["saved_name"]
     raise TypeError(
         f"{cls.__name__} is not a saveable class: a model file stores only classes registered "
         f"with @deqppl.io.register(name) that implement config() and from_config() "
