@@ -363,7 +363,10 @@ def _all_real(x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_integer(y: torch.Tensor) -> torch.Tensor:
-    return y == torch.round(y)
+    # Beyond 2**(mantissa bits + 1) (2**53 in float64, 2**24 in float32) a float cannot tell
+    # neighbouring integers apart, so such a "count" is already rounded: refuse it.
+    exact = 2.0 / torch.finfo(y.dtype).eps if y.is_floating_point() else math.inf
+    return (y == torch.round(y)) & (y.abs() <= exact)
 
 
 def gaussian(precision: float = 1.0) -> ExpFamily:
@@ -446,7 +449,7 @@ def poisson() -> ExpFamily:
         d2A=torch.exp,
         link=torch.log,
         in_support=lambda y: _is_integer(y) & (y >= 0),
-        support_text="non-negative integer counts",
+        support_text="non-negative integer counts, exact in the dtype (<= 2**53 in float64, <= 2**24 in float32)",
         domain=REAL_LINE,
         distribution=lambda v: dist.Poisson(torch.exp(v)),
         curvature_bound=math.inf,
