@@ -298,8 +298,8 @@ def fails_together(fn: Callable[..., _T]) -> Callable[..., _T]:
         except Exception as exc:
             shard = kwargs["shard"]
             context = (
-                f" [this rank holds rows {shard.start}..{shard.stop - 1} of {shard.num_total}; row numbers "
-                "above count from its first row]" if isinstance(shard, Shard) else ""
+                f" [rank {rank()} holds rows {shard.start}..{shard.stop - 1} of {shard.num_total}]"
+                if isinstance(shard, Shard) else ""
             )
             _flag_round(exc, where, context=context)
             raise  # unreachable: the flag round raises RankFailedError

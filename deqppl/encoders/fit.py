@@ -15,6 +15,7 @@ run without an adjoint and the gradient is that of $L$ at the detached $z^*$.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from deqppl.distributed import Shard, ShardLayout, check_agreement, fails_together, fingerprint
-from deqppl.validation import ValidatedData, validated
+from deqppl.validation import ValidatedData, table_positions, validated
 from deqppl.inference.log_joint import log_joint
 from deqppl.optim import (
     LBFGS,
@@ -181,6 +182,13 @@ def _shard_loss(encoder: nn.Module, data: Mapping[str, torch.Tensor], z: torch.T
     plate = getattr(model, "plate_name", "data")
     return -log_joint(model, data, values, data_scale=data_scale, plate_name=plate or "data",
                       prior_scale=1.0 if prior else 0.0)
+
+
+def _shard_rows(shard: Shard | None):
+    """Inside it, validation errors name a shard's rows by their index among all ranks' rows."""
+    if isinstance(shard, Shard):
+        return table_positions(first_row=shard.start)
+    return contextlib.nullcontext()
 
 
 def _all_converged(sol, layout: ShardLayout) -> bool:
@@ -353,7 +361,8 @@ def fit_encoder(
         )
     # The one validation of the data by the model (none for data validated for it already);
     # the solves below receive validated rows in the encoder's dtype.
-    data = encoder.check_data(data)
+    with _shard_rows(shard):  # data-parallel: errors name the row of all ranks' rows
+        data = encoder.check_data(data)
     layout = _layout(encoder, data, shard=shard, optimizer=optimizer, seed=seed, warm_start=warm_start, throw=throw)
     params = _params(encoder)
     if not params:

@@ -19,6 +19,7 @@ amortises (SPEC §2.2).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -33,7 +34,7 @@ from pyro.nn import PyroParam
 from torch.distributions import biject_to
 
 from deqppl.distributed import Shard, ShardLayout, check_agreement, fails_together, fingerprint
-from deqppl.validation import as_tensor, check_finite, validated
+from deqppl.validation import as_tensor, check_finite, table_positions, validated
 from deqppl.inference.log_joint import latent_sites, log_joint
 from deqppl.optim import (
     LBFGS,
@@ -166,7 +167,9 @@ def _prepare(
         raise TypeError(f"seed must be an integer, got {seed!r}")
     # The one validation of the data (none if the caller passes data it validated for this
     # model, deqppl.validation.ValidatedData): everything below receives validated tensors.
-    data = dict(validated(model, data))
+    with (table_positions(first_row=shard.start) if isinstance(shard, Shard) else contextlib.nullcontext()):
+        # data-parallel: errors name the row of all ranks' rows
+        data = dict(validated(model, data))
     for name, value in data.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 0:
             raise ValueError(

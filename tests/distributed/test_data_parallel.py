@@ -135,10 +135,11 @@ def test_failing_and_disagreeing_ranks(tmp_path):
     assert [rc for rc, _ in runs] == [0, 0], "\n".join(text[-3000:] for _, text in runs)
     for r in (0, 1):
         got = load(tmp_path, r)
-        # a bad shard on rank 1: every rank raises, naming rank 1 and its error
+        # a bad shard on rank 1: every rank raises, naming rank 1, its error and the global row
+        # (row 2 of the shard starting at row 24)
         kind, msg = got["bad_shard"]
         assert kind == "RankFailedError"
-        assert "rank 1: ValueError" in msg and "row 2, column 3" in msg and "holds rows 24..47" in msg
+        assert "rank 1: ValueError" in msg and "row 26, column 3" in msg and "holds rows 24..47" in msg
         kind, msg = got["mid_fit"]
         assert kind == "RankFailedError" and "rank 1: RuntimeError: injected failure in a solve" in msg
         # disagreements fail before any work: no solve ran, the globals are untouched
