@@ -831,7 +831,12 @@ def _cmd_fit(args) -> int:
         rows: dict[str, torch.Tensor] = {}
 
         def load() -> torch.Tensor:
+            from deqppl.validation import table_positions
+
             rows["y"] = read(start, stop).to(device)
+            # errors name the file's row (0-based data row) and column
+            with table_positions(first_row=start, columns={"y": tuple(columns)}):
+                model.validate(rows)
             return torch.zeros(1)
 
         # a rank that cannot read its rows stops every rank, naming it
@@ -854,8 +859,8 @@ def _cmd_fit(args) -> int:
             return torch.zeros(1)
 
         distributed.checked_all_reduce_sum(write, like=torch.zeros(1), where="deqppl fit: writing --out")
-    except distributed.DisagreementError as err:
-        raise UsageError(str(err)) from None
+    except (ValueError, TypeError) as err:  # bad data (one process) or disagreeing ranks
+        raise UsageError(f"{args.data}: {err}") from None
     finally:
         if parallel:
             import torch.distributed as dist
