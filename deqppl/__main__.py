@@ -1,6 +1,3 @@
 import sys
-
 from deqppl.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

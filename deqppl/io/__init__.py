@@ -4,7 +4,7 @@
   encoder and its model in one versioned, checksummed safetensors file (tensors and JSON, never
   pickled code). Classes take part through the saved-model protocol of
   :mod:`deqppl.io.registry` (:func:`register`).
-* :func:`encode` (:mod:`deqppl.io.encode`): amortised encoding of a Parquet/CSV table larger than
+* :func:`encode` (:mod:`deqppl.io.stream`): amortised encoding of a Parquet/CSV table larger than
   memory, chunk by chunk, resumable (``deqppl encode`` on the command line).
 
 pyarrow is imported only when data are streamed.
@@ -21,9 +21,14 @@ from .model_file import (
     read_info,
     save,
 )
+from .stream import DEFAULT_CHUNK_ROWS, EncodeResult, EncodeStatus, encode
 from .registry import lookup, name_of, register, register_settings, registered, settings_config, settings_from_config
 
 __all__ = [
+    "DEFAULT_CHUNK_ROWS",
+    "EncodeResult",
+    "EncodeStatus",
+    "encode",
     "FORMAT",
     "FORMAT_VERSION",
     "ModelFileError",
