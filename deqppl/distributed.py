@@ -114,7 +114,7 @@ def _comm_device(tensor: torch.Tensor | None = None) -> torch.device:
     # NCCL reduces CUDA tensors only; gloo takes CPU tensors (and CUDA ones by staging).
     if dist.get_backend() == "nccl":
         return tensor.device if tensor is not None and tensor.is_cuda else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -139,8 +139,20 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """
     out = tensor.detach().clone()
     if _parallel():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        _all_reduce(out, dist.ReduceOp.SUM)
     return out
+
+
+def _all_reduce(out: torch.Tensor, op) -> None:
+    # NCCL reduces CUDA tensors only: stage a CPU tensor through this rank's GPU (gloo reduces
+    # CPU and CUDA tensors in place).
+    device = _comm_device(out)
+    if out.device == device:
+        dist.all_reduce(out, op=op)
+    else:
+        staged = out.to(device)
+        dist.all_reduce(staged, op=op)
+        out.copy_(staged)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
@@ -158,7 +170,7 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """
     out = tensor.detach().clone()
     if _parallel():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        _all_reduce(out, dist.ReduceOp.MAX)
     return out
 
 

@@ -196,7 +196,8 @@ def _all_converged(sol, layout: ShardLayout) -> bool:
     if not layout.parallel:
         return bool(sol.converged.all())
     bad = layout.sum(lambda: (~sol.converged).sum().to(torch.float64).reshape(1),
-                     like=torch.zeros(1, dtype=torch.float64), where="fit_encoder: fixed-point solves")
+                     like=torch.zeros(1, dtype=torch.float64, device=sol.converged.device),
+                     where="fit_encoder: fixed-point solves")
     return float(bad[0]) == 0.0
 
 
@@ -519,7 +520,8 @@ class _AdamStepper(AbstractStepper):
             with torch.no_grad():
                 return _shard_loss(self.encoder, self.y, z, data_scale=1.0, prior=self.layout.rank == 0).reshape(1)
 
-        like = torch.zeros(1, dtype=_flat(_params(self.encoder)).dtype)
+        flat = _flat(_params(self.encoder))
+        like = torch.zeros(1, dtype=flat.dtype, device=flat.device)
         return float(self.layout.sum(part, like=like, where="fit_encoder (Adam): full-data loss")[0])
 
     def start(self) -> Observation:

@@ -42,20 +42,32 @@ def settings():
     }
 
 
+def device() -> torch.device:
+    """``DEQPPL_TEST_DEVICE`` (default cpu); with ``cuda`` each rank uses GPU ``LOCAL_RANK`` if there
+    are enough of them, else GPU 0."""
+    name = os.environ.get("DEQPPL_TEST_DEVICE", "cpu")
+    if name != "cuda":
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local if local < torch.cuda.device_count() else 0)
+
+
 def fits(out: dict) -> None:
     from deqppl.encoders import PEDEncoder, fit_encoder
     from deqppl.inference import fit_map
 
     model, y = problem()
     shard = Shard.even(N)
-    rows = y[shard.start : shard.stop]
+    rows = y[shard.start : shard.stop].to(device())
     s = settings()
     for name in ("lbfgs", "adam"):
-        enc = PEDEncoder(model, seed=0).double()
+        enc = PEDEncoder(model, seed=0).double().to(device())
         fit = fit_encoder(enc, rows, optimizer=s[name], progress=False, shard=shard)
-        out[name] = {"W": enc.W.detach().clone(), "B": enc.B.detach().clone(),
+        out[name] = {"W": enc.W.detach().cpu().clone(), "B": enc.B.detach().cpu().clone(),
                      "trace": fit.loss_trace, "status": fit.status.name, "num_steps": fit.num_steps,
                      "grad_norm": fit.grad_norm, "num_solves": fit.num_solves}
+    if device().type != "cpu":
+        return  # fit_map's starting values are drawn on the CPU: its data-parallel run is tested there
     fit = fit_map(model, {"y": rows}, optimizer=s["svi"], seed=1, progress=False, shard=shard)
     out["svi"] = {"values": fit.values, "log_joint": fit.log_joint, "trace": fit.loss_trace,
                   "status": fit.status.name, "grad_norm": fit.grad_norm, "shard": (shard.start, shard.stop)}
@@ -150,7 +162,9 @@ def crash(out: dict) -> None:
 def main() -> None:
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     timeout = float(os.environ.get("DEQPPL_TEST_TIMEOUT", "30"))
-    distributed.init_process_group(timeout_s=timeout)
+    # NCCL needs a GPU per rank; with fewer GPUs the CUDA run reduces its CUDA tensors over gloo
+    nccl = device().type == "cuda" and torch.cuda.device_count() >= int(os.environ["WORLD_SIZE"])
+    distributed.init_process_group(device="cuda" if nccl else "cpu", timeout_s=timeout)
     out: dict = {"rank": distributed.rank(), "world_size": distributed.world_size()}
     {"fits": fits, "errors": errors, "crash": crash}[scenario](out)
     torch.save(out, out_dir / f"rank{distributed.rank()}.pt")

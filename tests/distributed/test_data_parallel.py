@@ -35,14 +35,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, out: Path, *, nproc: int = 2, timeout_s: float = 30.0) -> list[tuple[int, str]]:
+def launch(scenario: str, out: Path, *, nproc: int = 2, timeout_s: float = 30.0,
+           device: str = "cpu") -> list[tuple[int, str]]:
     """Run ``nproc`` ranks of the worker; returns (exit status, output) per rank."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
     for r in range(nproc):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DEQPPL_TEST_TIMEOUT=str(timeout_s))
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DEQPPL_TEST_TIMEOUT=str(timeout_s),
+                   DEQPPL_TEST_DEVICE=device)
         procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
@@ -110,6 +112,20 @@ def test_fit_encoder_two_ranks_equals_one_process(fits, single, name, tol):
         torch.testing.assert_close(got["trace"], ref["fit"].loss_trace, rtol=tol, atol=0)
     # every rank holds the very same globals: the same decisions from the same sums
     assert torch.equal(fits[0][name]["W"], fits[1][name]["W"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_encoder_two_ranks_on_cuda_equals_one_cpu_process(tmp_path, single):
+    # Two ranks on CUDA (NCCL with a GPU per rank, else gloo reducing CUDA tensors) against the
+    # single-process CPU fit. 1e-8: CUDA's kernels round differently from the CPU's.
+    runs = launch("fits", tmp_path, device="cuda")
+    assert [rc for rc, _ in runs] == [0, 0], "\n".join(text[-3000:] for _, text in runs)
+    for r in (0, 1):
+        got = load(tmp_path, r)
+        for name in ("lbfgs", "adam"):
+            torch.testing.assert_close(got[name]["W"], single[name]["W"], rtol=0, atol=1e-8)
+            torch.testing.assert_close(got[name]["B"], single[name]["B"], rtol=0, atol=1e-8)
 
 
 @pytest.mark.slow
