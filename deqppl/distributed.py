@@ -279,7 +279,7 @@ def _checked_gather(obj: object, where: str) -> list[object]:
     return out
 
 
-def fails_together(fn: Callable[..., _T]) -> Callable[..., _T]:
+def fails_together(fn: Callable[..., _T] | None = None, *, agreed: tuple[type[BaseException], ...] = ()):
     """Decorate a fit so that, run data-parallel (keyword ``shard`` given), its ranks fail together.
 
     An exception on one rank (bad data on its shard, a solve that raises, ...) is announced to
@@ -287,6 +287,11 @@ def fails_together(fn: Callable[..., _T]) -> Callable[..., _T]:
     the failing rank(s). On success all ranks leave the call together (a final flag round), so
     no rank can fail later inside the call while the others have moved on. Without ``shard``
     or a process group of more than one rank the call is unchanged.
+
+    ``agreed`` lists exception types that every rank raises at the same point by the same
+    decision on summed values (e.g. :class:`~deqppl.optim.FitConvergenceError` of
+    ``throw=True``); they propagate as they are, like :class:`RankFailedError` and
+    :class:`DisagreementError`. Use as ``@fails_together`` or ``@fails_together(agreed=...)``.
 
     Examples
     --------
@@ -298,6 +303,10 @@ def fails_together(fn: Callable[..., _T]) -> Callable[..., _T]:
     6
     """
 
+    if fn is None:
+        return functools.partial(fails_together, agreed=agreed)
+    passthrough = (RankFailedError, DisagreementError, *agreed)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if kwargs.get("shard") is None or not _parallel():
@@ -305,8 +314,8 @@ def fails_together(fn: Callable[..., _T]) -> Callable[..., _T]:
         where = fn.__name__
         try:
             out = fn(*args, **kwargs)
-        except (RankFailedError, DisagreementError):
-            raise  # every rank raises these at the same collective
+        except passthrough:
+            raise  # every rank raises these at the same point
         except Exception as exc:
             shard = kwargs["shard"]
             context = (

@@ -224,7 +224,7 @@ def _layout(encoder, data, *, shard, optimizer, seed, warm_start, throw) -> Shar
     return layout
 
 
-@fails_together
+@fails_together(agreed=(FitConvergenceError,))
 def fit_encoder(
     encoder: nn.Module,
     data: torch.Tensor | Mapping[str, object],

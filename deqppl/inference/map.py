@@ -350,6 +350,7 @@ class _LogJointObjective:
 # --------------------------------------------------------------------------------------------
 # The entry function
 # --------------------------------------------------------------------------------------------
+@fails_together(agreed=(FitConvergenceError,))
 def fit_map(
     model: Callable[..., object],
     data: Mapping[str, object],

@@ -133,6 +133,14 @@ def errors(out: dict) -> None:
     overlap = Shard(start=0, num_rows=N // 2, num_total=N)
     _record(out, "overlap", lambda: fit_encoder(PEDEncoder(model).double(), y[: N // 2], progress=False,
                                                  shard=overlap))
+    # fit_map: a bad shard on rank 1 stops both; a fit that does not converge with throw=True
+    # raises FitConvergenceError on every rank (the same decision on the same sums)
+    _record(out, "svi_bad_shard", lambda: fit_map(model, {"y": bad}, optimizer=SVI(max_steps=5),
+                                                   progress=False, shard=shard))
+    from deqppl.optim import LBFGS
+
+    _record(out, "throw", lambda: fit_encoder(PEDEncoder(model).double(), rows, optimizer=LBFGS(max_steps=2),
+                                               progress=False, throw=True, shard=shard))
     # the ranks are still in step: a sum over ranks after all the failures
     out["after"] = float(distributed.all_reduce_sum(torch.ones(1))[0])
 

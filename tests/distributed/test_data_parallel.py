@@ -181,6 +181,10 @@ def test_failing_and_disagreeing_ranks(tmp_path):
         assert kind == "DisagreementError" and "seed" in msg
         kind, msg = got["overlap"]
         assert kind == "DisagreementError" and "do not tile" in msg
+        kind, msg = got["svi_bad_shard"]
+        assert kind == "RankFailedError" and "rank 1: ValueError" in msg and "row 26, column 3" in msg
+        kind, msg = got["throw"]
+        assert kind == "FitConvergenceError" and "MAX_STEPS" in msg
         # after all that the ranks are still in step
         assert got["after"] == 2.0
 
