@@ -18,6 +18,8 @@ One command::
 5. At the largest N: runs ``python -m deqppl encode`` in a subprocess, SIGKILLs it when half of
    the chunks are stored, re-runs it (its number of reused chunks is reported) and compares the
    result with the uninterrupted run's, table for table.
+6. The 1- vs 2-process time of the data-parallel joint fit (``benchmarks/bench_scale_fit.py``,
+   ``--fit-sizes``, ``--fit-steps``).
 
 Everything is written under ``--work`` (default: a fresh temporary folder, removed at the end).
 """
@@ -206,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="folder for the data and outputs (default: temporary)")
     parser.add_argument("--out", default=None, help="write the markdown report here")
     parser.add_argument("--quick", action="store_true", help="N = 2 000, 20 000 (seconds)")
+    parser.add_argument("--fit-sizes", default="20000,50000", help="N of the 1- vs 2-process joint fit")
+    parser.add_argument("--fit-steps", type=int, default=20, help="L-BFGS iterations of that fit")
     args = parser.parse_args(argv)
     sizes = [2_000, 20_000] if args.quick else [int(float(s)) for s in args.sizes.split(",")]
     chunk_rows = 1_000 if args.quick else args.chunk_rows
@@ -253,8 +257,13 @@ def main(argv=None) -> int:
     )
 
     # ---------------------------------------------------------------------------------------
-    # Data-parallel fitting (issue 16, part B): the 1- vs 2-process joint-fit timing goes here.
+    # Data-parallel fitting (issue 16, part B): the 1- vs 2-process joint-fit timing.
     # ---------------------------------------------------------------------------------------
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_scale_fit import fit_section
+
+    fit_sizes = [4_000] if args.quick else [int(float(s)) for s in args.fit_sizes.split(",")]
+    fit_lines = fit_section(work / "fit", sizes=fit_sizes, steps=5 if args.quick else args.fit_steps)
 
     base = rows[0]["wall"] / rows[0]["n"]
     lines.append("## Out-of-core encoding (`benchmarks/bench_scale.py`)\n")
@@ -288,6 +297,7 @@ def main(argv=None) -> int:
         f"the re-run reused {res['reused']} chunks, redid {res['redone']}, took {res['wall']:.1f} s "
         f"(peak RSS {res['maxrss_mib']:.0f} MiB), and its output equals the uninterrupted run's: {killed['equal']}."
     )
+    lines.extend(["", *fit_lines])
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
