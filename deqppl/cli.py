@@ -10,6 +10,13 @@
                    [--heldout-fraction F] [--label-column COL] [--rows N | --full]
                    [--no-model-comparison] [--out DIR] [--small] [--no-progress]
     deqppl report --out DIR
+    deqppl encode --model FITTED --data FILE.parquet|FILE.csv --out LATENTS.parquet
+                  [--chunk-rows N] [--no-laplace] [--overwrite] [--device D] [--no-progress]
+    [torchrun --nproc-per-node N -m] deqppl fit --data NAME|PATH.csv|PATH.parquet --out MODEL
+                   [--model pca] [--family NAME] [--total-count T] [--nonlinearity NAME]
+                   [--latent-dim L] [--lam X] [--optimizer lbfgs|adam] [--max-steps K]
+                   [--epochs E] [--batch-size B] [--lr R] [--seed S] [--dtype float64|float32]
+                   [--device cpu|cuda] [--timeout SECONDS] [--no-progress]
 
 ``compare`` fits a model of the zoo to the data by every method (:func:`deqppl.harness.compare`)
 and writes into ``--out``: ``table.csv`` (tidy, one row per model x method x seed x stage x
@@ -17,6 +24,18 @@ metric), ``summary.csv`` (one row per method), ``report.html`` / ``report.md`` w
 ``run.json`` (the resolved settings). Each finished unit of work is stored at once under
 ``OUT/runs``, so an interrupted run resumes where it stopped when the same command is run
 again; ``deqppl report --out DIR`` rebuilds the tables and report from those stored units.
+
+``encode`` streams a table larger than memory through a fitted model file
+(:func:`deqppl.io.save`) chunk by chunk and writes the latents, per-row convergence, residual and
+Laplace standard deviations (:func:`deqppl.io.encode`); an interrupted run resumes when the same
+command is run again, and ``--out`` appears only when every chunk is done.
+
+``fit`` fits the globals of a zoo model's DEQ encoder to a table (the joint MAP through the fixed
+point, :func:`deqppl.encoders.fit_encoder`) and writes the fitted encoder with
+:func:`deqppl.io.save`. Launched by ``torchrun`` it runs data-parallel
+(:mod:`deqppl.distributed`): each rank reads only its block of the rows, the ranks sum their
+losses and gradients, and rank 0 writes the file; a failing rank stops every rank with an error
+naming it.
 
 Models (``--model``) and their built-in data (``--data``):
 
@@ -52,11 +71,13 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from deqppl.distributed import RankFailedError
 
 __all__ = ["main"]
 
@@ -673,8 +694,277 @@ def _print_summary(comparison, out: Path, paths: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# deqppl encode (issue 16: out-of-core amortised encoding)
+# --------------------------------------------------------------------------------------------
+def _add_encode_parser(sub) -> None:
+    from deqppl.io import DEFAULT_CHUNK_ROWS
+
+    enc = sub.add_parser(
+        "encode", help="encode a Parquet/CSV table with a fitted model file, chunk by chunk, resumably"
+    )
+    enc.add_argument("--model", required=True, help="model file written by deqppl.io.save")
+    enc.add_argument("--data", required=True, help="PATH.parquet | PATH.csv with the model's observation columns")
+    enc.add_argument("--out", required=True, help="the latents' Parquet file (written at the end)")
+    enc.add_argument(
+        "--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
+        help=f"rows per chunk: the memory bound and the unit of resumption (default {DEFAULT_CHUNK_ROWS})",
+    )
+    enc.add_argument("--no-laplace", action="store_true", help="do not write Laplace standard deviations")
+    enc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    enc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    enc.add_argument("--device", default=None, help="where to solve, e.g. cuda (default cpu)")
+    enc.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
+
+def _cmd_encode(args) -> int:
+    from deqppl.io import encode
+
+    try:
+        result = encode(
+            args.model,
+            args.data,
+            args.out,
+            chunk_rows=args.chunk_rows,
+            laplace=not args.no_laplace,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            device=args.device,
+        )
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        print(f"deqppl encode: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"\ndeqppl encode: interrupted; finished chunks are kept next to {args.out} - run the "
+            "same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"encoded {result.num_rows} rows in {result.num_chunks} chunks ({result.num_reused} reused, "
+        f"{result.num_redone} redone) in {result.wall_time:.1f} s -> {result.out_path}"
+    )
+    if not result.converged:
+        print(
+            f"deqppl encode: warning: {result.num_rows - result.num_converged} rows did not converge "
+            f"(column converged = false; largest residual {result.max_residual:.3g})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# fit: the joint fit of an encoder's globals, one process or data-parallel under torchrun
+# --------------------------------------------------------------------------------------------
+#: Encoder optimisers of ``deqppl fit --optimizer``.
+FIT_OPTIMIZERS = ("lbfgs", "adam")
+#: Models ``deqppl fit`` fits (those whose encoder the model file format saves).
+FIT_MODELS = ("pca",)
+#: ``--dtype`` names.
+FIT_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _table_columns_and_rows(path: Path) -> tuple[list[str], int]:
+    """The column names and the number of data rows of a Parquet or CSV file (streamed)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if path.suffix.lower() in (".parquet", ".pq"):
+        meta = pq.ParquetFile(path)
+        return list(meta.schema_arrow.names), int(meta.metadata.num_rows)
+    reader = pacsv.open_csv(path)
+    rows = sum(batch.num_rows for batch in reader)
+    return list(reader.schema.names), rows
+
+
+def _table_rows(path: Path, start: int, stop: int, columns: list[str], dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a Parquet or CSV file as a ``(stop - start, columns)`` tensor.
+
+    Streams the file by Arrow record batches, keeping only the batches that overlap the rows, so
+    a rank holds its block of the rows only. Missing cells become NaN, which the model's
+    validation then reports by row and column.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if path.suffix.lower() in (".parquet", ".pq"):
+        batches = pq.ParquetFile(path).iter_batches(columns=columns)
+    else:
+        batches = pacsv.open_csv(path)
+    parts, first = [], 0
+    for batch in batches:
+        last = first + batch.num_rows
+        if last > start and first < stop:
+            piece = batch.slice(max(start - first, 0), min(stop, last) - max(start, first))
+            cols = []
+            for name in columns:
+                col = piece.column(piece.schema.get_field_index(name))
+                if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+                    raise UsageError(f"{path}: column {name!r} holds {col.type}, not numbers")
+                cols.append(col.to_numpy(zero_copy_only=False).astype(np.float64))
+            parts.append(np.stack(cols, axis=1))
+        first = last
+        if first >= stop:
+            break
+    return torch.as_tensor(np.concatenate(parts, axis=0), dtype=dtype)
+
+
+def _fit_data(name: str, dtype: torch.dtype) -> tuple[list[str], int, Callable[[int, int], torch.Tensor]]:
+    """Columns, number of rows and a reader of row blocks for ``--data`` (bundled or a file)."""
+    from deqppl.data import load_digits
+
+    if name == "digits":
+        ds = load_digits(dtype=dtype)
+        return list(ds.columns), int(ds.y.shape[0]), lambda a, b: ds.y[a:b]
+    path = Path(name)
+    if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
+        raise UsageError(f"unknown --data {name!r}; valid: digits, PATH.csv, PATH.parquet")
+    if not path.is_file():
+        raise UsageError(f"--data {name!r}: no such file")
+    try:
+        columns, rows = _table_columns_and_rows(path)
+    except Exception as err:  # pyarrow's errors for unreadable files
+        raise UsageError(f"--data {name!r}: cannot read it as {path.suffix[1:]} ({err})") from None
+    if rows == 0:
+        raise UsageError(f"--data {name!r} has no data rows")
+    return columns, rows, lambda a, b: _table_rows(path, a, b, columns, dtype)
+
+
+def _fit_settings(args):
+    """Names -> objects for ``deqppl fit`` (every rank builds the same ones)."""
+    from deqppl.expfam import nonlinearity
+    from deqppl.models import ExpFamPCA
+    from deqppl.optim import LBFGS, Adam
+
+    if args.model not in FIT_MODELS:
+        raise UsageError(f"deqppl fit supports --model {', '.join(FIT_MODELS)}; got {args.model!r}")
+    if args.dtype not in FIT_DTYPES:
+        raise UsageError(f"unknown --dtype {args.dtype!r}; valid: {', '.join(FIT_DTYPES)}")
+    if args.optimizer not in FIT_OPTIMIZERS:
+        raise UsageError(f"unknown --optimizer {args.optimizer!r}; valid: {', '.join(FIT_OPTIMIZERS)}")
+    if args.device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown --device {args.device!r}; valid: cpu, cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here")
+    dtype = FIT_DTYPES[args.dtype]
+    total_count = args.total_count
+    family_name = args.family
+    if args.data == "digits":
+        family_name = family_name or "binomial"
+        if family_name == "binomial" and total_count is None:
+            total_count = DIGITS_TOTAL_COUNT
+    elif family_name is None:
+        raise UsageError("--family is required for a data file; see `deqppl list`")
+    columns, num_rows, read = _fit_data(args.data, dtype)
+    fam = _family(family_name, total_count)
+    try:
+        model = ExpFamPCA(family=fam, obs_dim=len(columns), latent_dim=args.latent_dim,
+                          nonlinearity=_lookup(nonlinearity, args.nonlinearity), lam=args.lam)
+        if args.optimizer == "lbfgs":
+            optimizer = LBFGS() if args.max_steps is None else LBFGS(max_steps=args.max_steps)
+        else:
+            optimizer = Adam(lr=args.lr, num_epochs=args.epochs, batch_size=args.batch_size)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+    return model, optimizer, dtype, columns, num_rows, read
+
+
+def _cmd_fit(args) -> int:
+    from deqppl import distributed
+    from deqppl.encoders import PEDEncoder, fit_encoder
+    from deqppl.io import save
+
+    model, optimizer, dtype, columns, num_rows, read = _fit_settings(args)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    try:
+        parallel = distributed.init_process_group(device=args.device, timeout_s=args.timeout)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    rank, size = distributed.rank(), distributed.world_size()
+    try:
+        if size > num_rows:
+            raise UsageError(f"{size} ranks for {num_rows} rows: every rank needs at least one row")
+        shard = distributed.Shard.even(num_rows) if parallel else None
+        start, stop = (shard.start, shard.stop) if shard is not None else (0, num_rows)
+        device = torch.device(args.device, int(__import__("os").environ.get("LOCAL_RANK", 0))) \
+            if args.device == "cuda" else torch.device("cpu")
+        rows: dict[str, torch.Tensor] = {}
+
+        def load() -> torch.Tensor:
+            from deqppl.validation import table_positions
+
+            rows["y"] = read(start, stop).to(device)
+            # errors name the file's row (0-based data row) and column
+            with table_positions(first_row=start, columns={"y": tuple(columns)}):
+                model.validate(rows)
+            return torch.zeros(1)
+
+        # a rank that cannot read its rows stops every rank, naming it
+        distributed.checked_all_reduce_sum(load, like=torch.zeros(1), where="deqppl fit: reading the rows")
+        y = rows["y"]
+        encoder = PEDEncoder(model, seed=args.seed).to(dtype=dtype, device=device)
+        fit = fit_encoder(encoder, {"y": y}, optimizer=optimizer, seed=args.seed,
+                          progress=not args.no_progress and rank == 0, shard=shard)
+        metadata = {
+            "fitted_by": "deqppl fit", "data": str(args.data), "num_rows": num_rows, "ranks": size,
+            "optimizer": repr(optimizer), "seed": args.seed, "status": fit.status.name,
+            "loss": float(fit.loss_trace[-1]), "num_steps": fit.num_steps,
+        }
+
+        def write() -> torch.Tensor:
+            # rank 0 writes (atomically); a failure there fails every rank, so that no rank
+            # reports success for a file that was not written
+            if rank == 0:
+                save(out, encoder, metadata=metadata, columns={"y": tuple(columns)})
+            return torch.zeros(1)
+
+        distributed.checked_all_reduce_sum(write, like=torch.zeros(1), where="deqppl fit: writing --out")
+    except (ValueError, TypeError) as err:  # bad data (one process) or disagreeing ranks
+        raise UsageError(f"{args.data}: {err}") from None
+    finally:
+        if parallel:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"deqppl fit: {fit.status.name} after {fit.num_steps} steps ({fit.criterion}); "
+              f"loss {float(fit.loss_trace[-1]):.10g} on {num_rows} rows over {size} rank(s); wrote {out}")
+    return 0 if fit.converged else 1
+
+
+def _add_fit_parser(sub) -> None:
+    fit = sub.add_parser(
+        "fit", help="fit a DEQ encoder's globals to a table and save it (data-parallel under torchrun)"
+    )
+    fit.add_argument("--model", default="pca", help=f"{' | '.join(FIT_MODELS)} (default pca)")
+    fit.add_argument("--data", required=True, help="digits | PATH.csv | PATH.parquet")
+    fit.add_argument("--out", required=True, help="the model file to write (deqppl.io.save)")
+    fit.add_argument("--family", default=None, help="observation family (`deqppl list`); required for files")
+    fit.add_argument("--total-count", type=int, default=None, help="binomial trials (digits: 16)")
+    fit.add_argument("--nonlinearity", default="identity", help="canonical nonlinearity R (default identity)")
+    fit.add_argument("--latent-dim", type=int, default=2, help="latent dimension (default 2)")
+    fit.add_argument("--lam", type=float, default=1.0, help="latent prior precision (default 1)")
+    fit.add_argument("--optimizer", default="lbfgs", help="lbfgs (profiled, full batch; default) | adam (minibatches)")
+    fit.add_argument("--max-steps", type=int, default=None, help="lbfgs: iteration cap (default LBFGS())")
+    fit.add_argument("--epochs", type=int, default=200, help="adam: epochs (default 200)")
+    fit.add_argument("--batch-size", type=int, default=128, help="adam: global minibatch rows (default 128)")
+    fit.add_argument("--lr", type=float, default=0.02, help="adam: learning rate (default 0.02)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the encoder's start and Adam's batches")
+    fit.add_argument("--dtype", default="float64", help="float64 (default) | float32")
+    fit.add_argument("--device", default="cpu", help="cpu (default; gloo) | cuda (NCCL, GPU LOCAL_RANK per rank)")
+    fit.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds a rank waits for a silent peer before failing (default 600)")
+    fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fit.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``deqppl`` command."""
     parser = argparse.ArgumentParser(
@@ -738,13 +1028,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="folder of a previous `deqppl compare`")
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     rep.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    _add_encode_parser(sub)
+    _add_fit_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``deqppl`` command; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    commands = {"list": _cmd_list, "compare": _cmd_compare, "report": _cmd_report}
+    commands = {
+        "list": _cmd_list, "compare": _cmd_compare, "report": _cmd_report, "encode": _cmd_encode,
+        "fit": _cmd_fit,
+    }
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:
@@ -759,6 +1054,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"deqppl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RankFailedError as err:  # data-parallel: a rank failed (named in the message)
+        print(f"deqppl {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         out = getattr(args, "out", "OUT")
         print(

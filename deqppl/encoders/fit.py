@@ -15,6 +15,7 @@ run without an adjoint and the gradient is that of $L$ at the detached $z^*$.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deqppl.validation import ValidatedData, validated
+from deqppl.distributed import Shard, ShardLayout, check_agreement, fails_together, fingerprint
+from deqppl.validation import ValidatedData, table_positions, validated
 from deqppl.inference.log_joint import log_joint
 from deqppl.optim import (
     LBFGS,
@@ -161,6 +163,69 @@ def _assign(params: list[torch.Tensor], x: torch.Tensor) -> None:
             i += k
 
 
+def _assign_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    i = 0
+    for p in params:
+        k = p.numel()
+        p.grad = flat[i : i + k].reshape(p.shape).clone()
+        i += k
+
+
+def _shard_loss(encoder: nn.Module, data: Mapping[str, torch.Tensor], z: torch.Tensor, *,
+                data_scale: float, prior: bool) -> torch.Tensor:
+    """This rank's part of the loss: its rows' terms times ``data_scale``, plus the prior if ``prior``.
+
+    Summed over ranks (the prior on one of them) it is :func:`encoder_loss` of all rows; on one
+    process (``prior=True``) it is :func:`encoder_loss` with ``num_data / n = data_scale``.
+    """
+    model = encoder.model
+    values = {**encoder.site_parameters(), **encoder.to_sites(z, data)}
+    plate = getattr(model, "plate_name", "data")
+    return -log_joint(model, data, values, data_scale=data_scale, plate_name=plate or "data",
+                      prior_scale=1.0 if prior else 0.0)
+
+
+def _shard_rows(shard: Shard | None):
+    """Inside it, validation errors name a shard's rows by their index among all ranks' rows."""
+    if isinstance(shard, Shard):
+        return table_positions(first_row=shard.start)
+    return contextlib.nullcontext()
+
+
+def _all_converged(sol, layout: ShardLayout) -> bool:
+    """Whether every row of every rank's solve converged (one decision, the same on all ranks)."""
+    if not layout.parallel:
+        return bool(sol.converged.all())
+    bad = layout.sum(lambda: (~sol.converged).sum().to(torch.float64).reshape(1),
+                     like=torch.zeros(1, dtype=torch.float64, device=sol.converged.device),
+                     where="fit_encoder: fixed-point solves")
+    return float(bad[0]) == 0.0
+
+
+def _layout(encoder, data, *, shard, optimizer, seed, warm_start, throw) -> ShardLayout:
+    """The rows of the fit: this process's alone, or (``shard`` given) all ranks', checked to agree."""
+    n = _num_rows(data)
+    if shard is None:
+        return ShardLayout.single(n)
+    if getattr(encoder.model, "plate_name", "data") is None:
+        raise TypeError(
+            f"{type(encoder.model).__name__}'s locals are coupled (no data plate): its rows cannot "
+            "be sharded; fit it in one process (shard=None)"
+        )
+    layout = ShardLayout.gather(shard, num_rows=n)
+    first = next(iter(data.values()))
+    check_agreement(fingerprint({
+        "encoder": type(encoder), "model": encoder.model, "optimizer": optimizer, "seed": seed,
+        "warm_start": warm_start, "throw": throw, "solver": getattr(encoder, "solver", None),
+        "adjoint": getattr(encoder, "adjoint", None), "device type": first.device.type,
+        **{f"data[{k!r}] schema": f"{v.dtype}, shape (rows, {', '.join(map(str, v.shape[1:]))})"
+           for k, v in data.items()},
+        **{f"initial {k}": v for k, v in encoder.site_parameters().items()},
+    }), where="fit_encoder")
+    return layout
+
+
+@fails_together(agreed=(FitConvergenceError,))
 def fit_encoder(
     encoder: nn.Module,
     data: torch.Tensor | Mapping[str, object],
@@ -171,6 +236,7 @@ def fit_encoder(
     warm_start: bool = True,
     callback: Callable[[int, float], None] | None = None,
     throw: bool = False,
+    shard: Shard | None = None,
 ) -> EncoderFitResult:
     r"""Fit the globals of an encoder of the protocol by joint MAP through its fixed point.
 
@@ -214,6 +280,15 @@ def fit_encoder(
         Called as ``callback(step, loss)`` after each step with the full-data loss.
     throw
         Raise :class:`~deqppl.optim.FitConvergenceError` unless the fit converged.
+    shard
+        Fit data-parallel over the ``torch.distributed`` process group: ``data`` are this
+        rank's rows, ``shard`` (:class:`~deqppl.distributed.Shard`) says which of all ranks'
+        rows they are. Every rank calls ``fit_encoder`` with the same settings and encoder;
+        losses and gradients are summed over ranks (:mod:`deqppl.distributed`), the prior of
+        the globals counted once, so every rank takes the same steps and returns the same
+        globals, equal to the single-process fit on all rows up to rounding. Adam draws its
+        minibatches as global row indices with ``seed`` on every rank and each rank handles
+        the rows it holds. ``None`` (default): ``data`` are all the rows.
 
     Returns
     -------
@@ -232,6 +307,11 @@ def fit_encoder(
         If ``throw`` and the fit did not converge.
     ConvergenceError
         If a fixed-point solve of the Adam fit fails and the encoder has ``throw=True``.
+    deqppl.distributed.RankFailedError
+        Data-parallel: on every rank, when any rank raised (its message is included).
+    deqppl.distributed.DisagreementError
+        Data-parallel: on every rank, before any work, when the ranks' settings, encoders,
+        data schema or shards disagree.
 
     Notes
     -----
@@ -285,7 +365,9 @@ def fit_encoder(
         )
     # The one validation of the data by the model (none for data validated for it already);
     # the solves below receive validated rows in the encoder's dtype.
-    data = encoder.check_data(data)
+    with _shard_rows(shard):  # data-parallel: errors name the row of all ranks' rows
+        data = encoder.check_data(data)
+    layout = _layout(encoder, data, shard=shard, optimizer=optimizer, seed=seed, warm_start=warm_start, throw=throw)
     params = _params(encoder)
     if not params:
         return _fit_without_globals(encoder, data, optimizer, start, throw=throw)
@@ -295,7 +377,7 @@ def fit_encoder(
             optimizer_run = dataclasses.replace(optimizer, gtol=math.sqrt(torch.finfo(dtype).eps))
         else:
             optimizer_run = optimizer
-        objective = _ProfiledObjective(encoder, data, warm_start=warm_start)
+        objective = _ProfiledObjective(encoder, data, warm_start=warm_start, layout=layout)
         stepper = LBFGSStepper(objective, _flat(params), optimizer_run)
         out = drive(
             stepper,
@@ -309,7 +391,7 @@ def fit_encoder(
         grad_norm = float(stepper.g.norm())
         num_solves = objective.num_solves
     else:
-        stepper = _AdamStepper(encoder, data, optimizer, seed=seed, warm_start=warm_start)
+        stepper = _AdamStepper(encoder, data, optimizer, seed=seed, warm_start=warm_start, layout=layout)
         out = drive(
             stepper,
             StopRules(rtol=float(optimizer.rtol), strict=True),
@@ -368,11 +450,14 @@ def _fit_without_globals(encoder, data, optimizer, start: float, *, throw: bool)
 class _ProfiledObjective:
     r"""$\theta \mapsto (P, \nabla P)$ with $P = \min_z L$ (see :func:`fit_encoder`)."""
 
-    def __init__(self, encoder: nn.Module, data: Mapping[str, torch.Tensor], *, warm_start: bool) -> None:
+    def __init__(
+        self, encoder: nn.Module, data: Mapping[str, torch.Tensor], *, warm_start: bool, layout: ShardLayout
+    ) -> None:
         self.encoder = encoder
         self.y = data
         self.params = _params(encoder)
         self.warm_start = warm_start
+        self.layout = layout
         self.z: torch.Tensor | None = None
         self.num_solves = 0
 
@@ -383,29 +468,40 @@ class _ProfiledObjective:
         with torch.no_grad():
             self.num_solves += 1
             sol = enc.solve(y, z0=self.z if self.warm_start else None, throw=False, validated=True)
-            if not bool(sol.converged.all()) and self.z is not None and self.warm_start:
+            if not _all_converged(sol, self.layout) and self.z is not None and self.warm_start:
                 # a far trial point: retry from the initial guess
                 self.num_solves += 1
                 sol = enc.solve(y, throw=False, validated=True)
-        if not bool(sol.converged.all()):
+        if not _all_converged(sol, self.layout):
             # An unsolved fixed point has no profiled loss: the line search backs off.
             return nan
         z = sol.value.detach()
-        with torch.enable_grad():
-            loss = encoder_loss(enc, y, z)
-            if not bool(torch.isfinite(loss)):
-                return nan
-            grads = torch.autograd.grad(loss, self.params)
+        fg = self.layout.sum(
+            lambda: self._loss_grad(z), like=torch.zeros(1 + x.numel(), dtype=x.dtype, device=x.device),
+            where="fit_encoder (L-BFGS): loss and gradient",
+        )
+        if not bool(torch.isfinite(fg[0])):
+            return nan
         self.z = z
-        return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads])
+        return float(fg[0]), fg[1:]
+
+    def _loss_grad(self, z: torch.Tensor) -> torch.Tensor:
+        """This rank's ``[loss, gradient]`` (the prior on rank 0): summed over ranks, the full ones."""
+        with torch.enable_grad():
+            loss = _shard_loss(self.encoder, self.y, z, data_scale=1.0, prior=self.layout.rank == 0)
+            if not bool(torch.isfinite(loss)):
+                return torch.cat([loss.detach().reshape(1), torch.full_like(_flat(self.params), math.nan)])
+            grads = torch.autograd.grad(loss, self.params)
+        return torch.cat([loss.detach().reshape(1), *(g.reshape(-1) for g in grads)])
 
 
 class _AdamStepper(AbstractStepper):
     """One epoch of minibatch Adam per step, then the full-data loss."""
 
-    def __init__(self, encoder, data, settings: Adam, *, seed: int, warm_start: bool) -> None:
+    def __init__(self, encoder, data, settings: Adam, *, seed: int, warm_start: bool, layout: ShardLayout) -> None:
         self.encoder, self.y, self.settings = encoder, data, settings
         self.warm_start = warm_start
+        self.layout = layout
         self.gen = torch.Generator().manual_seed(seed)
         self.adam = torch.optim.Adam(_params(encoder), lr=settings.lr, betas=settings.betas)
         self.num_solves = 0
@@ -420,32 +516,41 @@ class _AdamStepper(AbstractStepper):
             return self.encoder.solve(rows, z0=z0, validated=True).value
 
     def _full(self) -> float:
-        z = self._solve(self.y, self.cache if self.warm_start else None)
-        if self.warm_start or self.cache is None:
-            self.cache = z
-        with torch.no_grad():
-            return float(encoder_loss(self.encoder, self.y, z))
+        def part() -> torch.Tensor:
+            z = self._solve(self.y, self.cache if self.warm_start else None)
+            if self.warm_start or self.cache is None:
+                self.cache = z
+            with torch.no_grad():
+                return _shard_loss(self.encoder, self.y, z, data_scale=1.0, prior=self.layout.rank == 0).reshape(1)
+
+        flat = _flat(_params(self.encoder))
+        like = torch.zeros(1, dtype=flat.dtype, device=flat.device)
+        return float(self.layout.sum(part, like=like, where="fit_encoder (Adam): full-data loss")[0])
 
     def start(self) -> Observation:
         self.loss = self._full()
         return Observation(loss=self.loss, num_steps=0, num_evals=0)
 
     def step(self, budget: int) -> Observation:
-        s, y = self.settings, self.y
-        n = _num_rows(y)
+        s, y, layout = self.settings, self.y, self.layout
+        n = layout.num_total  # all ranks' rows: the batches are global row indices
         device = next(iter(y.values())).device
         lr = s.schedule.lr(s.lr, step=self.epoch, max_steps=s.num_epochs, num_plateaus=self.num_plateaus)
         for group in self.adam.param_groups:
             group["lr"] = lr
         evals = 0
+        params = _params(self.encoder)
+        like = torch.zeros_like(_flat(params))
         perm = torch.randperm(n, generator=self.gen).to(device)
-        for idx in perm.split(s.batch_size):
-            rows = _rows(y, idx)
-            z = self._solve(rows, self.cache[idx] if self.warm_start else None)
-            if self.warm_start:
-                self.cache[idx] = z
-            self.adam.zero_grad()
-            encoder_loss(self.encoder, rows, z, num_data=n).backward()
+        for batch in perm.split(s.batch_size):
+            idx = layout.local(batch)  # this rank's rows of the global batch
+            prior = layout.prior_rank(batch) == layout.rank
+            grad = layout.sum(
+                lambda: self._batch_grad(idx, data_scale=n / len(batch), prior=prior),
+                like=like, where="fit_encoder (Adam): minibatch gradient",
+            )
+            if layout.parallel:
+                _assign_grads(params, grad)
             self.adam.step()
             evals += 1
         self.epoch += 1
@@ -455,14 +560,37 @@ class _AdamStepper(AbstractStepper):
         self.loss = new
         return Observation(loss=new, num_evals=evals)
 
+    def _batch_grad(self, idx: torch.Tensor, *, data_scale: float, prior: bool) -> torch.Tensor:
+        """Backward pass of this rank's part of a minibatch loss; returns the flat gradient."""
+        params = _params(self.encoder)
+        self.adam.zero_grad()
+        if len(idx):
+            rows = _rows(self.y, idx)
+            z = self._solve(rows, self.cache[idx] if self.warm_start else None)
+            if self.warm_start:
+                self.cache[idx] = z
+            _shard_loss(self.encoder, rows, z, data_scale=data_scale, prior=prior).backward()
+        return torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1) for p in params
+        ])
+
     def full_grad_norm(self) -> float:
         """Norm of the full-data envelope gradient at the final (W, B) and cached z*."""
         if self.cache is None:
             return math.nan
         params = _params(self.encoder)
-        with torch.enable_grad():
-            loss = encoder_loss(self.encoder, self.y, self.cache.detach())
-            if not bool(torch.isfinite(loss)):
-                return math.nan
-            grads = torch.autograd.grad(loss, params)
-        return float(torch.cat([g.reshape(-1) for g in grads]).norm())
+
+        def part() -> torch.Tensor:
+            with torch.enable_grad():
+                loss = _shard_loss(self.encoder, self.y, self.cache.detach(), data_scale=1.0,
+                                   prior=self.layout.rank == 0)
+                if not bool(torch.isfinite(loss)):
+                    return torch.full((1 + sum(p.numel() for p in params),), math.nan, dtype=loss.dtype)
+                grads = torch.autograd.grad(loss, params)
+            return torch.cat([loss.detach().reshape(1), *(g.reshape(-1) for g in grads)])
+
+        like = torch.zeros(1 + sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        v = self.layout.sum(part, like=like, where="fit_encoder (Adam): final gradient")
+        if not bool(torch.isfinite(v[0])):
+            return math.nan
+        return float(v[1:].norm())

@@ -30,6 +30,7 @@ def log_joint(
     per_datum: bool = False,
     data_scale: float = 1.0,
     plate_name: str = "data",
+    prior_scale: float = 1.0,
 ) -> torch.Tensor:
     r"""$\log p(\text{data}, \text{values})$ of ``model``, from its Pyro trace.
 
@@ -54,6 +55,11 @@ def log_joint(
         the full-data log joint (one trace, as SVI's subsampled plates do).
     plate_name
         The plate over data rows (a model's ``plate_name``, see :mod:`deqppl.protocols`).
+    prior_scale
+        Multiplies the terms of the sites outside the plate (the prior of the globals) in the
+        total; ``0`` leaves them out (exactly, also where they are infinite). A data-parallel
+        fit counts the prior on one rank and the rows of each shard on their rank
+        (:mod:`deqppl.distributed`).
 
     Returns
     -------
@@ -77,6 +83,8 @@ def log_joint(
     tensor(-3.2568)
     >>> log_joint(model, {"y": y}, {"mu": torch.tensor(0.0)}, per_datum=True)
     tensor([-0.9189, -1.4189])
+    >>> log_joint(model, {"y": y}, {"mu": torch.tensor(0.0)}, prior_scale=0.0)  # the rows only
+    tensor(-2.3379)
     """
     trace = poutine.trace(poutine.condition(model, data=dict(values))).get_trace(**data)
     missing = latent_sites(trace)
@@ -84,7 +92,7 @@ def log_joint(
         raise ValueError(
             f"values must give every latent site; missing {missing} (given {sorted(values)})"
         )
-    if not per_datum and data_scale == 1.0:
+    if not per_datum and data_scale == 1.0 and prior_scale == 1.0:
         return trace.log_prob_sum()
     trace.compute_log_prob()
     total = None
@@ -107,4 +115,7 @@ def log_joint(
         )
     if per_datum:
         return total
-    return outside + data_scale * total.sum()
+    rows_sum = data_scale * total.sum()
+    if prior_scale == 0.0:
+        return rows_sum
+    return (outside if prior_scale == 1.0 else prior_scale * outside) + rows_sum

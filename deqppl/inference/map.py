@@ -19,6 +19,7 @@ amortises (SPEC §2.2).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +33,8 @@ from pyro.infer.autoguide import AutoDelta
 from pyro.nn import PyroParam
 from torch.distributions import biject_to
 
-from deqppl.validation import as_tensor, check_finite, validated
+from deqppl.distributed import Shard, ShardLayout, check_agreement, fails_together, fingerprint
+from deqppl.validation import as_tensor, check_finite, table_positions, validated
 from deqppl.inference.log_joint import latent_sites, log_joint
 from deqppl.optim import (
     LBFGS,
@@ -86,15 +88,50 @@ class MAPResult(AbstractFitResult):
 # --------------------------------------------------------------------------------------------
 # Set-up shared by both optimisers
 # --------------------------------------------------------------------------------------------
-def _uniform_init(dtype: torch.dtype) -> Callable[[dict], torch.Tensor]:
+def _uniform_init(dtype: torch.dtype, layout: ShardLayout | None = None) -> Callable[[dict], torch.Tensor]:
     def init(site: dict) -> torch.Tensor:
         fn = site["fn"]
         transform = biject_to(fn.support)
         shape = transform.inverse_shape(fn.shape())
-        u = (2.0 * torch.rand(shape, dtype=dtype) - 1.0) * _INIT_RADIUS
+        if layout is not None and layout.parallel and _in_data_plate(site):
+            uniform = _shard_of_uniform(shape, layout, dtype)
+        else:
+            uniform = torch.rand(shape, dtype=dtype)
+        u = (2.0 * uniform - 1.0) * _INIT_RADIUS
         return transform(u).detach()
 
     return init
+
+
+def _in_data_plate(site: dict) -> bool:
+    return any(f.name == "data" for f in site["cond_indep_stack"])
+
+
+#: Uniforms drawn at a time while skipping the other ranks' rows (bounds the memory to 8 MiB).
+_SKIP_CHUNK = 1 << 20
+
+
+def _shard_of_uniform(shape: torch.Size, layout: ShardLayout, dtype: torch.dtype) -> torch.Tensor:
+    """This shard's rows of ``torch.rand((num_total, *shape[1:]))``, drawn in bounded memory.
+
+    Rows lead the local sites (CONVENTIONS), and torch's CPU generator draws uniforms one after
+    another, so the rows ``[start, stop)`` are a contiguous stretch of the single-process draw:
+    draw and discard the rows before and after it. Every rank then starts each local row where
+    the single-process fit does, and the generator ends where it would.
+    """
+    per_row = math.prod(shape[1:])
+    s = layout.mine
+
+    def skip(count: int) -> None:
+        while count > 0:
+            k = min(count, _SKIP_CHUNK)
+            torch.rand(k, dtype=dtype)
+            count -= k
+
+    skip(s.start * per_row)
+    out = torch.rand(shape, dtype=dtype)
+    skip((s.num_total - s.stop) * per_row)
+    return out
 
 
 @dataclass(frozen=True)
@@ -106,6 +143,8 @@ class _Problem:
     event_dims: dict[str, int]
     local: frozenset[str]
     dtype: torch.dtype
+    #: The rows: this process's alone, or every rank's of a data-parallel fit.
+    layout: ShardLayout | None = None
 
 
 def _prepare(
@@ -116,6 +155,7 @@ def _prepare(
     fixed: Mapping[str, object] | None,
     init: Mapping[str, object] | None,
     seed: int,
+    shard: Shard | None = None,
 ) -> _Problem:
     if not isinstance(optimizer, (LBFGS, SVI)):
         raise TypeError(
@@ -127,7 +167,9 @@ def _prepare(
         raise TypeError(f"seed must be an integer, got {seed!r}")
     # The one validation of the data (none if the caller passes data it validated for this
     # model, deqppl.validation.ValidatedData): everything below receives validated tensors.
-    data = dict(validated(model, data))
+    with (table_positions(first_row=shard.start) if isinstance(shard, Shard) else contextlib.nullcontext()):
+        # data-parallel: errors name the row of all ranks' rows
+        data = dict(validated(model, data))
     for name, value in data.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 0:
             raise ValueError(
@@ -136,11 +178,12 @@ def _prepare(
             )
     floats = [v.dtype for v in data.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     dtype = floats[0] if floats else torch.get_default_dtype()
+    layout = _layout(model, data, optimizer=optimizer, shard=shard)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         trace = poutine.trace(
-            pyro.infer.autoguide.initialization.InitMessenger(_uniform_init(dtype))(model)
+            pyro.infer.autoguide.initialization.InitMessenger(_uniform_init(dtype, layout))(model)
         ).get_trace(**data)
     latent = latent_sites(trace)
     nodes = {name: trace.nodes[name] for name in latent}
@@ -189,7 +232,7 @@ def _prepare(
                 f"SVI(subsample_size={optimizer.subsample_size}) exceeds the {size} rows of the "
                 f"data; use subsample_size <= {size}, or None for full batches"
             )
-    return _Problem(
+    problem = _Problem(
         data=data,
         fixed=fixed_t,
         init={name: init_t.get(name, nodes[name]["value"].detach()) for name in free},
@@ -197,7 +240,46 @@ def _prepare(
         event_dims={name: nodes[name]["fn"].event_dim for name in free},
         local=local,
         dtype=dtype,
+        layout=layout,
     )
+    if shard is not None:
+        # Before any work: every rank fits the same model with the same settings from the same
+        # globals, on data of one schema (local sites differ by their rows only).
+        def site(name: str, value: torch.Tensor) -> object:
+            return f"local, shape (rows, {', '.join(map(str, value.shape[1:]))})" if name in local else value
+
+        check_agreement(fingerprint({
+            "model": model, "optimizer": optimizer, "seed": seed, "local sites": sorted(local),
+            **{f"data[{k!r}] schema": f"{v.dtype}, shape (rows, {', '.join(map(str, v.shape[1:]))})"
+               for k, v in data.items() if isinstance(v, torch.Tensor)},
+            **{f"fixed[{k!r}]": site(k, v) for k, v in fixed_t.items()},
+            **{f"start[{k!r}]": site(k, v) for k, v in problem.init.items()},
+        }), where="fit_map")
+    return problem
+
+
+def _layout(model, data: Mapping[str, object], *, optimizer, shard: Shard | None) -> ShardLayout:
+    rows = {int(v.shape[0]) for v in data.values() if isinstance(v, torch.Tensor) and v.dim() >= 1}
+    if shard is None:
+        return ShardLayout.single(max(rows, default=1))
+    if not isinstance(optimizer, SVI):
+        raise TypeError(
+            f"fit_map(shard=...) runs SVI(...) data-parallel; got {optimizer!r} (an L-BFGS over "
+            "every rank's latents is not data-parallel: for the joint fit of the globals use "
+            "deqppl.encoders.fit_encoder(..., shard=...), a profiled L-BFGS over the globals)"
+        )
+    if optimizer.subsample_size is not None:
+        raise ValueError(
+            f"fit_map(shard=...) runs full-batch SVI; got subsample_size={optimizer.subsample_size} "
+            "(for data-parallel minibatches use deqppl.encoders.fit_encoder with Adam)"
+        )
+    if getattr(model, "plate_name", "data") != "data" or len(rows) != 1:
+        raise TypeError(
+            f"fit_map(shard=...) needs a model whose rows are its plate \"data\" (every data tensor "
+            f"with the same number of rows); got plate_name={getattr(model, 'plate_name', 'data')!r}, "
+            f"rows {sorted(rows)}"
+        )
+    return ShardLayout.gather(shard, num_rows=rows.pop())
 
 
 class _LogJointObjective:
@@ -221,6 +303,25 @@ class _LogJointObjective:
             self.shapes[name] = u.shape
             parts.append(u.reshape(-1))
         self.x0 = torch.cat(parts) if parts else torch.zeros(0, dtype=problem.dtype)
+        # Data-parallel: the prior of the globals is counted on rank 0 only.
+        layout = problem.layout
+        self.prior_scale = 1.0 if layout is None or layout.rank == 0 else 0.0
+
+    def local_mask(self) -> torch.Tensor:
+        """Which coordinates of the flat point belong to local sites (one value per data row)."""
+        parts = [torch.full((math.prod(shape),), name in self.problem.local, dtype=torch.bool)
+                 for name, shape in self.shapes.items()]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+    def num_coords(self) -> int:
+        """Coordinates of the fit over all ranks (the globals once); a collective when parallel."""
+        layout = self.problem.layout
+        if layout is None or not layout.parallel:
+            return self.x0.numel()
+        is_local = self.local_mask()
+        count = torch.tensor([float(is_local.sum())], dtype=torch.float64)
+        total = layout.sum(lambda: count, like=count, where="fit_map: counting coordinates")
+        return int(total[0]) + int((~is_local).sum())
 
     def unflatten(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out, i = {}, 0
@@ -239,7 +340,7 @@ class _LogJointObjective:
         self.count += 1
         x = x.detach().requires_grad_(True)
         with torch.enable_grad(), pyro.validation_enabled(False):
-            loss = -log_joint(self.model, self.problem.data, self.values(x))
+            loss = -log_joint(self.model, self.problem.data, self.values(x), prior_scale=self.prior_scale)
             if not bool(torch.isfinite(loss)):
                 return float(loss.detach()), torch.full_like(x, math.nan)
             (g,) = torch.autograd.grad(loss, x)
@@ -249,6 +350,7 @@ class _LogJointObjective:
 # --------------------------------------------------------------------------------------------
 # The entry function
 # --------------------------------------------------------------------------------------------
+@fails_together(agreed=(FitConvergenceError,))
 def fit_map(
     model: Callable[..., object],
     data: Mapping[str, object],
@@ -259,6 +361,7 @@ def fit_map(
     seed: int = 0,
     progress: bool = True,
     throw: bool = False,
+    shard: Shard | None = None,
 ) -> MAPResult:
     r"""Maximise the log joint of ``model`` over its latent sites.
 
@@ -285,6 +388,15 @@ def fit_map(
         Show a progress bar.
     throw
         Raise :class:`~deqppl.optim.FitConvergenceError` unless the fit converged.
+    shard
+        Run :class:`~deqppl.optim.SVI` (full batch) data-parallel over the
+        ``torch.distributed`` process group: ``data`` are this rank's rows, ``shard``
+        (:class:`~deqppl.distributed.Shard`) says which of all ranks' rows they are. Each rank
+        holds its rows' locals; the loss and the gradients of the globals are summed over ranks
+        (the prior counted once), so every rank takes the same steps. The local sites start
+        where the single-process fit starts them (the rows of the same seeded draw), and the
+        result equals the single-process fit up to rounding: ``values`` hold the same globals on
+        every rank and this rank's rows of the locals, ``log_joint`` is that of all rows.
 
     Returns
     -------
@@ -301,6 +413,11 @@ def fit_map(
         shapes, minibatches on a model without a ``"data"`` plate, bad data.
     FitConvergenceError
         If ``throw`` and the fit did not converge.
+    deqppl.distributed.RankFailedError
+        Data-parallel: on every rank, when any rank raised (its message is included).
+    deqppl.distributed.DisagreementError
+        Data-parallel: on every rank, before any work, when the ranks' settings, data schema,
+        starting globals or shards disagree.
 
     Notes
     -----
@@ -326,7 +443,7 @@ def fit_map(
     """
     start = time.perf_counter()
     optimizer = LBFGS() if optimizer is None else optimizer
-    problem = _prepare(model, data, optimizer=optimizer, fixed=fixed, init=init, seed=seed)
+    problem = _prepare(model, data, optimizer=optimizer, fixed=fixed, init=init, seed=seed, shard=shard)
     objective = _LogJointObjective(model, problem)
     if isinstance(optimizer, LBFGS):
         stepper = LBFGSStepper(objective, objective.x0, optimizer)
@@ -344,21 +461,23 @@ def fit_map(
         # One full-batch evaluation at the returned point: its log joint and gradient norm.
         loss, grad = objective(x)
         num_evals = out.num_evals + 1
+    stats = _GradStats.of(loss, grad, objective, problem)
+    loss = stats.loss
     status, criterion = out.status, out.criterion
     if isinstance(optimizer, SVI) and status is FitStatus.CONVERGED and math.isfinite(loss):
         # SVI stops on loss and step changes. A loss that stopped changing while the full
         # gradient exceeds the loss per coordinate was not resolved by the dtype (counts of
         # 1e100: the Poisson log pmf cancels terms of 1e102 to a rounding of 1e86), which is
         # no optimum; the bound is loose enough never to flag a fit near an optimum.
-        scale = max(1.0, abs(loss) / max(objective.x0.numel(), 1))
-        gmax = float(grad.abs().max()) if grad.numel() else 0.0
+        scale = max(1.0, abs(loss) / max(stats.num_coords, 1))
+        gmax = stats.max
         if not gmax <= scale:
             status = FitStatus.STALLED
             criterion = (
                 f"{criterion}, but the full-batch max |grad| = {gmax:.3g} exceeds "
                 f"max(1, |loss|/n) = {scale:.3g}: the loss is not resolved at this precision"
             )
-    finite = math.isfinite(loss) and bool(torch.isfinite(grad).all())
+    finite = math.isfinite(loss) and stats.finite
     if not finite and status is not FitStatus.NONFINITE:
         status, criterion = FitStatus.NONFINITE, f"{criterion}; loss at the returned point {loss}"
     with torch.no_grad():
@@ -372,12 +491,46 @@ def fit_map(
         wall_time=time.perf_counter() - start,
         status=status,
         criterion=criterion,
-        grad_norm=float(grad.norm()) if finite else math.nan,
+        grad_norm=stats.norm if finite else math.nan,
         optimizer=optimizer,
     )
     if throw and not result.converged:
         raise FitConvergenceError(result, "MAP")
     return result
+
+
+@dataclass(frozen=True)
+class _GradStats:
+    """The loss and gradient summaries at the returned point, over every rank's coordinates."""
+
+    loss: float
+    max: float
+    norm: float
+    finite: bool
+    num_coords: int
+
+    @classmethod
+    def of(cls, loss: float, grad: torch.Tensor, objective: _LogJointObjective, problem: _Problem) -> _GradStats:
+        layout = problem.layout
+        if layout is None or not layout.parallel:
+            return cls(loss=loss, max=float(grad.abs().max()) if grad.numel() else 0.0,
+                       norm=float(grad.norm()), finite=bool(torch.isfinite(grad).all()),
+                       num_coords=objective.x0.numel())
+        # The globals' gradient is summed over ranks; each rank's locals' gradient is its own.
+        is_local = objective.local_mask()
+        g = grad.clone()
+        sums = torch.cat([
+            torch.tensor([loss], dtype=g.dtype), g[~is_local],
+            torch.tensor([float(g[is_local].pow(2).sum()), float(is_local.sum())], dtype=g.dtype),
+        ])
+        total = layout.sum(lambda: sums, like=sums, where="fit_map: final gradient")
+        g_global = total[1:-2]
+        g_local_max = g[is_local].abs().max() if bool(is_local.any()) else torch.zeros((), dtype=g.dtype)
+        gmax = layout.max(torch.stack([g_local_max, g_global.abs().max() if g_global.numel() else g_local_max]).max().reshape(1))
+        norm_sq = total[-2] + g_global.pow(2).sum()
+        return cls(loss=float(total[0]), max=float(gmax[0]), norm=float(norm_sq.sqrt()),
+                   finite=bool(torch.isfinite(total).all()) and bool(torch.isfinite(gmax).all()),
+                   num_coords=int(total[-1]) + int(g_global.numel()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +539,11 @@ def fit_map(
 class _SVIStepper(AbstractStepper):
     def __init__(self, model, problem: _Problem, settings: SVI) -> None:
         self.settings = settings
+        self.layout = problem.layout if problem.layout is not None and problem.layout.parallel else None
         self.conditioned = poutine.condition(model, data=problem.fixed)
+        if self.layout is not None and self.layout.rank != 0:
+            # Data-parallel: the prior of the globals is counted on rank 0 only.
+            self.conditioned = _ScaleGlobals(0.0)(self.conditioned)
         self.kwargs = dict(problem.data)
         if settings.subsample_size is not None:
             self.kwargs["subsample_size"] = int(settings.subsample_size)
@@ -403,6 +560,10 @@ class _SVIStepper(AbstractStepper):
         self.guide = guide
         self.names = list(problem.init)
         self.params = list(guide.parameters())
+        # AutoDelta's parameter of site X is X_unconstrained; only the globals' gradients are
+        # summed over ranks, each rank's locals are its own rows.
+        self.global_params = [p for name, p in guide.named_parameters()
+                              if name.removesuffix("_unconstrained") not in problem.local]
         self.adam = torch.optim.Adam(self.params, lr=settings.lr, betas=settings.betas)
         self.updates = 0
         self.num_plateaus = 0
@@ -415,11 +576,33 @@ class _SVIStepper(AbstractStepper):
         self.adam.zero_grad()
         with pyro.validation_enabled(False):
             loss = self.elbo.differentiable_loss(self.conditioned, self.guide, **self.kwargs)
+        if self.layout is not None:
+            return self._evaluate_parallel(loss)
         if not bool(torch.isfinite(loss)):
             return float(loss.detach()), math.nan
         loss.backward()
         gmax = max(float(p.grad.abs().max()) for p in self.params if p.grad is not None)
         return float(loss.detach()), gmax
+
+    def _evaluate_parallel(self, loss: torch.Tensor) -> tuple[float, float]:
+        # Every rank reaches both collectives, whatever its loss: the decision to stop on a
+        # non-finite loss is taken on the sum, the same on all ranks.
+        if bool(torch.isfinite(loss)):
+            loss.backward()
+        flat = torch.cat([loss.detach().reshape(1), *(
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.global_params
+        )])
+        total = self.layout.sum(lambda: flat, like=flat, where="fit_map (SVI): loss and gradient")
+        if not bool(torch.isfinite(total[0])):
+            return float(total[0]), math.nan
+        i = 1
+        for p in self.global_params:
+            k = p.numel()
+            p.grad = total[i : i + k].reshape(p.shape).clone()
+            i += k
+        local = max(float(p.grad.abs().max()) for p in self.params if p.grad is not None)
+        gmax = float(self.layout.max(torch.tensor([local], dtype=torch.float64))[0])
+        return float(total[0]), gmax
 
     def start(self) -> Observation:
         loss, gmax = self._evaluate()
@@ -447,10 +630,24 @@ class _SVIStepper(AbstractStepper):
             self.num_plateaus += 1
         self.prev_mean = mean
         step_max = float((self._flat() - x_before).abs().max()) if x_before.numel() else 0.0
+        if self.layout is not None:
+            step_max = float(self.layout.max(torch.tensor([step_max], dtype=torch.float64))[0])
         return Observation(
             loss=mean, losses=tuple(losses), grad_max=gmax, step_max=step_max,
             num_steps=len(losses), num_evals=len(losses),
         )
+
+
+class _ScaleGlobals(poutine.messenger.Messenger):
+    """Multiply the log density of the sample sites outside the plate ``"data"`` by ``scale``."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and not _in_data_plate(msg):
+            msg["scale"] = self.scale * msg["scale"]
 
 
 def _fit_svi(model, problem: _Problem, objective: _LogJointObjective, settings: SVI, seed, progress):
@@ -458,7 +655,7 @@ def _fit_svi(model, problem: _Problem, objective: _LogJointObjective, settings: 
     rules = StopRules(
         # a minibatch gradient does not vanish at the optimum: the gradient rule is full-batch only
         gtol=gtol if settings.subsample_size is None else None,
-        num_coords=objective.x0.numel(),
+        num_coords=objective.num_coords(),
         rtol=rtol,
         xtol=xtol,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
 
 DTYPE = torch.float64
@@ -156,3 +157,9 @@ def p_gaussian_pca() -> ParamProblem:
 
 
 PARAM_PROBLEMS = [p_linear, p_cosine, p_tanh, p_quadratic, p_gaussian_pca]
+
+
+@pytest.fixture(params=PROBLEMS, ids=[p.__name__ for p in PROBLEMS])
+def problem(request) -> Problem:
+    """Each problem of :data:`PROBLEMS` in turn (imported by the test modules that use it)."""
+    return request.param()

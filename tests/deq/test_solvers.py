@@ -17,7 +17,7 @@ from deqppl.deq import (
     fixed_point,
 )
 
-from deq_problems import BATCH, DTYPE, gaussian_pca, gaussian_pca_parts
+from deq_problems import BATCH, DTYPE, gaussian_pca, gaussian_pca_parts, problem  # noqa: F401 (fixture)
 from user_solvers import AdaptiveRelaxation, DouglasRachford
 
 TIGHT = dict(rtol=1e-11, atol=1e-13)  # well above float64 round-off, so every solver can reach it
