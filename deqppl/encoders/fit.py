@@ -28,6 +28,7 @@ from deqppl.validation import ValidatedData, validated
 from deqppl.inference.log_joint import log_joint
 from deqppl.optim import (
     LBFGS,
+    AlternatingNewton,
     AbstractFitResult,
     AbstractOptimizer,
     AbstractStepper,
@@ -260,12 +261,6 @@ def fit_encoder(
     (True, 5)
     """
     start = time.perf_counter()
-    optimizer = LBFGS() if optimizer is None else optimizer
-    if not isinstance(optimizer, (LBFGS, Adam)):
-        raise TypeError(
-            f"fit_encoder optimizes with deqppl.optim.LBFGS(...) or deqppl.optim.Adam(...); got "
-            f"{optimizer!r}"
-        )
     from deqppl.encoders.base import AbstractMAPEncoder
 
     if not isinstance(encoder, AbstractMAPEncoder):
@@ -273,6 +268,14 @@ def fit_encoder(
             f"fit_encoder fits encoders of the protocol (deqppl.encoders.AbstractMAPEncoder, e.g. "
             f"PEDEncoder, DeepPEDEncoder); got {type(encoder).__name__}"
         )
+    optimizer = encoder.default_fit_optimizer() if optimizer is None else optimizer
+    if not isinstance(optimizer, (LBFGS, Adam, AlternatingNewton)):
+        raise TypeError(
+            f"fit_encoder optimizes with deqppl.optim.AlternatingNewton(...), LBFGS(...) or "
+            f"Adam(...); got {optimizer!r}"
+        )
+    if isinstance(optimizer, AlternatingNewton):
+        encoder.joint_structure()  # raises, naming what to use instead, before any work
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     if isinstance(optimizer, Adam) and getattr(encoder.model, "plate_name", "data") is None:
@@ -283,6 +286,11 @@ def fit_encoder(
     # The one validation of the data by the model (none for data validated for it already);
     # the solves below receive validated rows in the encoder's dtype.
     data = encoder.check_data(data)
+    if isinstance(optimizer, AlternatingNewton):
+        from deqppl.encoders.joint import fit_alternating
+
+        return fit_alternating(encoder, data, optimizer, progress=progress, callback=callback,
+                               throw=throw, start=start)
     params = _params(encoder)
     if not params:
         return _fit_without_globals(encoder, data, optimizer, start, throw=throw)

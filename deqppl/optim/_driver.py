@@ -41,6 +41,10 @@ class Observation:
         Objective-with-gradient evaluations the step spent.
     stalled
         Set by a stepper that cannot make progress: the reason.
+    decrement
+        Half the squared Newton decrement $\tfrac12 g^\top H^{-1}g$ at the iterate (the
+        decrease a Newton step predicts: a gradient scaled by the curvature), NaN if unknown.
+        A stepper may use a block-diagonal (or Fisher) $H$; it says which.
     """
 
     loss: float
@@ -51,6 +55,7 @@ class Observation:
     num_steps: int = 1
     num_evals: int = 1
     stalled: str | None = None
+    decrement: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,9 @@ class StopRules:
     4. relative loss change $|f_k-f_{k-1}|\le\mathrm{rtol}\,|f_k|$ (``<`` if ``strict``):
        ``CONVERGED``;
     5. step $\max|\Delta x|\le\mathrm{xtol}$ (times $\max(1,\max|x|)$ if ``xtol_relative``):
-       ``xtol_status``.
+       ``xtol_status``;
+    6. curvature-scaled gradient: ``obs.decrement`` $\le\mathrm{dtol}\cdot\max(1,\min(|f|,|f_0|))$:
+       ``CONVERGED`` (the predicted decrease of a Newton step is below ``dtol`` relative).
 
     A ``None`` tolerance switches its rule off.
     """
@@ -77,6 +84,7 @@ class StopRules:
     xtol: float | None = None
     xtol_relative: bool = False
     xtol_status: FitStatus = FitStatus.CONVERGED
+    dtol: float | None = None
 
     def gradient_threshold(self, loss: float, start_loss: float | None = None) -> float:
         """Right-hand side of the gradient rule at loss ``loss`` (start loss ``start_loss``)."""
@@ -115,6 +123,16 @@ class StopRules:
                 return self.xtol_status, (
                     f"max |step| = {obs.step_max:.3g} <= xtol{how} = {bound:.3g}"
                     + ("" if math.isnan(obs.grad_max) else f"; max |grad| = {obs.grad_max:.3g}")
+                )
+        if self.dtol is not None and not math.isnan(obs.decrement):
+            size = abs(obs.loss) if start_loss is None or not math.isfinite(start_loss) else min(
+                abs(obs.loss), abs(start_loss)
+            )
+            bound = self.dtol * max(1.0, size)
+            if obs.decrement <= bound:
+                return FitStatus.CONVERGED, (
+                    f"Newton decrement g'H^-1 g / 2 = {obs.decrement:.3g} <= dtol * max(1, |loss|) "
+                    f"= {bound:.3g}"
                 )
         return None
 
