@@ -392,7 +392,8 @@ class _Problem:
             factor = 0.0 if attempt == self.settings.max_backtracks else 0.5
             step = torch.where(bad[:, None], factor * step, step)
         if bool(bad.any()):
-            z = z0 - step * p.dz
+            # rows that found no decrease keep their value (also where the step is not finite)
+            z = torch.where(step > 0, z0 - step * p.dz, z0)
             eta = self.eta(thetas[0], z)
             pair = self.layer_terms(0, eta, self.y)
             self.num_evals += 1
@@ -434,7 +435,7 @@ class _Problem:
                     break
                 factor = 0.0 if attempt == self.settings.max_backtracks else 0.5
                 step = torch.where(bad[:, None], factor * step, step)
-            new_thetas.append(th - step * delta)
+            new_thetas.append(torch.where(step > 0, th - step * delta, th))
         self.last_LW = LW
         return new_thetas
 
