@@ -55,7 +55,12 @@ class EncoderFitResult(AbstractFitResult):
         The fitted encoder (the object passed in, trained in place).
     num_solves
         Fixed-point solves (Adam: one per minibatch and one full-data solve per epoch;
-        L-BFGS: one per objective evaluation, plus a cold restart where a warm one failed).
+        L-BFGS: one per objective evaluation, plus a cold restart where a warm one failed;
+        AlternatingNewton: latent half-steps).
+    latents
+        The training data's latents at the returned point, as the encoder's fixed-point
+        tensor, where the fit computes them (AlternatingNewton: the joint MAP's latents);
+        ``None`` otherwise (``encoder.solve(data)`` gives them).
 
     ``loss_trace`` is the full-data negative log joint $-\log p(y, z^*, W, B)$ at the start
     and after each step (an L-BFGS iteration or an Adam epoch); ``num_steps`` counts those
@@ -64,6 +69,7 @@ class EncoderFitResult(AbstractFitResult):
 
     encoder: nn.Module
     num_solves: int
+    latents: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return f"EncoderFitResult(loss={float(self.loss_trace[-1]):.10g}, {self._summary()}, num_solves={self.num_solves})"

@@ -228,7 +228,7 @@ class _Problem:
         fam = lik.family
         Av = fam.A(v)
         if l == 0:
-            return Av - self.Ty * v, Av
+            return torch.addcmul(Av, self.Ty, v, value=-1.0), Av
         return Av - fam.T(r) * v - fam.log_h(r), Av
 
     def derivatives(self, l: int, eta: torch.Tensor, r: torch.Tensor, Av: torch.Tensor):
@@ -399,7 +399,7 @@ class _Problem:
             self.num_evals += 1
         return z, ([eta], [pair])
 
-    def global_step(self, thetas, zeta, cached) -> list[torch.Tensor]:
+    def global_step(self, thetas, zeta, cached) -> tuple[list[torch.Tensor], tuple]:
         """One batched Newton/Fisher step on every row of every layer's ``[W b]``, safeguarded."""
         etas, pairs = cached
         zs = self.split(zeta)
@@ -410,7 +410,7 @@ class _Problem:
             e, w = self.derivatives(l, etas[l], rs[l], pairs[l][1])
             q.e.append(e)
             q.w.append(w)
-        new_thetas, LW = [], []
+        new_thetas, new_etas, new_pairs, LW = [], [], [], []
         for l in range(self.L):
             th = thetas[l]
             Lh, P = self.global_hessian(l, q)
@@ -427,17 +427,25 @@ class _Problem:
             for attempt in range(self.settings.max_backtracks + 1):
                 cand = th - step * delta
                 eta = self.eta(cand, zs[l])
-                t, _ = self.layer_terms(l, eta, rs[l])
+                pair = self.layer_terms(l, eta, rs[l])
                 self.num_evals += 1
-                new = distributed.all_reduce_sum(t.sum(0)) + self.prior(l, cand)
+                new = distributed.all_reduce_sum(pair[0].sum(0)) + self.prior(l, cand)
                 bad = ~(new <= old + noise)
                 if not bool(bad.any()):
                     break
                 factor = 0.0 if attempt == self.settings.max_backtracks else 0.5
                 step = torch.where(bad[:, None], factor * step, step)
-            new_thetas.append(torch.where(step > 0, th - step * delta, th))
+            if bool(bad.any()):
+                # rows that found no decrease keep their value (also where the step is not finite)
+                cand = torch.where(step > 0, th - step * delta, th)
+                eta = self.eta(cand, zs[l])
+                pair = self.layer_terms(l, eta, rs[l])
+                self.num_evals += 1
+            new_thetas.append(cand)
+            new_etas.append(eta)
+            new_pairs.append(pair)
         self.last_LW = LW
-        return new_thetas
+        return new_thetas, (new_etas, new_pairs)
 
     def balance(self, thetas: list[torch.Tensor], zeta: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         r"""Move along the likelihood's symmetries of the top layer to the lowest prior penalty.
@@ -497,9 +505,44 @@ class _Problem:
     def sweep(self, p: _Point) -> _Point:
         """$G$: a latent half-step, a global half-step and the balancing step, from ``p``."""
         zeta, cached = self.latent_step(p)
-        thetas = self.global_step(p.thetas, zeta, cached)
+        thetas, cached = self.global_step(p.thetas, zeta, cached)
         thetas, zeta = self.balance(thetas, zeta)
-        return self.evaluate(thetas, zeta)
+        # The balancing leaves every eta unchanged (up to rounding): reuse them and their terms.
+        return self.evaluate(thetas, zeta, cached)
+
+    def spectral_start(self) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        r"""A start from the data: the top-$l$ principal subspace of linearised natural parameters.
+
+        For one layer with $R$ = identity: $\hat\eta = (A')^{-1}\big((T(y)+\bar m_i)/2\big)$
+        with $\bar m_i$ the column mean of $T(y)$ smoothed towards the overall mean (so that
+        a column of zeros or of maxima stays inside the link's domain; the same half-way
+        shrinkage as :meth:`~deqppl.encoders.PEDEncoder.initial_guess`), $B = $ the column
+        means of $\hat\eta$, $W$ and $Z$ from the top-$l$ eigenvectors of the centred Gram
+        matrix $\sum_s(\hat\eta_s-B)(\hat\eta_s-B)^\top$ (one all-reduced $d\times d$ sum), then
+        moved to their lowest prior penalty by :meth:`balance`. ``None`` where it does not
+        apply (several layers, $R \ne$ identity) or is not finite.
+        """
+        if self.L > 1 or not self.layers[0].likelihood.nonlinearity.is_identity:
+            return None
+        fam = self.layers[0].likelihood.family
+        l = self.widths[0]
+        n = self.num_data
+        col = distributed.all_reduce_sum(self.Ty.sum(0))
+        overall = col.sum() / (n * col.numel())
+        m = (col + overall) / (n + 1)
+        eta = fam.link(0.5 * (self.Ty + m))
+        B = distributed.all_reduce_sum(eta.sum(0)) / n
+        C = eta - B
+        gram = distributed.all_reduce_sum(C.T @ C)
+        if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(B).all())):
+            return None
+        _, V = torch.linalg.eigh(gram)
+        V = V[:, -l:].flip(1)
+        Z = C @ V
+        thetas, zeta = self.balance([torch.cat([V, B[:, None]], 1)], Z)
+        if not (bool(torch.isfinite(thetas[0]).all()) and bool(torch.isfinite(zeta).all())):
+            return None
+        return thetas, zeta
 
     # ------------------------------------------------------------------ flat views for Anderson
     def flatten(self, p: _Point) -> tuple[torch.Tensor, torch.Tensor]:
@@ -664,7 +707,8 @@ def fit_alternating(
         ``num_grad_evals`` batched evaluations of all $N\times d$ natural parameters
         (trial points of the step halving included), ``num_solves`` latent half-steps;
         ``grad_norm`` is the norm of the gradient in the globals at the returned point
-        (with latents at their half-step: the profiled gradient up to the latents' residual).
+        (with latents at their half-step: the profiled gradient up to the latents' residual);
+        ``latents`` the fitted latents ``(N, sum d_l)``.
 
     Examples
     --------
@@ -690,6 +734,10 @@ def fit_alternating(
     ]
     with torch.no_grad():
         zeta = encoder.initial_guess(data)
+        if optimizer.spectral_start:
+            start_point = _Problem(structure, y, optimizer).spectral_start()
+            if start_point is not None:
+                thetas, zeta = start_point
     run = run_alternating(structure, y, thetas, zeta, optimizer, progress=progress, callback=callback)
     p = run.point
     values = {}
@@ -710,6 +758,7 @@ def fit_alternating(
         grad_norm=grad,
         optimizer=optimizer,
         num_solves=run.problem.num_latent_steps,
+        latents=p.zeta if math.isfinite(p.loss) else None,
     )
     if throw and not result.converged:
         raise FitConvergenceError(result, "fit_encoder")
