@@ -253,10 +253,11 @@ class _Problem:
         return 0.5 * (theta * theta).sum(1) / s**2
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, thetas: list[torch.Tensor], zeta: torch.Tensor, cached=None) -> _Point:
-        """The loss at (thetas, zeta) and the derivatives a sweep from there needs.
+    def evaluate(self, thetas: list[torch.Tensor], zeta: torch.Tensor, cached=None, *, full: bool = True) -> _Point:
+        """The loss at (thetas, zeta) and (if ``full``) the derivatives a sweep from there needs.
 
-        ``cached``: ``(etas, [(terms, A(v))])`` already computed at this point.
+        ``cached``: ``(etas, [(terms, A(v))])`` already computed at this point. A point
+        evaluated with ``full=False`` is completed by :meth:`complete`.
         """
         p = _Point(thetas, zeta)
         zs = self.split(zeta)
@@ -271,8 +272,15 @@ class _Problem:
         local = sum(t.sum() for t in p.terms) + 0.5 * self.s.top_precision * (zs[-1] * zs[-1]).sum()
         prior = sum(self.prior(l, th).sum() for l, th in enumerate(thetas))
         p.loss = float(distributed.all_reduce_sum(local.detach())) + float(prior) + self.const
-        if not math.isfinite(p.loss):
+        if not math.isfinite(p.loss) or not full:
             return p
+        return self.complete(p)
+
+    def complete(self, p: _Point) -> _Point:
+        """Add the derivatives, the latent Newton step and the globals' gradient to ``p``."""
+        zs = self.split(p.zeta)
+        rs = self.responses(zs)
+        thetas, etas = p.thetas, p.etas
         p.e, p.w = [], []
         for l in range(self.L):
             e, w = self.derivatives(l, etas[l], rs[l], p.Avs[l])
@@ -634,11 +642,11 @@ class _AlternatingStepper(AbstractStepper):
             self.last = ((x, gx), r)
             if self.dR:
                 xa = self._anderson(gx, r)
-                cand = None if xa is None else pb.evaluate(*pb.unflatten(*xa))
+                cand = None if xa is None else pb.evaluate(*pb.unflatten(*xa), full=False)
                 # DAAREM's safeguard: keep the extrapolation only if it does at least as well as
                 # the plain sweep (so f never increases); otherwise restart the history.
                 if cand is not None and math.isfinite(cand.loss) and cand.loss <= q.loss:
-                    new = cand
+                    new = pb.complete(cand)
                     self.num_accepted += 1
                 else:
                     self.dR.clear()
