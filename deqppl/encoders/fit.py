@@ -181,7 +181,13 @@ def fit_encoder(
     r"""Fit the globals of an encoder of the protocol by joint MAP through its fixed point.
 
     Minimises the full-data negative log joint of the encoder's Pyro model at the MAP latents
-    (SPEC §2.4). With :class:`~deqppl.optim.LBFGS` (default) it minimises the *profiled*
+    (SPEC §2.4). With :class:`~deqppl.optim.AlternatingNewton` (the default of encoders
+    whose model is a stack of GLM layers with convex half-steps: ``PEDEncoder`` and
+    ``DeepPEDEncoder`` with $R$ = identity; see
+    :meth:`~deqppl.encoders.AbstractMAPEncoder.default_fit_optimizer`) it runs the structured
+    joint fit of SPEC §2.4.1 over globals and latents together
+    (:mod:`deqppl.encoders.joint`). With :class:`~deqppl.optim.LBFGS` (the default of the
+    other encoders) it minimises the *profiled*
     objective $P(W,B)=\min_z L(W,B,z)$ full-batch: every evaluation is one warm-started
     batched solve, and by the envelope theorem (Notes) the gradient of $L$ at the detached
     $z^*$ is the exact gradient of $P$. Eliminating the latents leaves a small,
@@ -203,7 +209,10 @@ def fit_encoder(
         data name; validated once, here, by the encoder's model (not again if it is a
         :class:`~deqppl.validation.ValidatedData` of that model).
     optimizer
-        :class:`~deqppl.optim.LBFGS` (default ``LBFGS()``) or :class:`~deqppl.optim.Adam`.
+        :class:`~deqppl.optim.AlternatingNewton`, :class:`~deqppl.optim.LBFGS` or
+        :class:`~deqppl.optim.Adam` (minibatches, for data too large for one batch); ``None``
+        asks the encoder (:meth:`~deqppl.encoders.AbstractMAPEncoder.default_fit_optimizer`:
+        ``AlternatingNewton()`` for PED encoders with $R$ = identity, else ``LBFGS()``).
         L-BFGS's ``gtol=None`` means $\epsilon^{1/2}$ here (not $\epsilon^{2/3}$ as in
         ``fit_map``): the profiled gradient is exact only to the tolerance of the fixed-point
         solves (relative 1e-8 in float64).
@@ -228,10 +237,13 @@ def fit_encoder(
     Raises
     ------
     TypeError
-        ``encoder`` is not an encoder of the protocol, or ``optimizer`` is not an LBFGS or
-        Adam object, or Adam for a model with coupled locals (no minibatches).
+        ``encoder`` is not an encoder of the protocol, or ``optimizer`` is not an
+        AlternatingNewton, LBFGS or Adam object, or Adam for a model with coupled locals (no
+        minibatches), or AlternatingNewton for an encoder without a ``joint_structure``.
     ValueError
-        Bad data (as the model's ``validate``: shape, support, non-finite).
+        Bad data (as the model's ``validate``: shape, support, non-finite); AlternatingNewton
+        for a model whose half-steps it does not support (hard ReLU; a hierarchy with
+        $R\ne$ identity), naming what to use instead.
     FitConvergenceError
         If ``throw`` and the fit did not converge.
     ConvergenceError
