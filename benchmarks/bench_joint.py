@@ -208,6 +208,10 @@ METHODS = {
 }
 
 
+def _eta(values):
+    return values["z"] @ values["W"].T + values["B"]
+
+
 def compare(name, model, y, truth, methods, *, binomial16=False):
     rows = []
     progress = []
@@ -254,7 +258,10 @@ def compare(name, model, y, truth, methods, *, binomial16=False):
         f"- reference optimum (default fit continued with dtol=0, {ref_fit.num_steps} sweeps, "
         f"{ref_fit.status.name}): log joint {ref['log_joint']:.6f}; the default's stopping rule "
         f"left a gap of {ref['log_joint'] - base[-1]['log_joint']:.3g} "
-        f"({(ref['log_joint'] - base[-1]['log_joint']) / abs(ref['log_joint']):.2e} relative)"
+        f"({(ref['log_joint'] - base[-1]['log_joint']) / abs(ref['log_joint']):.2e} relative); "
+        f"largest principal angle between its W and the reference's: "
+        f"{model.global_metrics(base[1], ref_values)['subspace_angle']:.2e} rad; "
+        f"max |eta - eta_ref| = {float((_eta(base[1]) - _eta(ref_values)).abs().max()):.2e}"
     )
     lines.append("")
     return "\n".join(lines), rows

@@ -100,6 +100,7 @@ def test_same_optimum_as_joint_lbfgs(fam, nl):
     assert bool((fit.loss_trace.diff() <= 1e-12 * fit.loss_trace.abs()[1:]).all())
 
 
+@pytest.mark.slow  # ~6 s: the joint L-BFGS oracle over 4 globals and 2 latent layers
 def test_same_optimum_as_joint_lbfgs_hierarchical():
     model = HierarchicalExpFamPCA(widths=(6, 3, 2), precisions=(2.0, 0.5, 1.5))
     sim = model.simulate(40, seed=0, dtype=F64)
