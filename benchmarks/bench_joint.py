@@ -38,7 +38,7 @@ other jobs on the machine than wall time, which is also printed); the default fi
 run ``--repeats`` times, interleaved, and their medians reported; the time-to-reach figures
 come from the default fit's last run (per-sweep CPU times from its callback).
 
-Run: ``nice -n 10 python benchmarks/bench_joint.py [--rows 2000 20000 200000] [--out docs/bench_joint.md]``.
+Run: ``nice -n 10 python benchmarks/bench_joint.py [--rows 20000 200000] [--repeats 5] [--out FILE]`` (the tables of ``docs/bench_joint.md``).
 """
 
 from __future__ import annotations

@@ -677,10 +677,11 @@ def run_alternating(
     *,
     progress: bool,
     callback: Callable[[int, float], None] | None = None,
+    problem: _Problem | None = None,
 ) -> _Outcome:
     """Run the structured fit from ``(thetas, zeta)`` on validated ``y``; see :func:`fit_alternating`."""
     with torch.no_grad():
-        pb = _Problem(structure, y, settings)
+        pb = _Problem(structure, y, settings) if problem is None else problem
         stepper = _AlternatingStepper(pb, [t.detach().clone() for t in thetas], zeta.detach().clone())
         rules = StopRules(dtol=settings.resolved_dtol(y.dtype))
         out = drive(
@@ -741,12 +742,14 @@ def fit_alternating(
         for layer in structure.layers
     ]
     with torch.no_grad():
+        problem = _Problem(structure, y, optimizer)
         zeta = encoder.initial_guess(data)
         if optimizer.spectral_start:
-            start_point = _Problem(structure, y, optimizer).spectral_start()
+            start_point = problem.spectral_start()
             if start_point is not None:
                 thetas, zeta = start_point
-    run = run_alternating(structure, y, thetas, zeta, optimizer, progress=progress, callback=callback)
+    run = run_alternating(structure, y, thetas, zeta, optimizer, progress=progress, callback=callback,
+                          problem=problem)
     p = run.point
     values = {}
     for layer, th in zip(structure.layers, p.thetas, strict=True):
