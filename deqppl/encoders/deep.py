@@ -223,10 +223,11 @@ class DeepPEDEncoder(AbstractMAPEncoder):
         return JointStructure(layers=layers, top_precision=float(m.precisions[m.depth]))
 
     def default_fit_optimizer(self):
-        r"""``AlternatingNewton()`` when every $R^{(l)}$ is the identity, else ``LBFGS()``."""
+        r"""``AlternatingNewton()`` when every $R^{(l)}$ is the identity and the globals have a
+        Gaussian prior, else ``LBFGS()``."""
         from deqppl.optim import LBFGS, AlternatingNewton
 
-        if all(r.is_identity for r in self.model.nonlinearities):
+        if all(r.is_identity for r in self.model.nonlinearities) and self.model.param_scale is not None:
             return AlternatingNewton()
         return LBFGS()
 

@@ -132,6 +132,14 @@ class JointStructure:
                 f"layer 1 has {self.layers[0].likelihood.describe()}. Fit this model with "
                 f"deqppl.optim.LBFGS() (profiled) or Adam()"
             )
+        if self.layers[-1].param_scale is None:
+            raise ValueError(
+                "with a flat prior on the top layer's loadings (param_scale=None) the joint MAP "
+                "does not exist: W -> aW, Z -> Z/a leaves the likelihood unchanged and lowers "
+                "the latents' prior penalty for every a > 1, so a joint fit runs off to "
+                "W -> inf, Z -> 0. Give the model a param_scale, or fit with "
+                "deqppl.optim.LBFGS() / Adam() and a step cap"
+            )
         if self.layers[0].likelihood.nonlinearity.name == "relu":
             raise ValueError(
                 "the hard ReLU makes the log joint non-differentiable at eta = 0, where MAP "

@@ -264,7 +264,8 @@ class PEDEncoder(AbstractMAPEncoder):
         Raises
         ------
         ValueError
-            For the hard ReLU (the log joint is not differentiable where its MAPs sit).
+            For the hard ReLU (the log joint is not differentiable where its MAPs sit), or a
+            flat prior on ``W`` (``param_scale=None``: no joint MAP exists).
         """
         from .joint import GLMLayer, JointStructure
 
@@ -273,10 +274,13 @@ class PEDEncoder(AbstractMAPEncoder):
         return JointStructure(layers=(layer,), top_precision=float(m.lam))
 
     def default_fit_optimizer(self):
-        r"""``AlternatingNewton()`` for $R$ = identity (convex half-steps), else ``LBFGS()``."""
+        r"""``AlternatingNewton()`` for $R$ = identity (convex half-steps) and a Gaussian prior on
+        the globals (with a flat one the joint MAP does not exist), else ``LBFGS()``."""
         from deqppl.optim import LBFGS, AlternatingNewton
 
-        return AlternatingNewton() if self.model.nonlinearity.is_identity else LBFGS()
+        if self.model.nonlinearity.is_identity and self.model.param_scale is not None:
+            return AlternatingNewton()
+        return LBFGS()
 
     # ---------------------------------------------------------------- diagnostics
     def uniqueness(self, y: torch.Tensor | None = None) -> UniquenessReport:

@@ -183,6 +183,10 @@ def test_unsupported_models_fail_before_any_work():
     deep = DeepPEDEncoder(HierarchicalExpFamPCA(widths=(6, 3, 2), nonlinearities=(smooth_relu(), smooth_relu())))
     with pytest.raises(ValueError, match="LBFGS"):
         fit_encoder(deep.double(), y, optimizer=AlternatingNewton(), progress=False)
+    flat = ExpFamPCA(family=poisson(), obs_dim=6, latent_dim=2, param_scale=None)
+    assert isinstance(PEDEncoder(flat).default_fit_optimizer(), LBFGS)
+    with pytest.raises(ValueError, match="joint MAP does not exist"):
+        fit_encoder(PEDEncoder(flat).double(), y, optimizer=AlternatingNewton(), progress=False)
 
 
 @pytest.mark.parametrize(
