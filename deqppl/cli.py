@@ -10,6 +10,8 @@
                    [--heldout-fraction F] [--label-column COL] [--rows N | --full]
                    [--no-model-comparison] [--out DIR] [--small] [--no-progress]
     deqppl report --out DIR
+    deqppl encode --model FITTED --data FILE.parquet|FILE.csv --out LATENTS.parquet
+                  [--chunk-rows N] [--no-laplace] [--overwrite] [--device D] [--no-progress]
 
 ``compare`` fits a model of the zoo to the data by every method (:func:`deqppl.harness.compare`)
 and writes into ``--out``: ``table.csv`` (tidy, one row per model x method x seed x stage x
@@ -17,6 +19,11 @@ metric), ``summary.csv`` (one row per method), ``report.html`` / ``report.md`` w
 ``run.json`` (the resolved settings). Each finished unit of work is stored at once under
 ``OUT/runs``, so an interrupted run resumes where it stopped when the same command is run
 again; ``deqppl report --out DIR`` rebuilds the tables and report from those stored units.
+
+``encode`` streams a table larger than memory through a fitted model file
+(:func:`deqppl.io.save`) chunk by chunk and writes the latents, per-row convergence, residual and
+Laplace standard deviations (:func:`deqppl.io.encode`); an interrupted run resumes when the same
+command is run again, and ``--out`` appears only when every chunk is done.
 
 Models (``--model``) and their built-in data (``--data``):
 
@@ -673,6 +680,66 @@ def _print_summary(comparison, out: Path, paths: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# deqppl encode (issue 16: out-of-core amortised encoding)
+# --------------------------------------------------------------------------------------------
+def _add_encode_parser(sub) -> None:
+    from deqppl.io import DEFAULT_CHUNK_ROWS
+
+    enc = sub.add_parser(
+        "encode", help="encode a Parquet/CSV table with a fitted model file, chunk by chunk, resumably"
+    )
+    enc.add_argument("--model", required=True, help="model file written by deqppl.io.save")
+    enc.add_argument("--data", required=True, help="PATH.parquet | PATH.csv with the model's observation columns")
+    enc.add_argument("--out", required=True, help="the latents' Parquet file (written at the end)")
+    enc.add_argument(
+        "--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
+        help=f"rows per chunk: the memory bound and the unit of resumption (default {DEFAULT_CHUNK_ROWS})",
+    )
+    enc.add_argument("--no-laplace", action="store_true", help="do not write Laplace standard deviations")
+    enc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    enc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    enc.add_argument("--device", default=None, help="where to solve, e.g. cuda (default cpu)")
+    enc.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
+
+def _cmd_encode(args) -> int:
+    from deqppl.io import encode
+
+    try:
+        result = encode(
+            args.model,
+            args.data,
+            args.out,
+            chunk_rows=args.chunk_rows,
+            laplace=not args.no_laplace,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            device=args.device,
+        )
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        print(f"deqppl encode: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"\ndeqppl encode: interrupted; finished chunks are kept next to {args.out} - run the "
+            "same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"encoded {result.num_rows} rows in {result.num_chunks} chunks ({result.num_reused} reused, "
+        f"{result.num_redone} redone) in {result.wall_time:.1f} s -> {result.out_path}"
+    )
+    if not result.converged:
+        print(
+            f"deqppl encode: warning: {result.num_rows - result.num_converged} rows did not converge "
+            f"(column converged = false; largest residual {result.max_residual:.3g})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -738,13 +805,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="folder of a previous `deqppl compare`")
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     rep.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    _add_encode_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``deqppl`` command; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    commands = {"list": _cmd_list, "compare": _cmd_compare, "report": _cmd_report}
+    commands = {"list": _cmd_list, "compare": _cmd_compare, "report": _cmd_report, "encode": _cmd_encode}
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:

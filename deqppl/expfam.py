@@ -26,6 +26,7 @@ torch.Size([1])
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -328,6 +329,18 @@ class ExpFamily:
         """Raise ``ValueError`` if ``v`` leaves the natural-parameter domain."""
         check_mask(v, self.in_domain(v), name, f"{self.describe()} needs {self.domain_text}")
 
+    def config(self) -> dict:
+        """The table row and its parameters, JSON-able; :func:`family` ``(**config)`` rebuilds it.
+
+        Examples
+        --------
+        >>> binomial(16).config()
+        {'name': 'binomial', 'params': {'total_count': 16}}
+        >>> family(**binomial(16).config()) == binomial(16)
+        True
+        """
+        return {"name": self.name, "params": dict(self.params)}
+
     def describe(self) -> str:
         """Name with parameters, e.g. ``binomial(total_count=16)``."""
         inner = ", ".join(f"{k}={v:g}" for k, v in self.params)
@@ -350,7 +363,10 @@ def _all_real(x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_integer(y: torch.Tensor) -> torch.Tensor:
-    return y == torch.round(y)
+    # Beyond 2**(mantissa bits + 1) (2**53 in float64, 2**24 in float32) a float cannot tell
+    # neighbouring integers apart, so such a "count" is already rounded: refuse it.
+    exact = 2.0 / torch.finfo(y.dtype).eps if y.is_floating_point() else math.inf
+    return (y == torch.round(y)) & (y.abs() <= exact)
 
 
 def gaussian(precision: float = 1.0) -> ExpFamily:
@@ -433,7 +449,7 @@ def poisson() -> ExpFamily:
         d2A=torch.exp,
         link=torch.log,
         in_support=lambda y: _is_integer(y) & (y >= 0),
-        support_text="non-negative integer counts",
+        support_text="non-negative integer counts, exact in the dtype (<= 2**53 in float64, <= 2**24 in float32)",
         domain=REAL_LINE,
         distribution=lambda v: dist.Poisson(torch.exp(v)),
         curvature_bound=math.inf,
@@ -561,14 +577,18 @@ FAMILIES: dict[str, Callable[..., ExpFamily]] = {
 }
 
 
-def family(name: str, **params: float) -> ExpFamily:
+def family(name: str, params: dict | None = None, **kwargs: float) -> ExpFamily:
     """Look a family up by name (the CLI edge); unknown names list the valid ones.
+
+    The parameters are keywords, or the mapping ``params`` (the form of
+    :meth:`ExpFamily.config`).
 
     Examples
     --------
     >>> family("binomial", total_count=16).describe()
     'binomial(total_count=16)'
     """
+    params = {**(params or {}), **kwargs}
     try:
         factory = FAMILIES[name]
     except KeyError:
@@ -602,6 +622,9 @@ class Nonlinearity:
         natural-parameter domain. The default, the real line, is the safe claim for a
         user-made $R$ whose range is not stated: it pairs with every family whose natural
         parameter may be any real number.
+    row, params
+        The :data:`NONLINEARITIES` row that built it and its exact parameters (what a saved
+        model stores, :meth:`config`); ``None`` for a user-made $R$, which cannot be saved.
     """
 
     name: str
@@ -610,6 +633,32 @@ class Nonlinearity:
     drho: Fn
     gaussian_only: bool = False
     range: Interval = REAL_LINE
+    row: str | None = None
+    params: tuple[tuple[str, float], ...] = ()
+
+    def config(self) -> dict:
+        """The table row and its exact parameters, JSON-able; :func:`nonlinearity` rebuilds it.
+
+        Raises
+        ------
+        TypeError
+            For a user-made nonlinearity (no table row): its functions are Python code, which
+            a JSON configuration cannot hold.
+
+        Examples
+        --------
+        >>> smooth_relu(0.25).config()
+        {'name': 'smooth_relu', 'params': {'tau': 0.25}}
+        >>> nonlinearity(**smooth_relu(0.25).config()).name
+        'smooth_relu(tau=0.25)'
+        """
+        if self.row is None:
+            raise TypeError(
+                f"nonlinearity {self.name} is not a row of deqppl.expfam.NONLINEARITIES (it was "
+                f"made from Python functions), so it has no JSON configuration; build R with one "
+                f"of {', '.join(sorted(NONLINEARITIES))} to save a model that uses it"
+            )
+        return {"name": self.row, "params": dict(self.params)}
 
     @property
     def is_identity(self) -> bool:
@@ -648,7 +697,7 @@ def _check_tau(tau: float) -> float:
 
 def identity() -> Nonlinearity:
     r"""$R(\eta)=\eta$: classical exponential-family PCA."""
-    return Nonlinearity("identity", lambda e: e, torch.ones_like, torch.zeros_like)
+    return Nonlinearity("identity", lambda e: e, torch.ones_like, torch.zeros_like, row="identity")
 
 
 def relu() -> Nonlinearity:
@@ -659,6 +708,7 @@ def relu() -> Nonlinearity:
         lambda e: (e > 0).to(e.dtype),
         torch.zeros_like,
         range=Interval(lower=0.0, lower_closed=True),
+        row="relu",
     )
 
 
@@ -671,6 +721,8 @@ def smooth_relu(tau: float = 1.0) -> Nonlinearity:
         lambda e: _Phi(e / t),
         lambda e: _phi(e / t) / t,
         range=_POSITIVE,  # ReLU_tau > 0: it is increasing with limit 0 at -inf
+        row="smooth_relu",
+        params=(("tau", float(tau)),),
     )
 
 
@@ -686,6 +738,8 @@ def leaky_smooth_relu(tau: float = 1.0, slope: float = 0.1) -> Nonlinearity:
         lambda e: (1 - m) * base.drho(e),
         # with a leak the m * eta term reaches every real number; without, ReLU_tau > 0
         range=REAL_LINE if m > 0 else _POSITIVE,
+        row="leaky_smooth_relu",
+        params=(("tau", float(tau)), ("slope", float(slope))),
     )
 
 
@@ -701,6 +755,8 @@ def neg_smooth_relu(tau: float = 1.0) -> Nonlinearity:
         lambda e: -base.rho(e),
         lambda e: -base.drho(e),
         range=Interval(upper=0.0),
+        row="neg_smooth_relu",
+        params=(("tau", float(tau)),),
     )
 
 
@@ -718,6 +774,7 @@ def log_cosh() -> Nonlinearity:
         lambda e: 1 + torch.tanh(e),
         lambda e: 1 - torch.tanh(e) ** 2,
         range=Interval(lower=-math.log(2.0)),
+        row="log_cosh",
     )
 
 
@@ -770,7 +827,8 @@ def from_activation(
 
 def sigmoid_gaussian() -> Nonlinearity:
     r"""The sigmoid activation with a Gaussian meaning: $R=\sqrt{2\log(1+e^\eta)}$."""
-    return from_activation(torch.sigmoid, F.softplus, name="sigmoid")
+    nl = from_activation(torch.sigmoid, F.softplus, name="sigmoid")
+    return dataclasses.replace(nl, row="sigmoid_gaussian")
 
 
 #: The table of nonlinearities: registry name -> factory.
@@ -785,8 +843,13 @@ NONLINEARITIES: dict[str, Callable[..., Nonlinearity]] = {
 }
 
 
-def nonlinearity(name: str, **params: float) -> Nonlinearity:
-    """Look a nonlinearity up by name (the CLI edge); unknown names list the valid ones."""
+def nonlinearity(name: str, params: dict | None = None, **kwargs: float) -> Nonlinearity:
+    """Look a nonlinearity up by name (the CLI edge); unknown names list the valid ones.
+
+    The parameters are keywords, or the mapping ``params`` (the form of
+    :meth:`Nonlinearity.config`).
+    """
+    params = {**(params or {}), **kwargs}
     try:
         factory = NONLINEARITIES[name]
     except KeyError:

@@ -17,6 +17,8 @@ ValueError: y contains a non-finite value nan at row 1, column 0 (1 non-finite e
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,17 +37,69 @@ __all__ = [
     "check_seed",
     "check_shape",
     "position",
+    "table_positions",
     "validated",
 ]
 
 
-def position(index: Sequence[int]) -> str:
-    """Describe a tensor index as ``row r, column c`` (or ``position (i, j, k)``)."""
+#: (first row, {data name: column names}) of the table a chunk being validated came from; set
+#: by :func:`table_positions`, read by :func:`position`.
+_TABLE: contextvars.ContextVar[tuple[int, Mapping[str, Sequence[str]]] | None] = contextvars.ContextVar(
+    "deqppl_table_positions", default=None
+)
+
+
+@contextlib.contextmanager
+def table_positions(*, first_row: int, columns: Mapping[str, Sequence[str]] | None = None) -> Iterator[None]:
+    """Report positions in 2-D data as rows and columns of the whole table a chunk came from.
+
+    Streaming code validates one chunk at a time (rows ``first_row ...`` of a file) with the
+    model's own ``validate``; inside this context every message of :func:`position` (hence of
+    :func:`check_finite`, :func:`check_mask` and every model's support check) names the global
+    row, and the column's name where ``columns`` gives the names of that data tensor.
+
+    Parameters
+    ----------
+    first_row
+        Global index of the chunk's row 0.
+    columns
+        Data name -> the table's column names for the columns of that tensor.
+
+    Examples
+    --------
+    >>> y = as_tensor([[0.0, 1.0], [float("nan"), 2.0]], "y")
+    >>> with table_positions(first_row=1000, columns={"y": ("y_0", "y_1")}):
+    ...     check_finite(y, "y")
+    Traceback (most recent call last):
+    ...
+    ValueError: y contains a non-finite value nan at row 1001, column 0 ('y_0') (1 non-finite entries in all); only finite numbers are allowed
+    """
+    if isinstance(first_row, bool) or not isinstance(first_row, int) or first_row < 0:
+        raise ValueError(f"first_row must be a non-negative integer, got {first_row!r}")
+    token = _TABLE.set((first_row, dict(columns or {})))
+    try:
+        yield
+    finally:
+        _TABLE.reset(token)
+
+
+def position(index: Sequence[int], name: str | None = None) -> str:
+    """Describe a tensor index as ``row r, column c`` (or ``position (i, j, k)``).
+
+    Inside :func:`table_positions` the row is the table's global row and, for a data tensor
+    ``name`` whose column names were given, the column's name follows its index.
+    """
     index = tuple(int(i) for i in index)
     if len(index) == 1:
         return f"position {index[0]}"
     if len(index) == 2:
-        return f"row {index[0]}, column {index[1]}"
+        table = _TABLE.get()
+        if table is None:
+            return f"row {index[0]}, column {index[1]}"
+        first, columns = table
+        names = columns.get(name, ()) if name is not None else ()
+        label = f" ({names[index[1]]!r})" if index[1] < len(names) else ""
+        return f"row {first + index[0]}, column {index[1]}{label}"
     return f"position {index}"
 
 
@@ -118,7 +172,7 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     if bool(bad.any()):
         idx = torch.nonzero(bad)[0].tolist()
         raise ValueError(
-            f"{name} contains a non-finite value {x[tuple(idx)].item()} at {position(idx)} "
+            f"{name} contains a non-finite value {x[tuple(idx)].item()} at {position(idx, name)} "
             f"({int(bad.sum())} non-finite entries in all); only finite numbers are allowed"
         )
 
@@ -129,7 +183,7 @@ def check_mask(x: torch.Tensor, ok: torch.Tensor, name: str, allowed: str) -> No
     if bool(bad.any()):
         idx = torch.nonzero(bad)[0].tolist()
         raise ValueError(
-            f"{name} has value {x[tuple(idx)].item()!r} at {position(idx)}, outside the allowed "
+            f"{name} has value {x[tuple(idx)].item()!r} at {position(idx, name)}, outside the allowed "
             f"values ({allowed}); {int(bad.sum())} entries are out of range"
         )
 

@@ -19,17 +19,20 @@ single-conv architecture (scaled down for 2 CPU cores: ``--channels`` channels, 
 Every implicit model: forward rtol 1e-4 (relative residual of the layer's map), at most 200
 steps, implicit backward with the same tolerance and cap, failures recorded, not
 raised. AdamW, batch 64, lr 1e-2 (the paper: 1e-3 over many more epochs), 6 epochs. Then the
-stress test: the same with the initial W scaled by 10 (monDEQ: A and B by 10), for
-``--stress-epochs`` (2) epochs and ``--stress-seeds`` (2) seeds, since models that fail to
-converge spend the full step cap on every batch.
+stress test: the same with the initial W scaled by 10 (monDEQ: A and B by 10), with the same
+``--stress-epochs`` (6) epochs and ``--stress-seeds`` (2) seeds. (An earlier 2-epoch stress
+protocol left the pcDEQ at chance: 42 Adam steps of lr 1e-2 cannot take a weight-norm gain of
+10 out of saturation; see docs/pcdeq.md.)
 
-Per run (family x architecture x seed x stress) one JSON file in ``OUT/runs`` written atomically
-when the run finishes; a rerun with the same ``--out`` skips finished runs. ``OUT/table.md``
-holds the table (accuracy mean +- sd over seeds, parameters, mean forward and backward steps,
-time per epoch, runs with non-converged solves -- per run "Ff/Bb/Ss": F samples whose forward
-solve failed, B adjoint solves that failed, S optimiser steps skipped for NaN gradients (the DEQ
-core gives NaN derivatives for samples whose forward solve failed) -- and pcDEQ certificates on
-the test set).
+The runs are made by the harness, `deqppl.harness.compare_classifiers` (one source of truth for
+training, evaluation and the certificate columns): the plain protocol is the stage ``test``, the
+stress test the stage ``stress_x10``. Each finished run is a unit of a `deqppl.harness.RunStore`
+under ``OUT/runs``; a rerun with the same ``--out`` loads finished runs. ``OUT/table.md`` holds
+the harness's report section (`deqppl.report.classifier_markdown`: mean +- sd over seeds of test
+accuracy, parameters, forward / backward steps, time per epoch, runs with non-converged solves,
+and the certificate columns with their glossary) followed by a table saying what happened to
+each method; ``OUT/tidy.csv`` is the harness's long table (``model, method, seed, stage, metric,
+value``).
 
 Run: ``python experiments/pcdeq_digits.py --out runs/pcdeq_digits`` (about 10 minutes on one
 core at the defaults). With MNIST IDX files on disk the paper's protocol runs with
@@ -39,24 +42,26 @@ core at the defaults). With MNIST IDX files on disk the paper's protocol runs wi
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from deqppl.data import load_digits
 from deqppl.deq import GMRES, Anderson, FixedPointIteration, ImplicitAdjoint
+from deqppl.harness import (ClassifierMethod, ClassifierStage, ClassifierTraining, ImageSplit,
+                            LinearArchitecture, RunStore, SingleConvArchitecture,
+                            compare_classifiers)
 from deqppl.layers import (DEQFamily, ExplicitFamily, MonDEQFamily, PCDEQFamily,
-                           PeacemanRachford, Sigmoid, Tanh, evaluate_classifier, fit_classifier,
-                           implicit_layers, linear_classifier, num_parameters,
-                           single_conv_classifier)
+                           PeacemanRachford, Sigmoid, Tanh)
+from deqppl.report import classifier_markdown, table_markdown
 
 RTOL, MAX_STEPS = 1e-4, 200
+#: Test accuracy below this is reported as "at chance" (ten balanced classes: 0.10).
+CHANCE_BAND = 0.2
+#: A largest activation slope at z* below this is reported as saturation.
+SATURATED_SLOPE = 1e-3
 
 
 def families() -> dict[str, object]:
@@ -83,7 +88,8 @@ def families() -> dict[str, object]:
     }
 
 
-def split_digits(*, dtype):
+def split_digits(*, dtype) -> ImageSplit:
+    """The 1 797 digits, pixels / 16, 25 % of each class (a seed-0 permutation) to test."""
     data = load_digits(dtype=dtype)
     images = (data.y / 16.0).reshape(-1, 1, 8, 8)
     labels = data.labels.long()
@@ -96,136 +102,43 @@ def split_digits(*, dtype):
         test.append(idx[:cut])
         train.append(idx[cut:])
     train, test = torch.cat(train), torch.cat(test)
-    return images[train], labels[train], images[test], labels[test]
+    return ImageSplit(name="digits", x_train=images[train], y_train=labels[train],
+                      x_test=images[test], y_test=labels[test])
 
 
-def build(arch, family, *, image_size, in_channels, channels, pool, seed, dtype):
-    if arch == "linear":
-        return linear_classifier(family, image_size=image_size, in_channels=in_channels,
-                                 seed=seed, dtype=dtype)
-    return single_conv_classifier(family, image_size=image_size, in_channels=in_channels,
-                                  channels=channels, pool=pool, seed=seed, dtype=dtype)
-
-
-def run_one(name, family, arch, seed, stress, data, args):
-    x_train, y_train, x_test, y_test = data
-    torch.manual_seed(seed)  # BatchNorm and nothing else draws from the global generator
-    model = build(arch, family, image_size=tuple(x_train.shape[2:]),
-                  in_channels=x_train.shape[1], channels=args.channels, pool=args.pool,
-                  seed=seed, dtype=args.dtype)
-    scaled = []
-    if stress != 1.0:
-        for module in model.modules():
-            if hasattr(module, "scale_weight_") and module is not model:
-                module.scale_weight_(stress)
-                scaled.append(type(module).__name__)
-    start = time.perf_counter()
-    epochs = args.epochs if stress == 1 else args.stress_epochs
-    fit = fit_classifier(model, x_train, y_train, num_epochs=epochs, batch_size=64,
-                         lr=args.lr, seed=seed, skip_nonfinite_steps=True)
-    train_seconds = time.perf_counter() - start
-    row = {
-        "family": name, "arch": arch, "seed": seed, "stress": stress,
-        "params": num_parameters(model), "epochs": epochs, "status": fit.status.name, "message": fit.message,
-        "epochs_run": len(fit.epochs), "time_per_epoch": fit.mean("wall_time"),
-        "forward_steps": fit.mean("forward_steps"), "backward_steps": fit.mean("backward_steps"),
-        "train_forward_failed": fit.forward_failed, "train_backward_failed": fit.backward_failed,
-        "skipped_steps": fit.skipped_steps,
-        "train_seconds": train_seconds, "scaled": scaled,
-    }
-    if fit.status.name == "COMPLETED":
-        ev = evaluate_classifier(model, x_test, y_test)
-        row.update(accuracy=ev.accuracy, test_forward_steps=ev.forward_steps,
-                   test_forward_failed=ev.forward_failed)
-        layers = implicit_layers(model)
-        certs = [layer.solve(layer_input(model, layer, x_test), certify=True).certificate
-                 for layer in layers if hasattr(layer, "check_cone")]
-        if certs:
-            row["certified"] = all(c.certified for c in certs)
-            row["rho_bound_max"] = max(c.as_dict()["spectral_radius_bound"] for c in certs)
-            row["rho_max"] = max(c.as_dict()["spectral_radius"] for c in certs)
-            row["min_weight"] = min(c.min_weight for c in certs)
-        mon = [layer for layer in layers if hasattr(layer, "margin")]
-        if mon:
-            extra = mon[0].last_solution.extra
-            row["measured_margin"] = extra.get("measured_margin", math.nan)
-            row["lipschitz"] = extra.get("lipschitz", math.nan)
+def outcome(row) -> str:
+    """What happened to one (model, stage, method) row of the summary, in words."""
+    runs = int(row["runs"])
+    if math.isnan(row["test_accuracy"]):
+        return f"training stopped early in {int(row['unconverged_runs'])}/{runs} runs"
+    parts = []
+    bad = int(row["unconverged_runs"])
+    if bad == 0:
+        parts.append("every solve converged" if not math.isnan(row.get("forward_steps", math.nan))
+                     else "explicit: nothing to solve")
     else:
-        row.update(accuracy=math.nan, test_forward_steps=math.nan, test_forward_failed=-1)
-    return row
+        frac = row.get("fraction_converged", math.nan)
+        test = "" if math.isnan(frac) else f"; {100 * (1 - frac):.1f} % of test images unconverged"
+        parts.append(f"solves failed in {bad}/{runs} runs (mean {row['forward_failed']:.0f} "
+                     f"training samples, {row['skipped_steps']:.0f} skipped steps{test})")
+    if not math.isnan(row.get("certified", math.nan)):
+        parts.append("certified" if row["certified"] == 1 else
+                     f"certified in {row['certified'] * runs:.0f}/{runs} runs")
+    if row["test_accuracy"] < CHANCE_BAND:
+        slope = row.get("slope_max", math.nan)
+        why = (f": saturated, largest slope at z* {slope:.1e}, rho(J) "
+               f"{row['rho_jacobian']:.1e}, train loss {row['train_loss_first']:.2f} -> "
+               f"{row['train_loss_last']:.2f}" if slope < SATURATED_SLOPE else "")
+        parts.append("learned nothing (test accuracy at chance" + why + ")")
+    else:
+        parts.append(f"learned ({100 * row['test_accuracy']:.1f} %)")
+    return "; ".join(parts)
 
 
-@torch.no_grad()
-def layer_input(model, layer, x):
-    """The input that ``layer`` sees inside the sequential ``model`` for images ``x``."""
-    h = x
-    for module in model:
-        if module is layer:
-            return h
-        h = module(h)
-    raise ValueError("layer is not a child of model")
-
-
-def fmt(values, digits=1, scale=1.0):
-    values = [v * scale for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def table(rows):
-    lines = ["| W init | arch | model | test accuracy % | params | fwd steps | bwd steps | "
-             "s / epoch | runs with non-converged solves | certified (pcDEQ, test) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    keys = []
-    for r in rows:
-        key = (r["stress"], r["arch"], r["family"])
-        if key not in keys:
-            keys.append(key)
-    for stress, arch, family in keys:
-        rs = [r for r in rows if (r["stress"], r["arch"], r["family"]) == (stress, arch, family)]
-        failed = sum(1 for r in rs if r["status"] != "COMPLETED" or r["train_forward_failed"]
-                     or r["train_backward_failed"] or r.get("test_forward_failed", 0)
-                     or r.get("skipped_steps", 0))
-        fails = [f"{r['train_forward_failed']}f/{r['train_backward_failed']}b"
-                 + (f"/{r['skipped_steps']}s" if r.get("skipped_steps") else "")
-                 + ("" if r["status"] == "COMPLETED" else f" {r['status']}") for r in rs]
-        cert = "–"
-        if any("certified" in r for r in rs):
-            cert = f"{sum(bool(r.get('certified')) for r in rs)}/{len(rs)}"
-        lines.append(
-            f"| x{stress:g} | {arch} | {family} | {fmt([r['accuracy'] for r in rs], 1, 100)} | "
-            f"{rs[0]['params']} | {fmt([r['forward_steps'] for r in rs])} | "
-            f"{fmt([r['backward_steps'] for r in rs])} | {fmt([r['time_per_epoch'] for r in rs], 2)} | "
-            f"{failed}/{len(rs)} ({', '.join(fails)}) | {cert} |")
-    return "\n".join(lines)
-
-
-#: Per-run numbers written to the tidy table (the harness's long format).
-TIDY_METRICS = ("accuracy", "params", "forward_steps", "backward_steps", "time_per_epoch",
-                "train_forward_failed", "train_backward_failed", "skipped_steps",
-                "test_forward_failed",
-                "certified", "rho_max", "rho_bound_max", "min_weight", "measured_margin",
-                "lipschitz")
-
-
-def write_tidy(rows, path, *, dataset):
-    """Rows ``model, method, seed, stage, metric, value`` (the long format of
-    `deqppl.harness.Comparison.table`): model = dataset and architecture, method = family,
-    stage = ``test`` or ``stress_x10``."""
-    import csv
-
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["model", "method", "seed", "stage", "metric", "value"])
-        for r in rows:
-            stage = "test" if r["stress"] == 1 else f"stress_x{r['stress']:g}"
-            for metric in TIDY_METRICS:
-                if metric in r:
-                    writer.writerow([f"{dataset}-{r['arch']}", r["family"], r["seed"], stage,
-                                     metric, float(r[metric])])
+def outcomes(summary):
+    frame = summary.index.to_frame(index=False).astype(str)
+    frame["what happened"] = [outcome(row) for _, row in summary.iterrows()]
+    return frame
 
 
 def main(argv=None) -> int:
@@ -241,23 +154,24 @@ def main(argv=None) -> int:
     parser.add_argument("--families", default=None,
                         help="semicolon-separated subset of the names (they contain commas)")
     parser.add_argument("--stress", default="1,10", help="initial-W scales to run")
-    parser.add_argument("--stress-epochs", type=int, default=2)
+    parser.add_argument("--stress-epochs", type=int, default=6)
     parser.add_argument("--stress-seeds", type=int, default=2)
     parser.add_argument("--mnist", type=Path, default=None,
                         help="directory with the MNIST IDX files: run the paper's protocol")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.dtype = torch.float32
+    dtype = torch.float32
     if args.mnist is not None:
         from deqppl.data.idx import load_mnist
 
         train, test = load_mnist(args.mnist, train=True), load_mnist(args.mnist, train=False)
-        data = (train.images, train.labels, test.images, test.labels)
+        split = ImageSplit(name="mnist", x_train=train.images, y_train=train.labels.long(),
+                           x_test=test.images, y_test=test.labels.long())
         if args.channels == 8 and args.pool == 4:  # the paper's sizes unless overridden
             args.channels, args.pool = 82, 8
     else:
-        data = split_digits(dtype=args.dtype)
+        split = split_digits(dtype=dtype)
     fams = families()
     if args.families:
         wanted = [f.strip() for f in args.families.split(";")]
@@ -265,36 +179,30 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown families {unknown}; valid: {list(fams)}")
         fams = {k: fams[k] for k in wanted}
+    known = {"linear": LinearArchitecture(),
+             "conv": SingleConvArchitecture(channels=args.channels, pool=args.pool)}
     archs = [a.strip() for a in args.arch.split(",")]
     for a in archs:
-        if a not in ("linear", "conv"):
-            parser.error(f"unknown arch {a!r}; valid: linear, conv")
-    stresses = [float(s) for s in args.stress.split(",")]
-    runs = args.out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for stress in stresses:
-        for arch in archs:
-            for name, family in fams.items():
-                for seed in range(args.seeds if stress == 1 else args.stress_seeds):
-                    tag = f"{arch}_{name}_{seed}_x{stress:g}".replace(" ", "").replace("/", "")
-                    path = runs / f"{tag}.json"
-                    if path.exists():
-                        rows.append(json.loads(path.read_text()))
-                        continue
-                    row = run_one(name, family, arch, seed, stress, data, args)
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(row, indent=1))
-                    os.replace(tmp, path)
-                    rows.append(row)
-                    print(f"{tag}: acc {row['accuracy']:.3f} fwd {row['forward_steps']:.1f} "
-                          f"bwd {row['backward_steps']:.1f} {row['time_per_epoch']:.2f}s/epoch "
-                          f"{row['status']} failed {row['train_forward_failed']}f/"
-                          f"{row['train_backward_failed']}b", flush=True)
-    text = table(rows)
-    (args.out / "table.md").write_text(text + "\n")
-    write_tidy(rows, args.out / "tidy.csv", dataset="mnist" if args.mnist else "digits")
-    print(text)
+        if a not in known:
+            parser.error(f"unknown arch {a!r}; valid: {', '.join(known)}")
+    stages = []
+    for scale in (float(s) for s in args.stress.split(",")):
+        if scale == 1:
+            stages.append(ClassifierStage(
+                name="test", seeds=tuple(range(args.seeds)),
+                training=ClassifierTraining(num_epochs=args.epochs, lr=args.lr)))
+        else:
+            stages.append(ClassifierStage(
+                name=f"stress_x{scale:g}", weight_scale=scale, seeds=tuple(range(args.stress_seeds)),
+                training=ClassifierTraining(num_epochs=args.stress_epochs, lr=args.lr)))
+    result = compare_classifiers(
+        [ClassifierMethod(name=k, family=f) for k, f in fams.items()], split,
+        architectures=[known[a] for a in archs], stages=stages, store=RunStore(args.out / "runs"))
+    text = classifier_markdown(result, title=f"pcDEQ and baselines on {split.name}")
+    text += "\n### What happened\n\n" + table_markdown(outcomes(result.summary)) + "\n"
+    (args.out / "table.md").write_text(text)
+    result.table.to_csv(args.out / "tidy.csv", index=False)
+    sys.stdout.write(text)
     return 0
 
 

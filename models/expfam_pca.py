@@ -17,13 +17,15 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from deqppl.expfam import ExpFamily, Likelihood, Nonlinearity, identity
+from deqppl.expfam import ExpFamily, Likelihood, Nonlinearity, family, identity, nonlinearity
+from deqppl.io.registry import register
 from deqppl.protocols import AbstractModel, Simulation, num_rows, param_prior, simulate_from
 from deqppl.validation import check_data_keys, check_int, check_real, check_shape
 
 __all__ = ["ExpFamPCA"]
 
 
+@register("ExpFamPCA")
 @dataclass(frozen=True, kw_only=True)
 class ExpFamPCA(AbstractModel):
     r"""Exponential-family PCA as a Pyro model.
@@ -95,6 +97,37 @@ class ExpFamPCA(AbstractModel):
         # rejects a nonlinearity whose range leaves the family's natural-parameter domain
         # (and gaussian-only R with other families), before any fitting
         Likelihood(self.family, self.nonlinearity)
+
+    def config(self) -> dict:
+        """The hyperparameters as JSON (the saved-model protocol, :func:`deqppl.io.save`).
+
+        Examples
+        --------
+        >>> from deqppl.expfam import binomial, smooth_relu
+        >>> m = ExpFamPCA(family=binomial(16), obs_dim=3, latent_dim=2, nonlinearity=smooth_relu(0.5))
+        >>> ExpFamPCA.from_config(m.config()) == m
+        True
+        """
+        return {
+            "family": self.family.config(),
+            "nonlinearity": self.nonlinearity.config(),
+            "obs_dim": self.obs_dim,
+            "latent_dim": self.latent_dim,
+            "lam": self.lam,
+            "param_scale": self.param_scale,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> ExpFamPCA:
+        """The model of :meth:`config`."""
+        return cls(
+            family=family(**config["family"]),
+            nonlinearity=nonlinearity(**config["nonlinearity"]),
+            obs_dim=config["obs_dim"],
+            latent_dim=config["latent_dim"],
+            lam=config["lam"],
+            param_scale=config["param_scale"],
+        )
 
     @property
     def likelihood(self) -> Likelihood:

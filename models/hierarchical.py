@@ -19,13 +19,15 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from deqppl.expfam import Likelihood, Nonlinearity, gaussian, identity
+from deqppl.expfam import Likelihood, Nonlinearity, gaussian, identity, nonlinearity
+from deqppl.io.registry import register
 from deqppl.protocols import AbstractModel, Simulation, num_rows, param_prior, simulate_from
 from deqppl.validation import check_data_keys, check_real, check_shape
 
 __all__ = ["HierarchicalExpFamPCA"]
 
 
+@register("HierarchicalExpFamPCA")
 @dataclass(frozen=True, kw_only=True)
 class HierarchicalExpFamPCA(AbstractModel):
     r"""$L$ layers of Gaussian latents linked by canonical nonlinearities.
@@ -91,6 +93,32 @@ class HierarchicalExpFamPCA(AbstractModel):
             check_real(self.param_scale, "param_scale", minimum=0.0, exclusive_minimum=True)
         for layer in range(1, depth + 1):
             self.likelihood(layer)  # each R^(l) must map into the Gaussian's natural parameters
+
+    def config(self) -> dict:
+        """The hyperparameters as JSON (the saved-model protocol, :func:`deqppl.io.save`).
+
+        Examples
+        --------
+        >>> m = HierarchicalExpFamPCA(widths=(6, 3, 2), precisions=(2.0, 1.0, 0.5))
+        >>> HierarchicalExpFamPCA.from_config(m.config()) == m
+        True
+        """
+        return {
+            "widths": list(self.widths),
+            "nonlinearities": [r.config() for r in self.nonlinearities],
+            "precisions": list(self.precisions),
+            "param_scale": self.param_scale,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> HierarchicalExpFamPCA:
+        """The model of :meth:`config`."""
+        return cls(
+            widths=tuple(config["widths"]),
+            nonlinearities=tuple(nonlinearity(**r) for r in config["nonlinearities"]),
+            precisions=tuple(config["precisions"]),
+            param_scale=config["param_scale"],
+        )
 
     @property
     def depth(self) -> int:

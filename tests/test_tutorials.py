@@ -27,6 +27,7 @@ EXPECTED = [
     "06_what_a_random_deq_computes.ipynb",
     "07_your_own_model_amortised.ipynb",
     "08_kernel_glms_are_deqs.ipynb",
+    "09_a_million_rows.ipynb",
 ]
 FOUND = sorted(p.name for p in TUTORIALS.glob("*.ipynb"))
 #: Seconds per cell: the slowest small-mode cell takes well under a minute on an idle core;

@@ -596,6 +596,11 @@ from build_kglm import CELLS as T08  # noqa: E402
 
 TUTORIALS["08_kernel_glms_are_deqs.ipynb"] = T08
 
+# Tutorial 09 (issue 16) keeps its cells in its own file.
+from build_scale import CELLS as T09  # noqa: E402
+
+TUTORIALS["09_a_million_rows.ipynb"] = T09
+
 
 def notebook(cells) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()

@@ -448,6 +448,23 @@ class AutoDEQ(AbstractMAPEncoder):
         """An encoder holding the globals ``values`` (e.g. ``MAPResult.values``)."""
         return cls(model, values, **options)
 
+    def config(self) -> dict:
+        """AutoDEQ cannot be saved to a model file: always raises ``TypeError``.
+
+        Raises
+        ------
+        TypeError
+            Its layer is derived from the model's Pyro program, user Python code, and a model
+            file holds only tensors and JSON (never pickled code).
+        """
+        raise TypeError(
+            f"AutoDEQ cannot be saved: its fixed point is derived from the Pyro program of "
+            f"{type(self.model).__name__}, user Python code, and a deqppl model file holds only "
+            f"tensors and JSON, never pickled code. Keep the model's code, save the globals "
+            f"(encoder.values(), e.g. with safetensors.torch.save_file) and rebuild with "
+            f"AutoDEQ.from_values(model, values)"
+        )
+
     # ------------------------------------------------------------------ structure
     @property
     def plate_name(self) -> str:

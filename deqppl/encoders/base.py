@@ -268,6 +268,45 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
             ]
         return torch.stack(rows, dim=1).detach()
 
+    # ------------------------------------------------------------------ saved models
+    def config(self) -> dict:
+        """JSON-able settings for a model file (:func:`deqppl.io.save`); the saved-model protocol.
+
+        An encoder class that can be saved overrides this, implements the classmethod
+        ``from_config(model, config, tensors)`` and is registered with
+        ``@deqppl.io.register(name)`` (see :mod:`deqppl.io.registry`).
+
+        Raises
+        ------
+        TypeError
+            Here, in the base: this encoder class does not implement the saved-model protocol.
+        """
+        raise TypeError(
+            f"{type(self).__name__} cannot be saved: it does not implement the saved-model protocol "
+            f"(config() and from_config(), registered with deqppl.io.register); save its globals "
+            f"with encoder.values() and rebuild it with from_values()"
+        )
+
+    def _settings_config(self) -> dict:
+        """The base settings (solver, adjoint, throw) as JSON, for subclasses' :meth:`config`."""
+        from deqppl.io.registry import settings_config
+
+        return {
+            "solver": settings_config(self.solver, where="solver"),
+            "adjoint": settings_config(self.adjoint, where="adjoint"),
+            "throw": self.throw,
+        }
+
+    @staticmethod
+    def _settings_from_config(config: Mapping) -> dict:
+        from deqppl.io.registry import settings_from_config
+
+        return {
+            "solver": settings_from_config(config["solver"]),
+            "adjoint": settings_from_config(config["adjoint"]),
+            "throw": bool(config["throw"]),
+        }
+
     # ------------------------------------------------------------------ data
     def _reference(self) -> torch.Tensor | None:
         return next(iter(self.parameters()), None)

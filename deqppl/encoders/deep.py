@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from deqppl.deq import AbstractAdjoint, AbstractSolver, Anderson, Solution
+from deqppl.io.registry import register
 
 from .base import AbstractMAPEncoder, default_rtol, weighted_gram
 from .ped import NEWTON_MAX_DIM, default_solver
@@ -52,6 +53,7 @@ def _observations(data: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tens
     return data["y"] if isinstance(data, Mapping) else data
 
 
+@register("DeepPEDEncoder")
 class DeepPEDEncoder(AbstractMAPEncoder):
     r"""DEQ encoder whose fixed point is the MAP of all latents of a hierarchical model.
 
@@ -119,6 +121,16 @@ class DeepPEDEncoder(AbstractMAPEncoder):
             self.register_parameter(f"b{l}", nn.Parameter(torch.zeros(d[l - 1])))
         if values is not None:
             self.load_values(values)
+
+    # ---------------------------------------------------------------- saved models
+    def config(self) -> dict:
+        """Solver, adjoint and ``throw`` as JSON (the globals are the tensors); see :func:`deqppl.io.save`."""
+        return self._settings_config()
+
+    @classmethod
+    def from_config(cls, model, config: Mapping, tensors: Mapping[str, torch.Tensor]) -> DeepPEDEncoder:
+        """Rebuild from :meth:`config` and the ``state_dict`` tensors ``W1..WL``, ``b1..bL``."""
+        return cls(model, values=tensors, **cls._settings_from_config(config))
 
     # ---------------------------------------------------------------- shapes and globals
     @property

@@ -28,6 +28,7 @@ from torch import nn
 
 from deqppl.deq import AbstractAdjoint, AbstractSolver, Anderson, Newton
 from deqppl.expfam import Likelihood, relu
+from deqppl.io.registry import register
 from deqppl.validation import as_tensor, check_finite, check_shape
 
 from .base import AbstractMAPEncoder, LaplaceResult, default_adjoint, default_rtol, weighted_gram
@@ -85,6 +86,7 @@ def _observations(data: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tens
     return data["y"] if isinstance(data, Mapping) else data
 
 
+@register("PEDEncoder")
 class PEDEncoder(AbstractMAPEncoder):
     r"""DEQ encoder whose fixed point is the conditional MAP of an ExpFamPCA's latents.
 
@@ -168,6 +170,16 @@ class PEDEncoder(AbstractMAPEncoder):
         check_finite(B, "B")
         self.W = nn.Parameter(W.detach().clone())
         self.B = nn.Parameter(B.detach().clone())
+
+    # ---------------------------------------------------------------- saved models
+    def config(self) -> dict:
+        """Solver, adjoint and ``throw`` as JSON (the globals are the tensors); see :func:`deqppl.io.save`."""
+        return self._settings_config()
+
+    @classmethod
+    def from_config(cls, model, config: Mapping, tensors: Mapping[str, torch.Tensor]) -> PEDEncoder:
+        """Rebuild from :meth:`config` and the ``state_dict`` tensors ``{"W", "B"}`` (their dtype kept)."""
+        return cls(model, W=tensors["W"], B=tensors["B"], **cls._settings_from_config(config))
 
     # ---------------------------------------------------------------- the layer (SPEC eq. 6)
     @property

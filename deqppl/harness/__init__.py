@@ -1,7 +1,20 @@
 """The comparison harness: inference methods as objects, the DEQ-vs-SVI-vs-L-BFGS comparison,
-a resumable run store, and model comparison across the zoo with ArviZ."""
+a resumable run store, model comparison across the zoo with ArviZ, and implicit classifiers
+(pcDEQ, monDEQ, unconstrained DEQ, explicit) with their certificates."""
 
 from deqppl.harness.accuracy import CertifiedBound, certified_bound
+from deqppl.harness.classifiers import (
+    AbstractArchitecture,
+    ClassifierComparison,
+    ClassifierMethod,
+    ClassifierStage,
+    ClassifierTraining,
+    ImageSplit,
+    LinearArchitecture,
+    MultiConvArchitecture,
+    SingleConvArchitecture,
+    compare_classifiers,
+)
 from deqppl.harness.compare import COLUMNS, TIMING_METRICS, Comparison, compare, describe_model
 from deqppl.harness.methods import (
     METHODS,
@@ -17,6 +30,16 @@ from deqppl.harness.store import RunStore, Unit
 from deqppl.harness.validated import ValidatedData, validated
 
 __all__ = [
+    "AbstractArchitecture",
+    "ClassifierComparison",
+    "ClassifierMethod",
+    "ClassifierStage",
+    "ClassifierTraining",
+    "ImageSplit",
+    "LinearArchitecture",
+    "MultiConvArchitecture",
+    "SingleConvArchitecture",
+    "compare_classifiers",
     "COLUMNS",
     "METHODS",
     "TIMING_METRICS",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._validation import check_finite
-from ..deq import AbstractAdjoint, AbstractSolver, Solution, fixed_point
+from ..deq import AbstractAdjoint, AbstractSolver, Solution, fixed_point, spectral_radius
 
 __all__ = ["AbstractImplicitLayer", "LayerSolution"]
 
@@ -159,6 +159,40 @@ class AbstractImplicitLayer(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """$z^*(x)$, shape ``(B, *event)``; the full result is kept in ``last_solution``."""
         return self.solve(x).value
+
+    def diagnose(self, x: torch.Tensor) -> dict[str, float]:
+        """What can be checked about the layer on the input batch ``x``, as floats for tables.
+
+        Solves from $z_0 = 0$ without raising and returns ``all_samples_converged`` (0/1),
+        ``fraction_converged``, ``rate_residual`` (observed geometric rate of the largest
+        residual, `deqppl.layers.certificate.residual_rate`) and ``rho_jacobian`` (largest
+        power-iteration estimate of $\\rho(\\partial f/\\partial z)$ at the solution over the
+        batch, `deqppl.deq.spectral_radius`; at the last iterate where a sample did not
+        converge). Subclasses add what their theory certifies (pcDEQ: the `Certificate`;
+        monDEQ: the monotonicity margin). The glossary `deqppl.report.glossary` defines every
+        name.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from deqppl.layers import DEQLinear
+        >>> layer = DEQLinear(3, 4, dtype=torch.float64)
+        >>> sorted(layer.diagnose(torch.randn(5, 3, dtype=torch.float64)))
+        ['all_samples_converged', 'fraction_converged', 'rate_residual', 'rho_jacobian']
+        """
+        from .certificate import residual_rate
+
+        result, u = self._solve_with_injection(x, throw=False, trace=True)
+        self.last_solution = result
+        solution, u = result.solution, u.detach()
+        rho = spectral_radius(lambda z: self.layer(z, u), solution.value.detach())
+        converged = solution.converged
+        return {
+            "all_samples_converged": float(bool(converged.all())),
+            "fraction_converged": float(converged.to(torch.float64).mean()),
+            "rate_residual": residual_rate(solution.trace),
+            "rho_jacobian": float(rho.max()) if rho.numel() else math.nan,
+        }
 
     def num_parameters(self) -> int:
         """Number of trainable scalars."""

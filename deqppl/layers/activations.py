@@ -32,6 +32,74 @@ __all__ = [
 ]
 
 
+def _sech2(t: torch.Tensor) -> torch.Tensor:
+    # sech^2 t, not 1 - tanh^2 t: tanh t rounds to 1 for t > 9 in float32, so the difference
+    # cancels to exactly 0 while sech^2 t is representable down to ~1e-38 (t ~ 44)
+    return torch.cosh(t).reciprocal() ** 2
+
+
+def _sigmoid_slope(t: torch.Tensor) -> torch.Tensor:
+    # s(t) s(-t), not s (1 - s): 1 - s(t) cancels to exactly 0 for t > 17 in float32
+    return torch.sigmoid(t) * torch.sigmoid(-t)
+
+
+class _AccurateTanh(torch.autograd.Function):
+    """$\\tanh$ whose derivative is $\\mathrm{sech}^2$ (torch's backward uses $1 - \\tanh^2$,
+    exactly 0 in float32 for $t > 9$). A saturated pcDEQ at a large $W$ then still gets the
+    tiny but nonzero gradients that Adam, being scale invariant, turns into full steps out of
+    saturation. Written with differentiable operations and forward-mode and vmap rules, so
+    higher derivatives and `torch.func` transforms keep working."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t):
+        return torch.tanh(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (t,) = inputs
+        ctx.save_for_backward(t)
+        ctx.save_for_forward(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return grad * _sech2(t)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (t,) = ctx.saved_tensors
+        return tangent * _sech2(t)
+
+
+class _AccurateSigmoid(torch.autograd.Function):
+    """The logistic sigmoid with derivative $s(t)s(-t)$ (torch's $s(1 - s)$ is exactly 0 in
+    float32 for $t > 17$); see `_AccurateTanh`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t):
+        return torch.sigmoid(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (t,) = inputs
+        ctx.save_for_backward(t)
+        ctx.save_for_forward(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return grad * _sigmoid_slope(t)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (t,) = ctx.saved_tensors
+        return tangent * _sigmoid_slope(t)
+
+
 class AbstractActivation(abc.ABC):
     """Elementwise activation $\\sigma$ with its derivative; never instantiated.
 
@@ -80,10 +148,10 @@ class Tanh(AbstractActivation):
     bounded: bool = field(default=True, init=False)
 
     def __call__(self, t):
-        return torch.tanh(t)
+        return _AccurateTanh.apply(t)
 
     def derivative(self, t):
-        return 1.0 - torch.tanh(t) ** 2
+        return _sech2(t)
 
 
 @dataclass(frozen=True)
@@ -144,11 +212,10 @@ class Sigmoid(AbstractActivation):
     bounded: bool = field(default=True, init=False)
 
     def __call__(self, t):
-        return torch.sigmoid(t)
+        return _AccurateSigmoid.apply(t)
 
     def derivative(self, t):
-        s = torch.sigmoid(t)
-        return s * (1.0 - s)
+        return _sigmoid_slope(t)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 
 from ..deq import Solution, spectral_radius
 
-__all__ = ["Certificate", "certify", "thompson_distance"]
+__all__ = ["Certificate", "certify", "residual_rate", "thompson_distance"]
 
 
 def thompson_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,21 @@ def thompson_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     safe_b = torch.where(b > 0, b, torch.ones_like(b))
     d = (torch.log(safe_a) - torch.log(safe_b)).abs().amax(1)
     return torch.where(positive, d, torch.full_like(d, math.inf))
+
+
+def residual_rate(trace: torch.Tensor | None) -> float:
+    """Observed geometric rate $(r_K / r_0)^{1/K}$ of a residual trace $r_0, \\ldots, r_K$
+    (``nan`` with fewer than two entries or $r_0 \\le 0$).
+
+    Examples
+    --------
+    >>> import torch
+    >>> round(residual_rate(torch.tensor([1.0, 0.5, 0.25])), 6)
+    0.5
+    """
+    if trace is None or trace.numel() < 2 or not float(trace[0]) > 0:
+        return math.nan
+    return float((trace[-1] / trace[0]) ** (1.0 / (trace.numel() - 1)))
 
 
 @dataclass(frozen=True, kw_only=True, repr=False, eq=False)
@@ -72,6 +87,11 @@ class Certificate:
         ``(B,)`` per-sample convergence mask of the forward solve.
     num_steps
         Forward steps taken.
+    slope_max
+        ``(B,)`` largest $\\sigma'(Wz^* + b + u)$ over the coordinates of each sample: how much
+        of a gradient can pass the layer. Near 0 the layer is saturated: $z^*$ barely depends
+        on $x$ or the parameters, $\\rho(J)$ is near 0 too, and training cannot move it (the
+        certificate still holds; it is about the fixed point, not about trainability).
     """
 
     cone: str
@@ -86,6 +106,7 @@ class Certificate:
     spectral_radius_bound: torch.Tensor
     converged: torch.Tensor
     num_steps: int
+    slope_max: torch.Tensor
 
     @property
     def cone_ok(self) -> bool:
@@ -140,6 +161,22 @@ class Certificate:
             "spectral_radius": worst(self.spectral_radius, torch.max),
             "spectral_radius_bound": worst(self.spectral_radius_bound, torch.max),
             "converged": worst(self.converged.to(torch.float64), torch.mean),
+            "slope_max": worst(self.slope_max, torch.max),
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """The certificate as the columns of a classifier comparison's table
+        (`deqppl.harness.compare_classifiers`; glossary rows in `deqppl.report.glossary`):
+        the checks as 0/1 and the worst case over the batch of every number."""
+        d = self.as_dict()
+        return {
+            "certified": d["certified"], "cone_ok": float(self.cone_ok),
+            "activation_ok": float(self.activation_ok), "injection_ok": float(self.injection_ok),
+            "min_weight": d["min_weight"], "g0_min": d["g0_min"],
+            "rate_thompson": d["rate_thompson"], "rate_residual": d["rate_residual"],
+            "rho_jacobian": d["spectral_radius"], "rho_bound": d["spectral_radius_bound"],
+            "slope_max": d["slope_max"], "all_samples_converged": float(self.all_converged),
+            "fraction_converged": d["converged"],
         }
 
     def __repr__(self) -> str:
@@ -150,7 +187,7 @@ class Certificate:
                 f"(min g(0) {d['g0_min']:.3g}), converged {d['converged']:.0%} in "
                 f"{self.num_steps} steps, rate {d['rate_residual']:.3g} (residual) / "
                 f"{d['rate_thompson']:.3g} (Thompson), rho(J) {d['spectral_radius']:.3g} "
-                f"<= bound {d['spectral_radius_bound']:.3g})")
+                f"<= bound {d['spectral_radius_bound']:.3g}, max slope {d['slope_max']:.3g})")
 
 
 def certify(layer, u: torch.Tensor, solution: Solution) -> Certificate:
@@ -185,16 +222,14 @@ def certify(layer, u: torch.Tensor, solution: Solution) -> Certificate:
         positive = (zf > 0).all(1)
         ratio = (jz / torch.where(zf > 0, zf, torch.ones_like(zf))).amax(1)
         bound = torch.where(positive, ratio, torch.full_like(ratio, math.inf))
+        slope = layer.activation.derivative(layer.pre_activation(z_star, u)).flatten(1).amax(1)
     rho = spectral_radius(lambda z: layer.layer(z, u), z_star)
-    trace = solution.trace
-    if trace is None or trace.numel() < 2 or not float(trace[0]) > 0:
-        rate_res = math.nan
-    else:
-        rate_res = float((trace[-1] / trace[0]) ** (1.0 / (trace.numel() - 1)))
+    rate_res = residual_rate(solution.trace)
     act = layer.activation
     return Certificate(
         cone=layer.cone.name, min_weight=layer.min_weight(), activation=act.name,
         activation_ok=bool(act.concave_nondecreasing and act.bounded),
         injection=layer.injection_map.name, g0_min=g0.flatten(1).amin(1), rate_thompson=rate,
         rate_residual=rate_res, spectral_radius=rho, spectral_radius_bound=bound,
-        converged=solution.converged.clone(), num_steps=solution.num_steps)
+        converged=solution.converged.clone(), num_steps=solution.num_steps,
+        slope_max=slope)

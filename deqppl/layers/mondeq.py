@@ -258,6 +258,17 @@ class _MonDEQBase(AbstractImplicitLayer):
     def _extra(self):
         return dict(self._last_extra)
 
+    def diagnose(self, x: torch.Tensor) -> dict[str, float]:
+        """`AbstractImplicitLayer.diagnose` plus what makes the fixed point unique:
+        ``monotonicity_margin`` (the margin $m$ the parametrisation enforces),
+        ``measured_margin`` ($\\lambda_{\\min}$ of the symmetric part of $I - W$, $\\ge m$) and
+        ``lipschitz`` ($L = \\lVert I - W\\rVert_2$, which sets the splittings' speed)."""
+        out = super().diagnose(x)
+        extra = self.last_solution.extra
+        out.update(monotonicity_margin=self.margin, measured_margin=extra["measured_margin"],
+                   lipschitz=extra["lipschitz"])
+        return out
+
 
 class MonDEQLinear(_MonDEQBase):
     """Fully connected monotone-operator DEQ, $z \\in \\mathbb R^N$ (Winston & Kolter, 2020).

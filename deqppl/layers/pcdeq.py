@@ -179,6 +179,13 @@ class _PCDEQBase(AbstractImplicitLayer):
         return result
 
 
+    def diagnose(self, x: torch.Tensor) -> dict[str, float]:
+        """The `Certificate` of the batch ``x`` as floats (`Certificate.metrics`): the cone,
+        activation and injection checks as 0/1, the observed contraction rates, $\\rho(J)$ and
+        its rigorous bound, the largest slope $\\sigma'$ at $z^*$, and convergence."""
+        return self.solve(x, throw=False, certify=True).certificate.metrics()
+
+
 class PCDEQLinear(_PCDEQBase):
     """Fully connected pcDEQ layer, $z^* = \\sigma(Wz^* + b + \\phi(Ux + c))$, $z \\in \\mathbb R^N$.
 

@@ -42,9 +42,10 @@ class Observation:
     stalled
         Set by a stepper that cannot make progress: the reason.
     decrement
-        Half the squared Newton decrement $\tfrac12 g^\top H^{-1}g$ at the iterate (the
-        decrease a Newton step predicts: a gradient scaled by the curvature), NaN if unknown.
-        A stepper may use a block-diagonal (or Fisher) $H$; it says which.
+        The decrease of the stepper's quadratic model of the loss along its next full step,
+        $-\tfrac12 g^\top p$ (for L-BFGS, $p=-H_k g$), NaN if unknown: an estimate of how far the
+        loss still is above the optimum. A stepper with a block-diagonal (or Fisher) model
+        Hessian $H$, $\tfrac12 g^\top H^{-1}g$, says so (:class:`~deqppl.optim.AlternatingNewton`).
     """
 
     loss: float
@@ -66,13 +67,18 @@ class StopRules:
     2. the stepper stalled: ``STALLED``, or ``CONVERGED`` if the gradient rule holds;
     3. gradient: $\max|g|\le\mathrm{gtol}\cdot\max(1,\min(|f|,|f_0|)/n)$ with $n$ =
        ``num_coords`` and $f_0$ the loss at the start: ``CONVERGED``. The smaller of the two
-       magnitudes keeps the threshold from growing with a loss that runs off to $-\infty$;
+       magnitudes keeps the threshold from growing with a loss that runs off to $-\infty$.
+       Where the stepper knows its model decrement $\delta$ (see :class:`Observation`), the rule
+       also needs $\delta\le\mathrm{gtol}\cdot\max(1,\min(|f|,|f_0|))$: a loss whose size is
+       mostly a constant (data of magnitude $10^{12}$, say) makes the gradient bound loose while
+       the loss can still fall by far more than its tolerance;
     4. relative loss change $|f_k-f_{k-1}|\le\mathrm{rtol}\,|f_k|$ (``<`` if ``strict``):
        ``CONVERGED``;
     5. step $\max|\Delta x|\le\mathrm{xtol}$ (times $\max(1,\max|x|)$ if ``xtol_relative``):
        ``xtol_status``;
-    6. curvature-scaled gradient: ``obs.decrement`` $\le\mathrm{dtol}\cdot\max(1,\min(|f|,|f_0|))$:
-       ``CONVERGED`` (the predicted decrease of a Newton step is below ``dtol`` relative).
+    6. curvature-scaled gradient alone: ``obs.decrement`` $\le\mathrm{dtol}\cdot\max(1,\min(|f|,|f_0|))$:
+       ``CONVERGED`` (the decrease the stepper's Newton model still predicts is below ``dtol``
+       relative; the rule of :class:`~deqppl.optim.AlternatingNewton`).
 
     A ``None`` tolerance switches its rule off.
     """
@@ -89,8 +95,13 @@ class StopRules:
     def gradient_threshold(self, loss: float, start_loss: float | None = None) -> float:
         """Right-hand side of the gradient rule at loss ``loss`` (start loss ``start_loss``)."""
         assert self.gtol is not None
-        size = abs(loss) if start_loss is None or not math.isfinite(start_loss) else min(abs(loss), abs(start_loss))
-        return self.gtol * max(1.0, size / max(self.num_coords, 1))
+        return self.gtol * max(1.0, self._size(loss, start_loss) / max(self.num_coords, 1))
+
+    @staticmethod
+    def _size(loss: float, start_loss: float | None) -> float:
+        if start_loss is None or not math.isfinite(start_loss):
+            return abs(loss)
+        return min(abs(loss), abs(start_loss))
 
     def check(
         self, obs: Observation, prev_loss: float | None, start_loss: float | None = None
@@ -105,6 +116,10 @@ class StopRules:
             bound = self.gradient_threshold(obs.loss, start_loss)
             grad_ok = obs.grad_max <= bound
             text = f"max |grad| = {obs.grad_max:.3g} <= gtol * max(1, |loss|/n) = {bound:.3g}"
+            if grad_ok and not math.isnan(obs.decrement):
+                room = self.gtol * max(1.0, self._size(obs.loss, start_loss))
+                grad_ok = obs.decrement <= room
+                text += f" and model decrement {obs.decrement:.3g} <= gtol * max(1, |loss|) = {room:.3g}"
         if obs.stalled is not None:
             if grad_ok:
                 return FitStatus.CONVERGED, text
@@ -125,10 +140,7 @@ class StopRules:
                     + ("" if math.isnan(obs.grad_max) else f"; max |grad| = {obs.grad_max:.3g}")
                 )
         if self.dtol is not None and not math.isnan(obs.decrement):
-            size = abs(obs.loss) if start_loss is None or not math.isfinite(start_loss) else min(
-                abs(obs.loss), abs(start_loss)
-            )
-            bound = self.dtol * max(1.0, size)
+            bound = self.dtol * max(1.0, self._size(obs.loss, start_loss))
             if obs.decrement <= bound:
                 return FitStatus.CONVERGED, (
                     f"Newton decrement g'H^-1 g / 2 = {obs.decrement:.3g} <= dtol * max(1, |loss|) "

@@ -78,14 +78,22 @@ class LBFGSStepper(AbstractStepper):
         self.eps = float(torch.finfo(x0.dtype).eps)
         self.f = math.nan
         self.g = torch.zeros_like(self.x)
+        self._next: torch.Tensor | None = None
 
     # -------------------------------------------------------------------------- observations
     def _observe(self, *, step_max: float, evals: int, stalled: str | None = None) -> Observation:
         gmax = float(self.g.abs().max()) if self.g.numel() else 0.0
         xmax = float(self.x.abs().max()) if self.x.numel() else 0.0
+        # The next search direction, computed once here: its model decrement -g.p/2 tells the
+        # stopping rules how far the loss may still fall (steepest descent when p is no descent).
+        self._next = self._direction() if math.isfinite(self.f) else None
+        decrement = math.nan
+        if self._next is not None:
+            slope = float(self.g @ self._next)
+            decrement = -0.5 * slope if slope < 0 else 0.5 * float(self.g @ self.g)
         return Observation(
             loss=self.f, grad_max=gmax, step_max=step_max, x_max=xmax, num_evals=evals,
-            stalled=stalled,
+            stalled=stalled, decrement=decrement,
         )
 
     def start(self) -> Observation:
@@ -172,7 +180,7 @@ class LBFGSStepper(AbstractStepper):
 
     # -------------------------------------------------------------------------- one iteration
     def step(self, budget: int) -> Observation:
-        p = self._direction()
+        p = self._next if self._next is not None else self._direction()
         if not float(self.g @ p) < 0:
             self.memory.clear()
             p = -self.g.clone()

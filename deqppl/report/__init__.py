@@ -5,6 +5,12 @@ ArviZ is imported only by :mod:`deqppl.report.arviz_adapter`.
 
 from deqppl.report import arviz_adapter
 from deqppl.report.arviz_adapter import load_netcdf, loo, save_netcdf, to_inference_data
+from deqppl.report.classifiers import (
+    CLASSIFIER_TABLES,
+    classifier_glossary,
+    classifier_markdown,
+    classifier_tables,
+)
 from deqppl.report.finding import Number, finding, finding_html, finding_markdown
 from deqppl.report.glossary import METRICS, MODEL_METRICS, Group, MetricInfo, describe_metric
 from deqppl.report.plots import (
@@ -35,6 +41,10 @@ from deqppl.report.tables import (
 from deqppl.report.write import model_comparison_frame, write_report
 
 __all__ = [
+    "CLASSIFIER_TABLES",
+    "classifier_glossary",
+    "classifier_markdown",
+    "classifier_tables",
     "METRICS",
     "MODEL_METRICS",
     "Group",

@@ -21,6 +21,7 @@ class Group(Enum):
     DATA_FIT = "Fit to the held-out data"
     TIME = "Wall time"
     CONVERGENCE = "Convergence"
+    CERTIFICATE = "Certificate of the implicit layer"
     DIAGNOSTICS = "Other diagnostics"
 
 
@@ -50,6 +51,7 @@ class MetricInfo:
 
 
 _A, _F, _T, _C, _D = Group.AGREEMENT, Group.DATA_FIT, Group.TIME, Group.CONVERGENCE, Group.DIAGNOSTICS
+_K = Group.CERTIFICATE
 
 #: Metrics of :attr:`deqppl.harness.Comparison.table` (per method, seed and stage).
 METRICS: dict[str, MetricInfo] = {
@@ -143,7 +145,8 @@ METRICS: dict[str, MetricInfo] = {
     "fraction_converged": MetricInfo(
         unit="fraction",
         group=_C,
-        description="fraction of rows whose fixed-point solve met its tolerance (DEQ).",
+        description="fraction of rows whose fixed-point solve met its tolerance (DEQ; implicit "
+        "classifiers: of the test images, after training, worst implicit layer).",
     ),
     "num_steps": MetricInfo(
         unit="count",
@@ -167,6 +170,197 @@ METRICS: dict[str, MetricInfo] = {
         unit="dimensionless",
         group=_D,
         description="largest spectral radius of the DEQ layer's Jacobian over the same rows.",
+    ),
+
+    # --- implicit classifiers (deqppl.harness.compare_classifiers): one run = one seed ---
+    "test_accuracy": MetricInfo(
+        unit="fraction",
+        group=_F,
+        description="fraction of test images the trained classifier labels correctly (nan: "
+        "training stopped early).",
+    ),
+    "test_loss": MetricInfo(
+        unit="nats",
+        group=_F,
+        description="mean cross-entropy of the trained classifier on the test images.",
+    ),
+    "train_loss_first": MetricInfo(
+        unit="nats",
+        group=_F,
+        description="mean training cross-entropy over the first epoch's batches (log 10 = 2.30 "
+        "is chance for ten classes).",
+    ),
+    "train_loss_last": MetricInfo(
+        unit="nats",
+        group=_F,
+        description="mean training cross-entropy over the last epoch's batches: about equal to "
+        "train_loss_first when the run learned nothing.",
+    ),
+    "time_per_epoch": MetricInfo(
+        unit="s",
+        group=_T,
+        description="mean wall-clock time of one training epoch (forward, adjoint and "
+        "optimiser step over every batch).",
+    ),
+    "train_wall_time": MetricInfo(
+        unit="s",
+        group=_T,
+        description="wall-clock time of the whole training run.",
+    ),
+    "forward_steps": MetricInfo(
+        unit="count",
+        group=_C,
+        description="mean solver steps per forward solve of an implicit layer during training.",
+    ),
+    "backward_steps": MetricInfo(
+        unit="count",
+        group=_C,
+        description="mean steps per adjoint (implicit-gradient) linear solve during training "
+        "(0: the adjoint's starting point already met its tolerance).",
+    ),
+    "test_forward_steps": MetricInfo(
+        unit="count",
+        group=_C,
+        description="mean solver steps per forward solve on the test images.",
+    ),
+    "forward_failed": MetricInfo(
+        unit="count",
+        group=_C,
+        description="training samples whose forward solve missed its tolerance within the step "
+        "cap, summed over batches, epochs and implicit layers.",
+    ),
+    "backward_failed": MetricInfo(
+        unit="count",
+        group=_C,
+        description="adjoint solves that missed their tolerance for some sample, summed over "
+        "training.",
+    ),
+    "skipped_steps": MetricInfo(
+        unit="count",
+        group=_C,
+        description="optimiser steps skipped because the gradient was not finite (the DEQ core "
+        "gives NaN derivatives for samples whose forward solve failed).",
+    ),
+    "test_forward_failed": MetricInfo(
+        unit="count",
+        group=_C,
+        description="test images whose forward solve missed its tolerance.",
+    ),
+    "epochs_run": MetricInfo(
+        unit="count",
+        group=_C,
+        description="training epochs completed (fewer than asked: training stopped on a "
+        "non-finite loss or a solver error).",
+    ),
+    "unconverged": MetricInfo(
+        unit="0/1",
+        group=_C,
+        description="1 if the run had a failed forward or adjoint solve, a skipped step or an "
+        "early stop (averaged over seeds: the fraction of such runs).",
+    ),
+    "unconverged_runs": MetricInfo(
+        unit="count",
+        group=_C,
+        description="runs (seeds) with a failed forward or adjoint solve, a skipped step or an "
+        "early stop.",
+    ),
+    "runs": MetricInfo(
+        unit="count",
+        group=_C,
+        description="runs (seeds) behind the row's means.",
+    ),
+    "num_parameters": MetricInfo(
+        unit="count",
+        group=_D,
+        description="trainable scalars of the classifier.",
+    ),
+    "certified": MetricInfo(
+        unit="0/1",
+        group=_K,
+        description="pcDEQ: 1 if every condition of the certificate held on the test images "
+        "(cone, activation, injection, convergence, rho bound < 1), worst implicit layer.",
+    ),
+    "cone_ok": MetricInfo(
+        unit="0/1",
+        group=_K,
+        description="pcDEQ: 1 if every effective weight, gain and bias is >= 0.",
+    ),
+    "activation_ok": MetricInfo(
+        unit="0/1",
+        group=_K,
+        description="pcDEQ: 1 if the activation is nondecreasing, concave and bounded on the "
+        "nonnegative orthant (declared, or checked numerically for a custom one).",
+    ),
+    "injection_ok": MetricInfo(
+        unit="0/1",
+        group=_K,
+        description="pcDEQ: 1 if g(0) = sigma(b + u(x)) > 0 entrywise for every test image.",
+    ),
+    "min_weight": MetricInfo(
+        unit="weight units",
+        group=_K,
+        description="pcDEQ: smallest effective entry of W, its gains and b (the cone: >= 0).",
+    ),
+    "g0_min": MetricInfo(
+        unit="activation units",
+        group=_K,
+        description="pcDEQ: smallest entry of g(0) over the test images (must be > 0).",
+    ),
+    "rate_thompson": MetricInfo(
+        unit="dimensionless",
+        group=_K,
+        description="pcDEQ: largest observed contraction factor of one step in Thompson's metric "
+        "d_T(a, b) = max_i |log a_i - log b_i|, d_T(g(z1), z*) / d_T(z1, z*) with z1 = g(0).",
+    ),
+    "rate_residual": MetricInfo(
+        unit="dimensionless",
+        group=_K,
+        description="observed geometric rate (r_K / r_0)^(1/K) of the largest residual over the "
+        "K forward steps on the test images (< 1: contracting).",
+    ),
+    "rho_jacobian": MetricInfo(
+        unit="dimensionless",
+        group=_K,
+        description="largest power-iteration estimate, over the test images, of the spectral "
+        "radius of the layer map's Jacobian at the fixed point (> 1: plain iteration and a "
+        "plain-iteration adjoint diverge; at the last iterate where the solve failed).",
+    ),
+    "rho_bound": MetricInfo(
+        unit="dimensionless",
+        group=_K,
+        description="pcDEQ: largest rigorous Collatz-Wielandt bound max_i (J z*)_i / z*_i on "
+        "that spectral radius (valid because J >= 0 and z* > 0; < 1 certifies the backward "
+        "pass).",
+    ),
+    "slope_max": MetricInfo(
+        unit="dimensionless",
+        group=_K,
+        description="pcDEQ: largest activation slope sigma'(W z* + b + u) over test images and "
+        "coordinates; near 0 the layer is saturated: z* barely depends on the input or the "
+        "weights and no gradient passes it.",
+    ),
+    "all_samples_converged": MetricInfo(
+        unit="0/1",
+        group=_K,
+        description="1 if the forward solve met its tolerance for every test image.",
+    ),
+    "monotonicity_margin": MetricInfo(
+        unit="dimensionless",
+        group=_K,
+        description="monDEQ: the margin m of W = (1 - m) I - A^T A + B - B^T, so that I - W >= "
+        "m I (a unique fixed point for any A, B).",
+    ),
+    "measured_margin": MetricInfo(
+        unit="dimensionless",
+        group=_K,
+        description="monDEQ: smallest eigenvalue of the symmetric part of I - W, measured on the "
+        "trained weights (>= monotonicity_margin).",
+    ),
+    "lipschitz": MetricInfo(
+        unit="dimensionless",
+        group=_K,
+        description="monDEQ: L = ||I - W||_2 of the trained weights; the splittings' speed "
+        "degrades with L / m.",
     ),
 }
 

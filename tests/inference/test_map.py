@@ -235,19 +235,21 @@ def test_throw_and_status():
 
 
 def test_overflowing_data_are_returned_unconverged_never_raised():
-    """Counts of 1e100 (loss not resolved in float64) and 1e308 (loss overflows): the fit is
-    returned with an honest status, never raised and never CONVERGED."""
-    model = ExpFamPCA(family=family("poisson"), obs_dim=3, latent_dim=1)
-    # 1e100: L-BFGS stalls (its line search finds no resolved decrease); SVI stalls or hits its cap
-    for big, allowed in ((1e100, {FitStatus.STALLED, FitStatus.MAX_STEPS}), (1e308, {FitStatus.NONFINITE})):
-        y = torch.tensor([[1.0, 2.0, big], [0.0, 1.0, 3.0]], dtype=F64)
-        for optimizer in (LBFGS(), SVI(max_steps=1000)):
-            fit = fit_map(model, {"y": y}, optimizer=optimizer, progress=False)
-            assert fit.status in allowed, (big, fit)
-            assert not fit.converged and set(fit.values) == {"W", "B", "z"}
-            assert all(bool(torch.isfinite(v).all()) for v in fit.values.values())
-            if fit.status is FitStatus.NONFINITE:
-                assert not torch.isfinite(fit.log_joint) and math.isnan(fit.grad_norm)
+    """Gaussian data of 1e300 (the loss y**2/2 overflows): the fit is returned with an honest
+    status, never raised and never CONVERGED. Poisson counts of 1e100 are not exact in float64
+    and are refused before any work."""
+    poisson = ExpFamPCA(family=family("poisson"), obs_dim=3, latent_dim=1)
+    y = torch.tensor([[1.0, 2.0, 1e100], [0.0, 1.0, 3.0]], dtype=F64)
+    with pytest.raises(ValueError, match=r"value 1e\+100 at row 0, column 2.*2\*\*53 in float64"):
+        fit_map(poisson, {"y": y}, progress=False)
+    model = ExpFamPCA(family=family("gaussian"), obs_dim=3, latent_dim=1)
+    y = torch.tensor([[1.0, 2.0, 1e300], [0.0, 1.0, 3.0]], dtype=F64)
+    for optimizer in (LBFGS(), SVI(max_steps=1000)):
+        fit = fit_map(model, {"y": y}, optimizer=optimizer, progress=False)
+        assert fit.status is FitStatus.NONFINITE, fit
+        assert not fit.converged and set(fit.values) == {"W", "B", "z"}
+        assert all(bool(torch.isfinite(v).all()) for v in fit.values.values())
+        assert not torch.isfinite(fit.log_joint) and math.isnan(fit.grad_norm)
     with pytest.raises(FitConvergenceError, match="NONFINITE"):
         fit_map(model, {"y": y}, progress=False, throw=True)
 

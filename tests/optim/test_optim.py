@@ -237,6 +237,27 @@ def test_gradient_rule_is_relative_to_the_loss_per_coordinate():
     assert rules.gradient_threshold(-1e4, start_loss=-10.0) == 1e-6  # the smaller magnitude
 
 
+def test_gradient_rule_also_needs_a_small_model_decrement():
+    rules = StopRules(gtol=1e-6, num_coords=10)
+    # the gradient bound holds (1e-4 <= 1e-6 * 1e6 / 10) but the model still expects the loss
+    # to fall by 10 > 1e-6 * 1e6: not converged
+    far = Observation(loss=1e6, grad_max=1e-4, decrement=10.0)
+    assert rules.check(far, prev_loss=None) is None
+    near = Observation(loss=1e6, grad_max=1e-4, decrement=0.5)
+    status, text = rules.check(near, prev_loss=None)
+    assert status is FitStatus.CONVERGED and "model decrement 0.5" in text
+
+
+def test_a_loss_dominated_by_its_data_is_not_stopped_at_the_start():
+    """0.5 |x - c|^2 with c = 1e12: at x = 0 the gradient (1e12) is tiny against |f|/n (5e23),
+    so the gradient rule alone declared the start converged; the model decrement (the loss can
+    still fall by all of itself) keeps the fit going to the minimiser."""
+    c = torch.full((5,), 1e12, dtype=F64)
+    res = minimize(lambda x: 0.5 * ((x - c) ** 2).sum(), torch.zeros(5, dtype=F64))
+    assert res.converged and res.num_steps >= 1, res
+    assert float((res.x - c).abs().max()) <= 1e-3 * 1e12 * 1e-9, res  # relative 1e-12
+
+
 def test_driver_callback_and_multi_update_steps():
     seen = []
     obs = [Observation(loss=3.0, num_steps=0)] + [

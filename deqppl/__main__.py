@@ -1,0 +1,3 @@
+import sys
+from deqppl.cli import main
+sys.exit(main())
