@@ -117,21 +117,16 @@ class JointStructure:
     def __post_init__(self) -> None:
         if not self.layers:
             raise ValueError("JointStructure needs at least one layer")
-        for l, layer in enumerate(self.layers[1:], start=2):
-            lik = layer.likelihood
-            if lik.family.name != "gaussian" or not lik.nonlinearity.is_identity:
-                raise ValueError(
-                    f"layer {l} of a structured joint fit has a latent response, so it must be a "
-                    f"gaussian row with R = identity (the latent half-step is then one exact "
-                    f"quadratic solve); got {lik.describe()}. Fit this model with "
-                    f"deqppl.optim.LBFGS() (profiled) or Adam()"
-                )
-        if len(self.layers) > 1 and not self.layers[0].likelihood.nonlinearity.is_identity:
-            raise ValueError(
-                f"a structured joint fit of several layers needs R = identity in every layer; "
-                f"layer 1 has {self.layers[0].likelihood.describe()}. Fit this model with "
-                f"deqppl.optim.LBFGS() (profiled) or Adam()"
-            )
+        if len(self.layers) > 1:
+            for l, layer in enumerate(self.layers, start=1):
+                lik = layer.likelihood
+                if lik.family.name != "gaussian" or not lik.nonlinearity.is_identity:
+                    raise ValueError(
+                        f"a structured joint fit of several layers needs a gaussian row with "
+                        f"R = identity in every layer (the latent half-step is then one exact "
+                        f"quadratic solve); layer {l} has {lik.describe()}. Fit this model with "
+                        f"deqppl.optim.LBFGS() (profiled) or Adam()"
+                    )
         if self.layers[-1].param_scale is None:
             raise ValueError(
                 "with a flat prior on the top layer's loadings (param_scale=None) the joint MAP "
