@@ -222,6 +222,29 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
         """The solver used when none is given: safeguarded Anderson at :func:`default_rtol`."""
         return Anderson(rtol=default_rtol(dtype), atol=0.0, max_steps=2000)
 
+    def joint_structure(self):
+        r"""How the model decomposes for the structured joint fit (:class:`~deqppl.optim.AlternatingNewton`).
+
+        Encoders whose model is a stack of GLM layers (rows of the globals independent given
+        the latents, data rows independent given the globals) return a
+        :class:`~deqppl.encoders.joint.JointStructure`; the default has none.
+
+        Raises
+        ------
+        TypeError
+            This encoder's model has no structured joint fit (the default).
+        """
+        raise TypeError(
+            f"{type(self).__name__} has no structured joint fit (joint_structure); fit it with "
+            f"deqppl.optim.LBFGS() (profiled) or Adam()"
+        )
+
+    def default_fit_optimizer(self):
+        """The optimiser :func:`~deqppl.encoders.fit_encoder` uses when none is given: ``LBFGS()``."""
+        from deqppl.optim import LBFGS
+
+        return LBFGS()
+
     def hessian(self, z: torch.Tensor, data: Mapping[str, torch.Tensor]) -> torch.Tensor:
         r"""Per-sample Hessian of the negative log joint in $z$, ``(B, D, D)`` (D = event size).
 

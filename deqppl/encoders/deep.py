@@ -215,6 +215,34 @@ class DeepPEDEncoder(AbstractMAPEncoder):
         eye = torch.eye(self.latent_dim, dtype=zeta.dtype, device=zeta.device)
         return scale[:, None] * (eye - self.layer_jacobian(zeta, data))
 
+    # ---------------------------------------------------------------- the structured joint fit
+    def joint_structure(self):
+        r"""Layer $l$: $z^{(l-1)}\mid\eta^{(l)}$ Gaussian, globals ``Wl``, ``bl`` (bottom first).
+
+        Raises
+        ------
+        ValueError
+            Unless every $R^{(l)}$ is the identity (then the latent half-step is one exact
+            quadratic solve and the global half-steps are least squares).
+        """
+        from .joint import GLMLayer, JointStructure
+
+        m = self.model
+        layers = tuple(
+            GLMLayer(m.likelihood(l), f"W{l}", f"b{l}", m.widths[l], m.param_scale)
+            for l in range(1, m.depth + 1)
+        )
+        return JointStructure(layers=layers, top_precision=float(m.precisions[m.depth]))
+
+    def default_fit_optimizer(self):
+        r"""``AlternatingNewton()`` when every $R^{(l)}$ is the identity and the globals have a
+        Gaussian prior, else ``LBFGS()``."""
+        from deqppl.optim import LBFGS, AlternatingNewton
+
+        if all(r.is_identity for r in self.model.nonlinearities) and self.model.param_scale is not None:
+            return AlternatingNewton()
+        return LBFGS()
+
     # ---------------------------------------------------------------- solving
     def default_solver(self, dtype: torch.dtype) -> AbstractSolver:
         r"""Newton where $F$ is convex and small, safeguarded Anderson otherwise.

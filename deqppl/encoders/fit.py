@@ -30,6 +30,7 @@ from deqppl.validation import ValidatedData, table_positions, validated
 from deqppl.inference.log_joint import log_joint
 from deqppl.optim import (
     LBFGS,
+    AlternatingNewton,
     AbstractFitResult,
     AbstractOptimizer,
     AbstractStepper,
@@ -56,7 +57,12 @@ class EncoderFitResult(AbstractFitResult):
         The fitted encoder (the object passed in, trained in place).
     num_solves
         Fixed-point solves (Adam: one per minibatch and one full-data solve per epoch;
-        L-BFGS: one per objective evaluation, plus a cold restart where a warm one failed).
+        L-BFGS: one per objective evaluation, plus a cold restart where a warm one failed;
+        AlternatingNewton: latent half-steps).
+    latents
+        The training data's latents at the returned point, as the encoder's fixed-point
+        tensor, where the fit computes them (AlternatingNewton: the joint MAP's latents);
+        ``None`` otherwise (``encoder.solve(data)`` gives them).
 
     ``loss_trace`` is the full-data negative log joint $-\log p(y, z^*, W, B)$ at the start
     and after each step (an L-BFGS iteration or an Adam epoch); ``num_steps`` counts those
@@ -65,6 +71,7 @@ class EncoderFitResult(AbstractFitResult):
 
     encoder: nn.Module
     num_solves: int
+    latents: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return f"EncoderFitResult(loss={float(self.loss_trace[-1]):.10g}, {self._summary()}, num_solves={self.num_solves})"
@@ -241,7 +248,13 @@ def fit_encoder(
     r"""Fit the globals of an encoder of the protocol by joint MAP through its fixed point.
 
     Minimises the full-data negative log joint of the encoder's Pyro model at the MAP latents
-    (SPEC §2.4). With :class:`~deqppl.optim.LBFGS` (default) it minimises the *profiled*
+    (SPEC §2.4). With :class:`~deqppl.optim.AlternatingNewton` (the default of encoders
+    whose model is a stack of GLM layers with convex half-steps: ``PEDEncoder`` and
+    ``DeepPEDEncoder`` with $R$ = identity; see
+    :meth:`~deqppl.encoders.AbstractMAPEncoder.default_fit_optimizer`) it runs the structured
+    joint fit of SPEC §2.4.1 over globals and latents together
+    (:mod:`deqppl.encoders.joint`). With :class:`~deqppl.optim.LBFGS` (the default of the
+    other encoders) it minimises the *profiled*
     objective $P(W,B)=\min_z L(W,B,z)$ full-batch: every evaluation is one warm-started
     batched solve, and by the envelope theorem (Notes) the gradient of $L$ at the detached
     $z^*$ is the exact gradient of $P$. Eliminating the latents leaves a small,
@@ -265,7 +278,10 @@ def fit_encoder(
         data name; validated once, here, by the encoder's model (not again if it is a
         :class:`~deqppl.validation.ValidatedData` of that model).
     optimizer
-        :class:`~deqppl.optim.LBFGS` (default ``LBFGS()``) or :class:`~deqppl.optim.Adam`.
+        :class:`~deqppl.optim.AlternatingNewton`, :class:`~deqppl.optim.LBFGS` or
+        :class:`~deqppl.optim.Adam` (minibatches, for data too large for one batch); ``None``
+        asks the encoder (:meth:`~deqppl.encoders.AbstractMAPEncoder.default_fit_optimizer`:
+        ``AlternatingNewton()`` for PED encoders with $R$ = identity, else ``LBFGS()``).
         L-BFGS's ``gtol=None`` means $\epsilon^{1/2}$ here (not $\epsilon^{2/3}$ as in
         ``fit_map``): the profiled gradient is exact only to the tolerance of the fixed-point
         solves (relative 1e-8 in float64).
@@ -299,10 +315,13 @@ def fit_encoder(
     Raises
     ------
     TypeError
-        ``encoder`` is not an encoder of the protocol, or ``optimizer`` is not an LBFGS or
-        Adam object, or Adam for a model with coupled locals (no minibatches).
+        ``encoder`` is not an encoder of the protocol, or ``optimizer`` is not an
+        AlternatingNewton, LBFGS or Adam object, or Adam for a model with coupled locals (no
+        minibatches), or AlternatingNewton for an encoder without a ``joint_structure``.
     ValueError
-        Bad data (as the model's ``validate``: shape, support, non-finite).
+        Bad data (as the model's ``validate``: shape, support, non-finite); AlternatingNewton
+        for a model whose half-steps it does not support (hard ReLU; a hierarchy with
+        $R\ne$ identity), naming what to use instead.
     FitConvergenceError
         If ``throw`` and the fit did not converge.
     ConvergenceError
@@ -343,12 +362,6 @@ def fit_encoder(
     (True, 5)
     """
     start = time.perf_counter()
-    optimizer = LBFGS() if optimizer is None else optimizer
-    if not isinstance(optimizer, (LBFGS, Adam)):
-        raise TypeError(
-            f"fit_encoder optimizes with deqppl.optim.LBFGS(...) or deqppl.optim.Adam(...); got "
-            f"{optimizer!r}"
-        )
     from deqppl.encoders.base import AbstractMAPEncoder
 
     if not isinstance(encoder, AbstractMAPEncoder):
@@ -356,6 +369,14 @@ def fit_encoder(
             f"fit_encoder fits encoders of the protocol (deqppl.encoders.AbstractMAPEncoder, e.g. "
             f"PEDEncoder, DeepPEDEncoder); got {type(encoder).__name__}"
         )
+    optimizer = encoder.default_fit_optimizer() if optimizer is None else optimizer
+    if not isinstance(optimizer, (LBFGS, Adam, AlternatingNewton)):
+        raise TypeError(
+            f"fit_encoder optimizes with deqppl.optim.AlternatingNewton(...), LBFGS(...) or "
+            f"Adam(...); got {optimizer!r}"
+        )
+    if isinstance(optimizer, AlternatingNewton):
+        encoder.joint_structure()  # raises, naming what to use instead, before any work
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     if isinstance(optimizer, Adam) and getattr(encoder.model, "plate_name", "data") is None:
@@ -367,6 +388,16 @@ def fit_encoder(
     # the solves below receive validated rows in the encoder's dtype.
     with _shard_rows(shard):  # data-parallel: errors name the row of all ranks' rows
         data = encoder.check_data(data)
+    if isinstance(optimizer, AlternatingNewton):
+        from deqppl.encoders.joint import fit_alternating
+
+        if shard is not None:
+            raise TypeError(
+                "AlternatingNewton does not run data-parallel yet; pass optimizer=LBFGS() or "
+                "Adam(...) with shard="
+            )
+        return fit_alternating(encoder, data, optimizer, progress=progress, callback=callback,
+                               throw=throw, start=start)
     layout = _layout(encoder, data, shard=shard, optimizer=optimizer, seed=seed, warm_start=warm_start, throw=throw)
     params = _params(encoder)
     if not params:

@@ -269,6 +269,31 @@ class PEDEncoder(AbstractMAPEncoder):
             z0 = torch.linalg.solve(self.lam * eye + W.T @ W, W.T @ (eta_hat - B).T).T
         return torch.where(torch.isfinite(z0).all(-1, keepdim=True), z0, zeros)
 
+    # ---------------------------------------------------------------- the structured joint fit
+    def joint_structure(self):
+        r"""One GLM layer: $y\mid\eta$ from the model's likelihood, globals ``W``, ``B``.
+
+        Raises
+        ------
+        ValueError
+            For the hard ReLU (the log joint is not differentiable where its MAPs sit), or a
+            flat prior on ``W`` (``param_scale=None``: no joint MAP exists).
+        """
+        from .joint import GLMLayer, JointStructure
+
+        m = self.model
+        layer = GLMLayer(self.likelihood, "W", "B", m.latent_dim, m.param_scale)
+        return JointStructure(layers=(layer,), top_precision=float(m.lam))
+
+    def default_fit_optimizer(self):
+        r"""``AlternatingNewton()`` for $R$ = identity (convex half-steps) and a Gaussian prior on
+        the globals (with a flat one the joint MAP does not exist), else ``LBFGS()``."""
+        from deqppl.optim import LBFGS, AlternatingNewton
+
+        if self.model.nonlinearity.is_identity and self.model.param_scale is not None:
+            return AlternatingNewton()
+        return LBFGS()
+
     # ---------------------------------------------------------------- diagnostics
     def uniqueness(self, y: torch.Tensor | None = None) -> UniquenessReport:
         r"""Check Theorem 1 (or Theorem 2 for hard ReLU) of Tsuchida & Ong (2023).

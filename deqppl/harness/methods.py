@@ -42,7 +42,7 @@ from deqppl.deq import AbstractSolver
 from deqppl.encoders import AbstractMAPEncoder, PEDEncoder, fit_encoder
 from deqppl.harness.sites import data_dtype, local_log_joint, take_rows
 from deqppl.inference import fit_map, log_joint
-from deqppl.optim import LBFGS, SVI, Adam
+from deqppl.optim import LBFGS, SVI, Adam, AlternatingNewton
 
 __all__ = [
     "AbstractMethod",
@@ -191,7 +191,9 @@ class DEQMethod(AbstractMethod):
         How the joint fit (:func:`~deqppl.encoders.fit.fit_encoder`) optimises the globals:
         :class:`~deqppl.optim.LBFGS` (default, at most 500 iterations) minimises the profiled
         objective $\\min_z L(\\text{globals}, z)$ full-batch (each evaluation one solve);
-        :class:`~deqppl.optim.Adam` takes minibatch steps for data too large for one batch.
+        :class:`~deqppl.optim.Adam` takes minibatch steps for data too large for one batch;
+        :class:`~deqppl.optim.AlternatingNewton` is the structured joint fit (encoders with a
+        :meth:`~deqppl.encoders.AbstractMAPEncoder.joint_structure`).
     warm_start
         Start each solve of the fit from the latents of the previous one.
     num_spectral
@@ -221,7 +223,7 @@ class DEQMethod(AbstractMethod):
     solver: AbstractSolver | None = None
     # The library's LBFGS() (5 000 steps, gradient rule): a cap of 500 stopped the profiled
     # digits fit at MAX_STEPS once the gradient rule reached the MAP (~900 iterations needed).
-    optimizer: LBFGS | Adam = field(default_factory=LBFGS)
+    optimizer: LBFGS | Adam | AlternatingNewton = field(default_factory=LBFGS)
     warm_start: bool = True
     num_spectral: int = 256
 
@@ -232,7 +234,7 @@ class DEQMethod(AbstractMethod):
                 f"encoder must be a class of the encoder protocol (a subclass of "
                 f"deqppl.encoders.AbstractMAPEncoder, e.g. PEDEncoder, DeepPEDEncoder), got {self.encoder!r}"
             )
-        _check_optimizer("DEQMethod", self.optimizer, (LBFGS, Adam))
+        _check_optimizer("DEQMethod", self.optimizer, (LBFGS, Adam, AlternatingNewton))
         if isinstance(self.num_spectral, bool) or not isinstance(self.num_spectral, int) or self.num_spectral < 0:
             raise ValueError(f"num_spectral must be a non-negative integer, got {self.num_spectral!r}")
 

@@ -14,6 +14,7 @@ Examples
 ExponentialDecay(final_factor=0.1)
 """
 
+from deqppl.optim._alternating import AlternatingNewton
 from deqppl.optim._driver import AbstractStepper, DriverOutcome, Observation, StopRules, drive
 from deqppl.optim._lbfgs import LBFGSStepper
 from deqppl.optim._minimize import MinimizeResult, lbfgs_rules, minimize
@@ -32,6 +33,7 @@ from deqppl.optim._settings import (
 
 __all__ = [
     "LBFGS",
+    "AlternatingNewton",
     "SVI",
     "AbstractFitResult",
     "AbstractOptimizer",

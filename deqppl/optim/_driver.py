@@ -44,7 +44,8 @@ class Observation:
     decrement
         The decrease of the stepper's quadratic model of the loss along its next full step,
         $-\tfrac12 g^\top p$ (for L-BFGS, $p=-H_k g$), NaN if unknown: an estimate of how far the
-        loss still is above the optimum.
+        loss still is above the optimum. A stepper with a block-diagonal (or Fisher) model
+        Hessian $H$, $\tfrac12 g^\top H^{-1}g$, says so (:class:`~deqppl.optim.AlternatingNewton`).
     """
 
     loss: float
@@ -74,7 +75,10 @@ class StopRules:
     4. relative loss change $|f_k-f_{k-1}|\le\mathrm{rtol}\,|f_k|$ (``<`` if ``strict``):
        ``CONVERGED``;
     5. step $\max|\Delta x|\le\mathrm{xtol}$ (times $\max(1,\max|x|)$ if ``xtol_relative``):
-       ``xtol_status``.
+       ``xtol_status``;
+    6. curvature-scaled gradient alone: ``obs.decrement`` $\le\mathrm{dtol}\cdot\max(1,\min(|f|,|f_0|))$:
+       ``CONVERGED`` (the decrease the stepper's Newton model still predicts is below ``dtol``
+       relative; the rule of :class:`~deqppl.optim.AlternatingNewton`).
 
     A ``None`` tolerance switches its rule off.
     """
@@ -86,6 +90,7 @@ class StopRules:
     xtol: float | None = None
     xtol_relative: bool = False
     xtol_status: FitStatus = FitStatus.CONVERGED
+    dtol: float | None = None
 
     def gradient_threshold(self, loss: float, start_loss: float | None = None) -> float:
         """Right-hand side of the gradient rule at loss ``loss`` (start loss ``start_loss``)."""
@@ -133,6 +138,13 @@ class StopRules:
                 return self.xtol_status, (
                     f"max |step| = {obs.step_max:.3g} <= xtol{how} = {bound:.3g}"
                     + ("" if math.isnan(obs.grad_max) else f"; max |grad| = {obs.grad_max:.3g}")
+                )
+        if self.dtol is not None and not math.isnan(obs.decrement):
+            bound = self.dtol * max(1.0, self._size(obs.loss, start_loss))
+            if obs.decrement <= bound:
+                return FitStatus.CONVERGED, (
+                    f"Newton decrement g'H^-1 g / 2 = {obs.decrement:.3g} <= dtol * max(1, |loss|) "
+                    f"= {bound:.3g}"
                 )
         return None
 
