@@ -253,6 +253,19 @@ class PEDEncoder(AbstractMAPEncoder):
         """The start of the solve: :attr:`start` applied to these data (default ridge start)."""
         return self.start(self, data)
 
+    def objective(self, z: torch.Tensor, data) -> torch.Tensor:
+        r"""Per-row negative log posterior $F(z)$ up to a constant in $z$, ``(n,)``, no graph.
+
+        $F(z)=\tfrac\lambda2\lVert z\rVert^2-T(y)^\top R(\eta)+\mathbf 1^\top A(R(\eta))$
+        (SPEC §2.2), without $\log h(y)$: what :class:`~deqppl.encoders.LearnedStart` compares
+        its candidates by.
+        """
+        with torch.no_grad():
+            y = _observations(data)
+            fam = self.model.family
+            v = self.likelihood.natural(self.eta(z))
+            return 0.5 * self.lam * (z * z).sum(-1) + (fam.A(v) - fam.T(y) * v).sum(-1)
+
     def summary(self, data) -> torch.Tensor:
         r"""The data summary $s = W^\top T(y)$ ``(n, latent_dim)``, detached.
 

@@ -32,7 +32,7 @@ it), so that model files can store it.
 from __future__ import annotations
 
 import abc
-import itertools
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -210,10 +210,27 @@ class RidgeStart(AbstractStart):
 
 
 # ------------------------------------------------------------------------------ learned start
-def _monomial_index(width: int, degree: int) -> torch.Tensor:
-    """``(m, degree)`` indices of the monomials of exactly ``degree`` in ``width`` variables."""
-    combos = list(itertools.combinations_with_replacement(range(width), degree))
-    return torch.tensor(combos, dtype=torch.long).reshape(len(combos), degree)
+@functools.lru_cache(maxsize=64)
+def _monomial_steps(width: int, degree: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """For degrees 2..``degree``: which lower monomial and which variable make each new one.
+
+    The monomials of degree $j$ are $m\,u_k$ for every monomial $m$ of degree $j-1$ whose
+    largest variable index is $\le k$ (each monomial once, in
+    a fixed order).
+    """
+    steps = []
+    last = list(range(width))  # largest variable index of each degree-1 monomial
+    for _ in range(2, degree + 1):
+        parents, variables, new_last = [], [], []
+        for k in range(width):
+            for a, top in enumerate(last):
+                if top <= k:
+                    parents.append(a)
+                    variables.append(k)
+                    new_last.append(k)
+        steps.append((torch.tensor(parents, dtype=torch.long), torch.tensor(variables, dtype=torch.long)))
+        last = new_last
+    return tuple(steps)
 
 
 def _num_features(width: int, degree: int) -> int:
@@ -222,12 +239,26 @@ def _num_features(width: int, degree: int) -> int:
 
 
 def _polynomial(u: torch.Tensor, degree: int) -> torch.Tensor:
-    """All monomials of degree 1..``degree`` of the columns of ``u`` ``(n, k)``, ``(n, m)``."""
-    cols = [u]
-    for deg in range(2, degree + 1):
-        idx = _monomial_index(u.shape[1], deg).to(u.device)
-        cols.append(u[:, idx].prod(-1))
+    """All monomials of degree 1..``degree`` of the columns of ``u`` ``(n, k)``, ``(n, m)``.
+
+    One gather-multiply per degree (a monomial of degree $j$ is one of degree $j-1$ times a
+    variable), not one product of $j$ gathered columns per monomial.
+    """
+    cols, prev = [u], u
+    for parents, variables in _monomial_steps(u.shape[1], degree):
+        prev = prev[:, parents.to(u.device)] * u[:, variables.to(u.device)]
+        cols.append(prev)
     return torch.cat(cols, dim=1)
+
+
+def _network(u: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """Tanh network ``[W0, b0, W1, b1, ...]``: tanh after every layer but the last."""
+    h = u
+    for i in range(0, len(params), 2):
+        h = torch.nn.functional.linear(h, params[i], params[i + 1])
+        if i + 2 < len(params):
+            h = torch.tanh(h)
+    return h
 
 
 #: Relative ridge of the least-squares normal equations (times the mean diagonal of the Gram
@@ -262,6 +293,17 @@ class LearnedStart(AbstractStart):
         Highest degree of the monomials, ``>= 1``; ``1`` is linear regression. The number of
         features is $\binom{k+\text{degree}}{\text{degree}} - 1$ ($k$ the summary width): 55
         for $k = 5$ and 1 770 for $k = 20$ at degree 3 (the default).
+    hidden
+        Widths of an optional tanh network on $u$ fitted (by L-BFGS, ``max_steps`` steps from
+        a ``seed``-ed draw) to what the polynomial leaves; ``()`` (default) for none.
+    max_steps, seed
+        L-BFGS steps and initialisation seed of the network (unused without ``hidden``).
+    fallback
+        A second start (e.g. :class:`RidgeStart`): each row starts from whichever of the two
+        has the lower negative log posterior (:meth:`~deqppl.encoders.PEDEncoder.objective`).
+        A regression extrapolates badly on rows unlike the training data (Poisson rows with
+        counts in the thousands); the fallback bounds the damage at the cost of two objective
+        evaluations. ``None`` (default): no fallback.
 
     Attributes
     ----------
@@ -292,16 +334,30 @@ class LearnedStart(AbstractStart):
     """
 
     degree: int = 3
+    hidden: tuple[int, ...] = ()
+    max_steps: int = 1000
+    seed: int = 0
+    fallback: AbstractStart | None = None
     mean: torch.Tensor | None = field(default=None, repr=False)
     scale: torch.Tensor | None = field(default=None, repr=False)
     coef: torch.Tensor | None = field(default=None, repr=False)
     intercept: torch.Tensor | None = field(default=None, repr=False)
+    network: tuple[torch.Tensor, ...] = field(default=(), repr=False)
     train_rmse: float | None = None
     num_train: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.degree, bool) or not isinstance(self.degree, int) or self.degree < 1:
-            raise ValueError(f"LearnedStart degree must be an integer >= 1, got {self.degree!r}")
+        for name, low in (("degree", 1), ("max_steps", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"LearnedStart {name} must be an integer >= {low}, got {value!r}")
+        if self.fallback is not None and not isinstance(self.fallback, AbstractStart):
+            raise TypeError(f"LearnedStart fallback must be a start object (e.g. RidgeStart()) "
+                            f"or None, got {self.fallback!r}")
+        if not isinstance(self.hidden, tuple) or any(
+                isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ValueError(f"LearnedStart hidden must be a tuple of integers >= 1 (widths of "
+                             f"the tanh layers; () for none), got {self.hidden!r}")
         state = [getattr(self, name) for name in _STATE_NAMES]
         if any(t is not None for t in state):
             if any(t is None for t in state):
@@ -323,8 +379,16 @@ class LearnedStart(AbstractStart):
                              f"{k} at degree {self.degree}, got {tuple(coef.shape)}")
         check_shape(as_tensor(self.intercept, "LearnedStart intercept"), (coef.shape[1],),
                     "LearnedStart intercept")
+        widths = [k, *self.hidden, coef.shape[1]] if self.hidden else []
+        want = [shape for a, b in zip(widths[:-1], widths[1:]) for shape in ((b, a), (b,))]
+        got = [tuple(as_tensor(t, "LearnedStart network").shape) for t in self.network]
+        if got != want:
+            raise ValueError(f"LearnedStart network must hold tensors of shapes {want} for "
+                             f"hidden = {self.hidden}, got {got}")
         for name in _STATE_NAMES:
             check_finite(getattr(self, name), f"LearnedStart {name}")
+        for i, t in enumerate(self.network):
+            check_finite(t, f"LearnedStart network[{i}]")
         if not bool((self.scale > 0).all()):
             raise ValueError("LearnedStart scale must be positive")
 
@@ -347,14 +411,20 @@ class LearnedStart(AbstractStart):
     def config(self) -> dict[str, Any]:
         """Settings and fitted sizes, JSON-able (``{"start": "LearnedStart", "degree": 3, ...}``)."""
         return {"start": type(self).__name__, "degree": self.degree,
+                "hidden": list(self.hidden), "max_steps": self.max_steps, "seed": self.seed,
+                "fallback": None if self.fallback is None else self.fallback.config(),
                 "summary_width": self.summary_width, "latent_size": self.latent_size,
                 "train_rmse": self.train_rmse, "num_train": self.num_train}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{"mean", "scale", "coef", "intercept"}`` (empty before :meth:`fit`)."""
+        """``mean``, ``scale``, ``coef``, ``intercept`` and ``network.0`` ... (empty before :meth:`fit`)."""
         if not self.fitted:
             return {}
-        return {name: getattr(self, name).detach().clone() for name in _STATE_NAMES}
+        state = {name: getattr(self, name).detach().clone() for name in _STATE_NAMES}
+        state.update({f"network.{i}": t.detach().clone() for i, t in enumerate(self.network)})
+        if self.fallback is not None:
+            state.update({f"fallback.{k}": v for k, v in self.fallback.state_dict().items()})
+        return state
 
     @classmethod
     def from_state(cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> LearnedStart:
@@ -370,8 +440,21 @@ class LearnedStart(AbstractStart):
             raise ValueError(f"LearnedStart.from_state: tensors {missing} missing; a fitted "
                              f"start stores {list(_STATE_NAMES)}")
         state = {name: tensors[name] for name in _STATE_NAMES} if tensors else {}
-        start = cls(degree=int(config.get("degree", 3)), **state,
-                    train_rmse=config.get("train_rmse"), num_train=config.get("num_train"))
+        hidden = tuple(int(h) for h in config.get("hidden", ()))
+        if tensors:
+            count = 2 * (len(hidden) + 1) if hidden else 0
+            missing = [f"network.{i}" for i in range(count) if f"network.{i}" not in tensors]
+            if missing:
+                raise ValueError(f"LearnedStart.from_state: tensors {missing} missing for "
+                                 f"hidden = {hidden}")
+            state["network"] = tuple(tensors[f"network.{i}"] for i in range(count))
+        fallback = config.get("fallback")
+        if fallback is not None:
+            fallback = load_start(fallback, {k[len("fallback."):]: v for k, v in (tensors or {}).items()
+                                             if k.startswith("fallback.")})
+        start = cls(degree=int(config.get("degree", 3)), hidden=hidden, fallback=fallback,
+                    max_steps=int(config.get("max_steps", 1000)), seed=int(config.get("seed", 0)),
+                    **state, train_rmse=config.get("train_rmse"), num_train=config.get("num_train"))
         for key, have in (("summary_width", start.summary_width), ("latent_size", start.latent_size)):
             want = config.get(key)
             if want is not None and have is not None and int(want) != have:
@@ -386,6 +469,13 @@ class LearnedStart(AbstractStart):
                 f"LearnedStart needs an encoder with a summary(data) method (PEDEncoder, "
                 f"DeepPEDEncoder), got {type(encoder).__name__}"
             )
+        if self.fallback is not None:
+            if not callable(getattr(encoder, "objective", None)):
+                raise TypeError(
+                    f"LearnedStart with a fallback needs an encoder with an objective(z, data) "
+                    f"method (PEDEncoder), got {type(encoder).__name__}"
+                )
+            self.fallback.check_encoder(encoder)
 
     def _require_fitted(self) -> None:
         if not self.fitted:
@@ -421,10 +511,19 @@ class LearnedStart(AbstractStart):
         with torch.no_grad():
             mean, scale, coef, intercept = (t.to(dtype=s.dtype, device=s.device)
                                             for t in (self.mean, self.scale, self.coef, self.intercept))
-            z0 = torch.addmm(intercept, _polynomial((s - mean) / scale, self.degree), coef)
+            u = (s - mean) / scale
+            z0 = torch.addmm(intercept, _polynomial(u, self.degree), coef)
+            if self.network:
+                z0 = z0 + _network(u, [t.to(dtype=s.dtype, device=s.device) for t in self.network])
             zeros = torch.zeros_like(z0)
-            z0 = torch.where(torch.isfinite(z0).all(-1, keepdim=True), z0, zeros)
-        return z0.reshape(shape)
+            z0 = torch.where(torch.isfinite(z0).all(-1, keepdim=True), z0, zeros).reshape(shape)
+            if self.fallback is not None:
+                other = self.fallback(encoder, data)
+                mine, theirs = encoder.objective(z0, data), encoder.objective(other, data)
+                # a non-finite objective (overflow far out) loses to the other candidate
+                better = torch.nan_to_num(mine, nan=math.inf) <= torch.nan_to_num(theirs, nan=math.inf)
+                z0 = torch.where(better.reshape(-1, *([1] * (z0.ndim - 1))), z0, other)
+        return z0
 
     # ------------------------------------------------------------------ training
     def fit(self, encoder, data, *, z: torch.Tensor | None = None) -> LearnedStart:
@@ -490,9 +589,41 @@ class LearnedStart(AbstractStart):
             gram.diagonal().add_(ridge)
             coef = torch.linalg.solve(gram, Xc.T @ (target - t_mean))
             intercept = t_mean - x_mean @ coef
-            rmse = float(((X @ coef + intercept - target) ** 2).sum(1).mean().sqrt())
-        return LearnedStart(degree=self.degree, mean=mean, scale=scale, coef=coef,
-                            intercept=intercept, train_rmse=rmse, num_train=n)
+            residual = target - (X @ coef + intercept)
+        network = self._fit_network((s - mean) / scale, residual) if self.hidden else ()
+        with torch.no_grad():
+            if network:
+                residual = residual - _network((s - mean) / scale, list(network))
+            rmse = float((residual ** 2).sum(1).mean().sqrt())
+        return LearnedStart(degree=self.degree, hidden=self.hidden, max_steps=self.max_steps,
+                            seed=self.seed, fallback=self.fallback, mean=mean, scale=scale, coef=coef,
+                            intercept=intercept, network=network, train_rmse=rmse, num_train=n)
+
+    def _fit_network(self, u: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tanh network on ``u`` fitted to what the polynomial left, by L-BFGS."""
+        from deqppl.optim import LBFGS, minimize  # deferred: optim imports the inference stack
+
+        widths = [u.shape[1], *self.hidden, residual.shape[1]]
+        gen = torch.Generator().manual_seed(self.seed)
+        shapes, init = [], []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            last = i == len(widths) - 2
+            # the output layer starts at zero, so the fit starts from the polynomial's start
+            weight = torch.zeros(b, a) if last else torch.randn(b, a, generator=gen) / math.sqrt(a)
+            shapes += [(b, a), (b,)]
+            init += [weight.reshape(-1), torch.zeros(b)]
+        x0 = torch.cat(init).to(u.dtype)
+        sizes = [math.prod(sh) for sh in shapes]
+
+        def unpack(x):
+            return [p.reshape(sh) for p, sh in zip(torch.split(x, sizes), shapes)]
+
+        def loss(x):
+            return ((_network(u, unpack(x)) - residual) ** 2).sum(1).mean()
+
+        # gtol 0: run the step budget (the loss is a mean square, no scale to be relative to)
+        res = minimize(loss, x0, optimizer=LBFGS(max_steps=self.max_steps, gtol=0.0))
+        return tuple(p.detach().clone() for p in unpack(res.x))
 
 
 #: The built-in starts by class name, for :func:`load_start` (model files store the name).
