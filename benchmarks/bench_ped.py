@@ -222,16 +222,22 @@ def training_data(model: ExpFamPCA, W: torch.Tensor, B: torch.Tensor, num_data: 
 
 
 def learned_start(case: Case) -> LearnedStart:
-    """The learned start's settings per family (measured on these cases, see docs/bench_ped.md).
+    """The learned start's settings per case (chosen on these cases; docs/bench_ped.md).
 
-    Bernoulli: a cubic in the summary s = W^T y (z* = Phi^{-1}(s) with Phi(z) = lam z +
-    W^T sigmoid(Wz + B), whose inverse is close to a cubic: the sigmoid's Taylor series is odd).
-    Poisson: z* grows like log(s) along the directions of large counts, which no polynomial
-    follows: a quadratic with the ridge start (a log-scale guess) as a per-row fallback, chosen
-    by the objective, so that rows with counts unlike the training rows keep the ridge start.
+    Bernoulli: a polynomial in the summary s = W^T y (z* = Phi^{-1}(s) with Phi(z) = lam z +
+    W^T sigmoid(Wz + B), close to a cubic: the sigmoid's Taylor series is odd). A batch steps
+    until its slowest row has converged, so what counts is the largest number of Newton steps
+    of any row: at l = 5 the cubic brings every row to 2 (the quadratic leaves a third of them
+    at 3); at l = 20 both leave a few rows at 3 (quadratic: 78%, cubic: 0.1%), and the
+    quadratic's 230 monomials cost a tenth of the cubic's 1 770. Poisson: z* grows like log(s)
+    along the directions of large counts, which no polynomial follows: at l = 5 a tanh network
+    (32, 32) on s; at l = 20 (where that network fitted poorly, rms 0.4) a quadratic with the
+    ridge start as a per-row fallback chosen by the objective.
     """
     if case.family == "bernoulli":
-        return LearnedStart(degree=3)
+        return LearnedStart(degree=3 if case.latent_dim <= 5 else 2)
+    if case.latent_dim <= 5:
+        return LearnedStart(degree=1, hidden=(32, 32), max_steps=1000)
     return LearnedStart(degree=2, fallback=RidgeStart())
 
 
@@ -446,10 +452,10 @@ def report(results, args, total_s):
         "log joints with autograd.",
         "",
         "Starts (issue 19): *zero*; *ridge* (`RidgeStart`, the encoder's default: ridge "
-        "regression of shrunk natural parameters); *learned* (`LearnedStart`, a polynomial "
-        "regression of $z^*$ on the summary $s = W^\\top y$, fitted by least squares on the fixed "
-        "points of N independent training rows of the same model; Bernoulli: degree 3; "
-        "Poisson: degree 2 with the ridge start as a per-row fallback chosen by the objective). "
+        "regression of shrunk natural parameters); *learned* (`LearnedStart`, a regression of "
+        "$z^*$ on the summary $s = W^\\top y$, fitted on the fixed points of N independent "
+        "training rows of the same model; its settings per case are printed with each case and "
+        "explained in `learned_start` of the benchmark). "
         "The learned start's cost is inside every timing that uses it; its fit is not (listed "
         "per case). *Newton steps per datapoint* (mean / max) count, for the hand-written "
         "Newton runs, the steps after which each row first met the stopping rule; all rows of "

@@ -267,6 +267,9 @@ def _network(u: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
 #: 1e-8 gave the same start to 3 digits.
 _LSTSQ_RIDGE = 1e-10
 
+#: Rows per block when the start is evaluated (see LearnedStart.__call__).
+_BLOCK_ROWS = 256
+
 #: The tensors of a fitted :class:`LearnedStart`, in the order they are stored.
 _STATE_NAMES = ("mean", "scale", "coef", "intercept", "z_low", "z_high")
 
@@ -525,7 +528,12 @@ class LearnedStart(AbstractStart):
             mean, scale, coef, intercept = (t.to(dtype=s.dtype, device=s.device)
                                             for t in (self.mean, self.scale, self.coef, self.intercept))
             u = (s - mean) / scale
-            z0 = torch.addmm(intercept, _polynomial(u, self.degree), coef)
+            # in row blocks: the (n, m) monomials of a whole batch are written to fresh memory
+            # and read back once (measured: 330 ms for n = 10 000, k = 20, degree 3, against
+            # 150 ms in blocks of 256 rows, which stay in cache)
+            blocks = [torch.addmm(intercept, _polynomial(block, self.degree), coef)
+                      for block in torch.split(u, _BLOCK_ROWS)]
+            z0 = torch.cat(blocks) if blocks else u.new_zeros(0, coef.shape[1])
             if self.network:
                 z0 = z0 + _network(u, [t.to(dtype=s.dtype, device=s.device) for t in self.network])
             zeros = torch.zeros_like(z0)
