@@ -165,7 +165,9 @@ def test_start_is_clipped_to_the_range_of_the_training_fixed_points():
         z_train = enc(y_train)[0]
     assert torch.equal(start.z_low, z_train.min(0).values)
     z0 = start(enc, y * 1e3)  # rows far outside the training data
-    assert bool(((z0 >= start.z_low) & (z0 <= start.z_high)).all())
+    margin = 0.25 * (start.z_high - start.z_low)  # starts._CLIP_MARGIN
+    assert bool(((z0 >= start.z_low - margin) & (z0 <= start.z_high + margin)).all())
+    assert bool(((z0 < start.z_low) | (z0 > start.z_high)).any())  # the margin is used
 
 
 def test_polynomial_features_are_all_monomials():
