@@ -343,11 +343,15 @@ class LearnedStart(AbstractStart):
     >>> sim = model.simulate(600, seed=0, dtype=torch.float64)
     >>> enc = PEDEncoder.from_values(model, sim.truth)
     >>> y_train, y_new = sim.data["y"][:500], sim.data["y"][500:]
+    >>> z_ridge, sol_ridge = enc(y_new)  # the default start, RidgeStart()
     >>> enc.start = LearnedStart(degree=3).fit(enc, y_train)
     >>> z, sol = enc(y_new)
-    >>> z_ridge, sol_ridge = enc.solve(y_new, z0=RidgeStart()(enc, y_new)).value, None
     >>> bool(torch.allclose(z, z_ridge, rtol=0, atol=1e-8)), bool(sol.converged.all())
     (True, True)
+    >>> sol.num_steps < sol_ridge.num_steps
+    True
+    >>> sorted(enc.start.state_dict())
+    ['coef', 'intercept', 'mean', 'scale', 'z_high', 'z_low']
     """
 
     degree: int = 3
