@@ -6,9 +6,16 @@ Every encoder implements the encoder protocol :class:`AbstractMAPEncoder` (``deq
 from .base import AbstractMAPEncoder, LaplaceResult, default_adjoint, default_rtol, weighted_gram
 from .deep import DeepPEDEncoder
 from .ped import PEDEncoder, UniquenessReport, default_solver
+from .starts import AbstractStart, LearnedStart, RidgeStart, ZeroStart, check_start, load_start
 
 __all__ = [
     "AbstractMAPEncoder",
+    "AbstractStart",
+    "LearnedStart",
+    "RidgeStart",
+    "ZeroStart",
+    "check_start",
+    "load_start",
     "DeepPEDEncoder",
     "LaplaceResult",
     "PEDEncoder",

@@ -44,6 +44,7 @@ from deqppl.io.registry import register
 
 from .base import AbstractMAPEncoder, default_rtol, weighted_gram
 from .ped import NEWTON_MAX_DIM, default_solver
+from .starts import AbstractStart, ZeroStart, check_start
 
 __all__ = ["DeepPEDEncoder"]
 
@@ -80,6 +81,11 @@ class DeepPEDEncoder(AbstractMAPEncoder):
         Raise :class:`~deqppl.deq.ConvergenceError` if some datapoint did not converge.
     seed
         Seed of the default initialisation.
+    start
+        Where the solve starts (:mod:`deqppl.encoders.starts`): default
+        :class:`~deqppl.encoders.ZeroStart` (the prior mode of every layer), or a
+        :class:`~deqppl.encoders.LearnedStart` fitted on training fixed points. The start
+        changes the cost, not the fixed point.
 
     Examples
     --------
@@ -110,6 +116,7 @@ class DeepPEDEncoder(AbstractMAPEncoder):
         adjoint: AbstractAdjoint | None = None,
         throw: bool = True,
         seed: int = 0,
+        start: AbstractStart | None = None,
     ) -> None:
         super().__init__(model, solver=solver, adjoint=adjoint, throw=throw)
         d, L = model.widths, model.depth
@@ -121,6 +128,16 @@ class DeepPEDEncoder(AbstractMAPEncoder):
             self.register_parameter(f"b{l}", nn.Parameter(torch.zeros(d[l - 1])))
         if values is not None:
             self.load_values(values)
+        self.start = ZeroStart() if start is None else start
+
+    @property
+    def start(self) -> AbstractStart:
+        """The start of every solve without an explicit ``z0`` (:mod:`deqppl.encoders.starts`)."""
+        return self._start
+
+    @start.setter
+    def start(self, value: AbstractStart) -> None:
+        self._start = check_start(value, self)
 
     # ---------------------------------------------------------------- saved models
     def config(self) -> dict:
@@ -155,9 +172,17 @@ class DeepPEDEncoder(AbstractMAPEncoder):
         return (_observations(data).shape[0], self.latent_dim)
 
     def initial_guess(self, data) -> torch.Tensor:
-        """Zeros ``(n, sum d_l)``: the prior mode of every layer."""
-        y = _observations(data)
-        return y.new_zeros(y.shape[0], self.latent_dim)
+        """The start of the solve: :attr:`start` applied to these data (default zeros)."""
+        return self.start(self, data)
+
+    def summary(self, data) -> torch.Tensor:
+        r"""The data summary $s = W^{(1)\top} T(y)$ ``(n, d_1)``, detached.
+
+        $y$ enters $F$ only through $T(y)^\top R^{(1)}(\eta^{(1)})$, so for $R^{(1)}$ = identity
+        $\zeta^*$ is a function of $s$: what :class:`~deqppl.encoders.LearnedStart` regresses on.
+        """
+        with torch.no_grad():
+            return self.likelihoods[0].family.T(_observations(data)) @ self.W1.detach()
 
     # ---------------------------------------------------------------- the layer (SPEC §3)
     def _terms(self, zeta: torch.Tensor, data):
