@@ -501,18 +501,28 @@ def _se(k: int, n: int) -> float:
     return math.sqrt(n * (k / n) * (1 - k / n)) if n else math.nan
 
 
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95 % Wilson score interval of k/n (z = the normal 0.975 quantile; informative at k = 0, n)."""
+    if not n:
+        return (math.nan, math.nan)
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (centre - half, centre + half)
+
+
 def summary_markdown(rows: list[dict]) -> str:
     wins = win_counts(rows)
     lines = [
         "| column | datasets | PED wins | PCA wins | UMAP wins | paper PED / PCA / UMAP (of 100) "
-        "| PED win fraction (± s.e.) | paper fraction |",
+        "| PED win fraction ± s.e. [95 % Wilson] | paper fraction |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c, w in wins.items():
         col = COLUMNS[c]
         n = w.num_datasets
         cells = [f"{w.wins[m]} ± {_se(w.wins[m], n):.1f}" if n else "–" for m in METHODS]
-        frac = f"{w.wins['ped'] / n:.2f} ± {_se(w.wins['ped'], n) / n:.2f}" if n else "–"
+        lo, hi = wilson(w.wins["ped"], n)
+        frac = f"{w.wins['ped'] / n:.2f} ± {_se(w.wins['ped'], n) / n:.2f} [{lo:.2f}, {hi:.2f}]" if n else "–"
         paper = " / ".join(str(x) for x in col.paper_wins)
         lines.append(f"| {col.label} | {n} | {' | '.join(cells)} | {paper} | {frac} | {col.paper_wins[0] / 100:.2f} |")
     lines += [
@@ -572,15 +582,15 @@ def figure(rows: list[dict], path: Path) -> None:
     width = 0.27
     for k, m in enumerate(METHODS):
         frac = [wins[c].wins[m] / wins[c].num_datasets if wins[c].num_datasets else np.nan for c in cols]
-        err = [_se(wins[c].wins[m], wins[c].num_datasets) / wins[c].num_datasets if wins[c].num_datasets else np.nan
-               for c in cols]
+        bounds = [wilson(wins[c].wins[m], wins[c].num_datasets) for c in cols]
+        err = np.array([[f - lo, hi - f] for f, (lo, hi) in zip(frac, bounds)]).T
         x = np.arange(len(cols)) + (k - 1) * width
         ax.bar(x, frac, width, yerr=err, capsize=2, label=f"{m.upper()} (here)")
         ax.plot(x, [COLUMNS[c].paper_wins[k] / 100 for c in cols], "k_", markersize=14,
                 label="paper" if k == 0 else None)
     ax.set_xticks(np.arange(len(cols)), [COLUMNS[c].label.replace("rectified Gaussian", "rect.") for c in cols],
                   fontsize=8)
-    ax.set_ylabel("fraction of datasets won (± s.e.)")
+    ax.set_ylabel("fraction of datasets won [95 % Wilson]")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     ax.set_title("Best downstream test MSE")

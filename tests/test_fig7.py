@@ -136,3 +136,7 @@ def test_win_counts_and_standard_errors(fig7):
     assert w.ped_vs["pca"] == (3, 4)
     assert fig7._se(3, 4) == pytest.approx((4 * 0.75 * 0.25) ** 0.5)
     assert "| Gaussian | 4 | 3 ± 0.9 | 1 ± 0.9 | 0 ± 0.0 |" in fig7.summary_markdown(rows)
+    # Wilson interval against statsmodels' proportion_confint(3, 4, method="wilson")
+    lo, hi = fig7.wilson(3, 4)
+    assert (lo, hi) == pytest.approx((0.3006418, 0.9544127), abs=1e-6)
+    assert fig7.wilson(1, 1)[0] == pytest.approx(0.2065493, abs=1e-6)  # informative at k = n
