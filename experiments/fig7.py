@@ -40,9 +40,9 @@ protocol. On reload a row that does not parse or whose checksum fails is moved a
 ``--summarise`` rebuilds the tables (and, with ``--docs``, the results section of
 ``docs/fig7.md``, its figure and its CSV) from the row files alone.
 
-Run (full protocol, 20 datasets per column, round-robin over columns)::
+Run (full protocol, up to the paper's 100 datasets per column, round-robin over columns)::
 
-    nohup nice -n 15 python experiments/fig7.py --num-datasets 20 --out /work/runs/fig7 &
+    nohup nice -n 15 python experiments/fig7.py --num-datasets 100 --out /work/runs/fig7 &
     python experiments/fig7.py --summarise --out /work/runs/fig7 --docs docs/fig7.md
 """
 
