@@ -701,11 +701,26 @@ def identity() -> Nonlinearity:
 
 
 def relu() -> Nonlinearity:
-    r"""$R=\mathrm{ReLU}$, $\rho=\Theta$ (hard dropout; Theorem 2 of Tsuchida & Ong, 2023)."""
+    r"""$R=\mathrm{ReLU}$, $\rho=\Theta$ (hard dropout; Theorem 2 of Tsuchida & Ong, 2023).
+
+    At the kink the mask takes the right derivative, $\Theta(0)=1$ (an element of the Clarke
+    subdifferential $[0, 1]$, like any value there). The choice matters: with $\Theta(0)=0$
+    (autograd's convention for ``torch.relu``) every point with $\eta = Wz + B = 0$ is a fixed
+    point of the PED layer whatever $y$ is -- so a start at $z = 0$ with $B = 0$ (the default
+    initialisation) "converged" in zero steps to $z^* = 0$ for every datapoint, with zero
+    gradient for $W$ and $B$, and the latents never left it (Figure 7's rectified column).
+    With $\Theta(0)=1$ the layer there is $W^\top T(y)/\lambda \ne 0$, and a Newton step from
+    $z = 0$ is the ridge solve of the all-active pattern.
+
+    Examples
+    --------
+    >>> relu().rho(torch.tensor([-1.0, 0.0, 2.0]))
+    tensor([0., 1., 1.])
+    """
     return Nonlinearity(
         "relu",
         torch.relu,
-        lambda e: (e > 0).to(e.dtype),
+        lambda e: (e >= 0).to(e.dtype),
         torch.zeros_like,
         range=Interval(lower=0.0, lower_closed=True),
         row="relu",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deqppl.encoders import AbstractMAPEncoder, DeepPEDEncoder, PEDEncoder, default_rtol
-from deqppl.expfam import gaussian, identity, smooth_relu
+from deqppl.expfam import gaussian, identity, relu, smooth_relu
 from deqppl.inference import fit_map
 from deqppl.optim import LBFGS
 from deqppl.models import ExpFamPCA, HierarchicalExpFamPCA
@@ -234,3 +234,21 @@ def test_deep_float32_uses_the_shared_tolerance():
         g = enc64.layer(z, y)
         rel = torch.linalg.vector_norm(g - z, dim=1) / torch.linalg.vector_norm(g, dim=1)
     assert float(rel.max()) <= 2e-4
+
+
+def test_hard_relu_zero_start_is_not_a_spurious_fixed_point():
+    # With the mask Theta(0) = 0, zeta = 0 with b = 0 (the default start and initialisation)
+    # was a fixed point of the wide layer for every y (all pre-activations on the kink), so the
+    # deep rectified encoder returned zeros (Figure 7's L = 2 column). Now G(0) != 0 and a
+    # solve from 0 moves to a point with a higher Pyro log joint (the independent oracle).
+    model = HierarchicalExpFamPCA(widths=(6, 3, 2), nonlinearities=(relu(), relu()))
+    enc = DeepPEDEncoder(model, seed=1, throw=False).double()
+    y = torch.rand(5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    zeta0 = torch.zeros(5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert float((enc.layer(zeta0, y) - zeta0).norm()) > 1e-3
+        zeta = enc.solve(y).value
+    assert float(zeta.abs().max()) > 1e-3
+    globals_ = {k: v.detach() for k, v in enc.site_parameters().items()}
+    per = lambda zz: model.log_joint({"y": y}, {**globals_, **enc.to_sites(zz)}, per_datum=True)
+    assert bool((per(zeta) > per(zeta0)).all())

@@ -461,3 +461,26 @@ def test_default_rtol_is_shared():
     model = ExpFamPCA(family=poisson(), obs_dim=D, latent_dim=L)
     for dtype in (torch.float32, torch.float64):
         assert PEDEncoder(model).default_solver(dtype).rtol == default_rtol(dtype)
+
+
+def test_hard_relu_default_start_is_not_a_spurious_fixed_point():
+    # Regression (Figure 7's rectified column, test MSE 22.8 = var(z1 + z2)): with the mask
+    # Theta(0) = 0, the default start z = 0 with the default B = 0 put every eta exactly on the
+    # kink, where f(0) = 0 for any y, so every row "converged" in zero steps to z* = 0 and W, B
+    # got zero gradient. With Theta(0) = 1 the solve must leave z = 0 and reach a strict local
+    # minimum that the Pyro log joint (the independent oracle) prefers to z = 0.
+    lam = 1.0
+    model, y, W, _ = _setup(gaussian(), relu(), lam, 0.4)
+    y = y.abs() + 0.1  # y > 0: no convex kinks, every local minimum is a smooth stationary point
+    B = torch.zeros(D, dtype=torch.float64)
+    enc = PEDEncoder(model, W=W, B=B)
+    zeros = torch.zeros(N, L, dtype=torch.float64)
+    with torch.no_grad():
+        assert float((enc.layer(zeros, y) - zeros).norm()) > 1e-3  # z = 0 is no fixed point
+        z, sol = enc(y)
+    assert bool(sol.converged.all()) and float(z.abs().min()) > 1e-6
+    g = _grad_log_joint(model, y, W, B, z)
+    assert bool((g.norm(dim=1) <= lam * 1e-8 * z.norm(dim=1) + 1e-12).all())
+    assert bool((torch.linalg.eigvalsh(_hessian_blocks(model, y, W, B, z)) > 0).all())
+    per = lambda zz: model.log_joint({"y": y}, {"W": W, "B": B, "z": zz}, per_datum=True)
+    assert bool((per(z) > per(zeros)).all())

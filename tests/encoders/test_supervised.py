@@ -1,8 +1,4 @@
-"""PED latents as a supervised backbone, fine-tuned through the fixed point; fig7 smoke test."""
-
-import csv
-import importlib.util
-from pathlib import Path
+"""PED latents as a supervised backbone, fine-tuned through the fixed point (Figure 7: tests/test_fig7.py)."""
 
 import pytest
 import torch
@@ -13,8 +9,6 @@ from deqppl.encoders import PEDEncoder, SupervisedPED, fit_encoder, fit_supervis
 from deqppl.optim import Adam
 from deqppl.expfam import family
 from deqppl.models import ExpFamPCA
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _data(name="bernoulli", num_data=200, obs_dim=8, seed=0):
@@ -87,34 +81,3 @@ def test_bad_input():
         fit_supervised(net, y, torch.zeros(9), progress=False)
     with pytest.raises(ValueError, match="num_epochs"):
         fit_supervised(net, y, torch.zeros(10), num_epochs=0, progress=False)
-
-
-def _load_fig7():
-    spec = importlib.util.spec_from_file_location("fig7", ROOT / "experiments" / "fig7.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_fig7_grid_has_the_papers_size():
-    assert _load_fig7().grid_latents().shape == (42453, 2)
-
-
-@pytest.mark.slow
-def test_fig7_smoke_and_resume(tmp_path, capsys):
-    fig7 = _load_fig7()
-    argv = ["--num-datasets", "1", "--num-data", "60", "--num-epochs", "1",
-            "--num-epochs-head", "1", "--families", "gaussian,poisson", "--out", str(tmp_path)]
-    assert fig7.main(argv) == 0
-    with (tmp_path / "results.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    assert [(r["dataset"], r["family"]) for r in rows] == [("0", "gaussian"), ("0", "poisson")]
-    assert all(float(r["ped_test_mse"]) >= 0 and r["winner"] in ("ped", "pca") for r in rows)
-    capsys.readouterr()
-    # Resume: finished rows are not redone; a new dataset is appended.
-    assert fig7.main([*argv[:1], "2", *argv[2:]]) == 0
-    out = capsys.readouterr().out
-    assert "dataset 0" not in out and "dataset 1 gaussian" in out
-    with (tmp_path / "results.csv").open() as fh:
-        assert len(list(csv.DictReader(fh))) == 4
-    assert "| gaussian | 2 |" in (tmp_path / "summary.md").read_text()
