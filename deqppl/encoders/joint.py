@@ -380,7 +380,7 @@ class _Problem:
 
     # ------------------------------------------------------------------ half-steps
     def global_hessian(self, l: int, p: _Point, *, gradient: bool = False):
-        """Cholesky factors ``(d_{l-1}, k, k)`` of the rows' Fisher information and the predictors.
+        r"""Cholesky factors ``(d_{l-1}, k, k)`` of the rows' Fisher information and the predictors.
 
         With ``gradient``, also the data part of the rows' gradient $\sum_s e_{si}\tilde z_s$
         ``(d_{l-1}, k)``: both sufficient statistics of the Newton step go in one sum over ranks.
