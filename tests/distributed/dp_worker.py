@@ -207,6 +207,14 @@ def main() -> None:
     out: dict = {"rank": distributed.rank(), "world_size": distributed.world_size()}
     {"fits": fits, "errors": errors, "crash": crash}[scenario](out)
     torch.save(out, out_dir / f"rank{distributed.rank()}.pt")
+    if scenario != "crash":
+        # leave together and close the gloo connections before the interpreter exits: a rank
+        # that exits while its peer's connections are open can abort it (SIGABRT, seen once
+        # on the loaded test machine)
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
