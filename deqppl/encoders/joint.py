@@ -217,7 +217,7 @@ class _Problem:
         self.num_latent_steps = 0
 
     def sum(self, part: torch.Tensor, where: str) -> torch.Tensor:
-        """``part`` summed over ranks (checked: a rank that failed before stops all ranks); ``part`` alone in one process."""
+        """``part`` summed over ranks (checked: a rank that failed stops all); one process: ``part``."""
         return self.layout.sum(lambda: part, like=part, where=f"fit_encoder (alternating Newton): {where}")
 
     def any_rank(self, mask: torch.Tensor, where: str) -> bool:
