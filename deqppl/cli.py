@@ -14,7 +14,7 @@
                   [--chunk-rows N] [--no-laplace] [--overwrite] [--device D] [--no-progress]
     [torchrun --nproc-per-node N -m] deqppl fit --data NAME|PATH.csv|PATH.parquet --out MODEL
                    [--model pca] [--family NAME] [--total-count T] [--nonlinearity NAME]
-                   [--latent-dim L] [--lam X] [--optimizer lbfgs|adam] [--max-steps K]
+                   [--latent-dim L] [--lam X] [--optimizer alternating|lbfgs|adam] [--max-steps K]
                    [--epochs E] [--batch-size B] [--lr R] [--seed S] [--dtype float64|float32]
                    [--device cpu|cuda] [--timeout SECONDS] [--no-progress]
 
@@ -759,8 +759,9 @@ def _cmd_encode(args) -> int:
 # --------------------------------------------------------------------------------------------
 # fit: the joint fit of an encoder's globals, one process or data-parallel under torchrun
 # --------------------------------------------------------------------------------------------
-#: Encoder optimisers of ``deqppl fit --optimizer``.
-FIT_OPTIMIZERS = ("lbfgs", "adam")
+#: Encoder optimisers of ``deqppl fit --optimizer`` (without it: the encoder's default,
+#: :meth:`~deqppl.encoders.AbstractMAPEncoder.default_fit_optimizer`).
+FIT_OPTIMIZERS = ("alternating", "lbfgs", "adam")
 #: Models ``deqppl fit`` fits (those whose encoder the model file format saves).
 FIT_MODELS = ("pca",)
 #: ``--dtype`` names.
@@ -839,13 +840,14 @@ def _fit_settings(args):
     """Names -> objects for ``deqppl fit`` (every rank builds the same ones)."""
     from deqppl.expfam import nonlinearity
     from deqppl.models import ExpFamPCA
-    from deqppl.optim import LBFGS, Adam
+    from deqppl.encoders import PEDEncoder
+    from deqppl.optim import LBFGS, Adam, AlternatingNewton
 
     if args.model not in FIT_MODELS:
         raise UsageError(f"deqppl fit supports --model {', '.join(FIT_MODELS)}; got {args.model!r}")
     if args.dtype not in FIT_DTYPES:
         raise UsageError(f"unknown --dtype {args.dtype!r}; valid: {', '.join(FIT_DTYPES)}")
-    if args.optimizer not in FIT_OPTIMIZERS:
+    if args.optimizer is not None and args.optimizer not in FIT_OPTIMIZERS:
         raise UsageError(f"unknown --optimizer {args.optimizer!r}; valid: {', '.join(FIT_OPTIMIZERS)}")
     if args.device not in ("cpu", "cuda"):
         raise UsageError(f"unknown --device {args.device!r}; valid: cpu, cuda")
@@ -865,10 +867,19 @@ def _fit_settings(args):
     try:
         model = ExpFamPCA(family=fam, obs_dim=len(columns), latent_dim=args.latent_dim,
                           nonlinearity=_lookup(nonlinearity, args.nonlinearity), lam=args.lam)
-        if args.optimizer == "lbfgs":
-            optimizer = LBFGS() if args.max_steps is None else LBFGS(max_steps=args.max_steps)
+        if args.optimizer is None:
+            # the encoder's own choice, as fit_encoder(optimizer=None) makes it
+            optimizer = PEDEncoder(model).default_fit_optimizer()
+        elif args.optimizer == "alternating":
+            optimizer = AlternatingNewton()
+        elif args.optimizer == "lbfgs":
+            optimizer = LBFGS()
         else:
             optimizer = Adam(lr=args.lr, num_epochs=args.epochs, batch_size=args.batch_size)
+        if args.max_steps is not None:
+            if isinstance(optimizer, Adam):
+                raise UsageError("--max-steps caps alternating and lbfgs; Adam runs --epochs")
+            optimizer = dataclasses.replace(optimizer, max_steps=args.max_steps)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
     return model, optimizer, dtype, columns, num_rows, read
@@ -951,8 +962,11 @@ def _add_fit_parser(sub) -> None:
     fit.add_argument("--nonlinearity", default="identity", help="canonical nonlinearity R (default identity)")
     fit.add_argument("--latent-dim", type=int, default=2, help="latent dimension (default 2)")
     fit.add_argument("--lam", type=float, default=1.0, help="latent prior precision (default 1)")
-    fit.add_argument("--optimizer", default="lbfgs", help="lbfgs (profiled, full batch; default) | adam (minibatches)")
-    fit.add_argument("--max-steps", type=int, default=None, help="lbfgs: iteration cap (default LBFGS())")
+    fit.add_argument("--optimizer", default=None,
+                     help="alternating (structured joint Newton, full batch) | lbfgs (profiled, full batch) | "
+                          "adam (minibatches); default: the encoder's (alternating for R = identity, else lbfgs)")
+    fit.add_argument("--max-steps", type=int, default=None,
+                     help="alternating / lbfgs: iteration cap (default: the optimiser's)")
     fit.add_argument("--epochs", type=int, default=200, help="adam: epochs (default 200)")
     fit.add_argument("--batch-size", type=int, default=128, help="adam: global minibatch rows (default 128)")
     fit.add_argument("--lr", type=float, default=0.02, help="adam: learning rate (default 0.02)")

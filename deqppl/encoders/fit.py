@@ -304,7 +304,11 @@ def fit_encoder(
         the globals counted once, so every rank takes the same steps and returns the same
         globals, equal to the single-process fit on all rows up to rounding. Adam draws its
         minibatches as global row indices with ``seed`` on every rank and each rank handles
-        the rows it holds. ``None`` (default): ``data`` are all the rows.
+        the rows it holds. AlternatingNewton: each rank's latent half-step is local to its
+        rows (``latents`` are this rank's rows' latents); the global half-step's per-row
+        gradient and Hessian sums, the objective, the Anderson inner products, the spectral
+        start and the balancing step are summed over ranks. ``None`` (default): ``data`` are
+        all the rows.
 
     Returns
     -------
@@ -388,17 +392,12 @@ def fit_encoder(
     # the solves below receive validated rows in the encoder's dtype.
     with _shard_rows(shard):  # data-parallel: errors name the row of all ranks' rows
         data = encoder.check_data(data)
+    layout = _layout(encoder, data, shard=shard, optimizer=optimizer, seed=seed, warm_start=warm_start, throw=throw)
     if isinstance(optimizer, AlternatingNewton):
         from deqppl.encoders.joint import fit_alternating
 
-        if shard is not None:
-            raise TypeError(
-                "AlternatingNewton does not run data-parallel yet; pass optimizer=LBFGS() or "
-                "Adam(...) with shard="
-            )
         return fit_alternating(encoder, data, optimizer, progress=progress, callback=callback,
-                               throw=throw, start=start)
-    layout = _layout(encoder, data, shard=shard, optimizer=optimizer, seed=seed, warm_start=warm_start, throw=throw)
+                               throw=throw, start=start, layout=layout)
     params = _params(encoder)
     if not params:
         return _fit_without_globals(encoder, data, optimizer, start, throw=throw)

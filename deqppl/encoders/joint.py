@@ -20,8 +20,12 @@ $H_i=\sum_s w_{si}\tilde z_s\tilde z_s^\top+I/s^2$, $\tilde z_s = (z^{(l)}_s; 1)
 $e = \partial f/\partial\eta = \sigma(\eta)-T(r)\rho(\eta)$ and $w = A''(R(\eta))\rho(\eta)^2$
 (for $R$ = identity, $w = A''(\eta)$ is the exact Hessian weight and the step is Newton's).
 All rows take one step at once: the $d$ Hessians are one $(d, N)\times(N, (d_l+1)^2)$ product.
-The sums over data rows go through :func:`deqppl.distributed.all_reduce_sum`, so the same code
-runs sharded over ranks.
+The sums over data rows go through the fit's :class:`~deqppl.distributed.ShardLayout`
+(:meth:`~deqppl.distributed.ShardLayout.sum`, the checked all-reduce), so the same code runs
+data-parallel: each rank holds its rows and their latents, the latent half-step is local, and
+every rank receives the same sums (gradients and $(d_l+1)\times(d_l+1)$ Hessians of the
+global rows, objective, Anderson inner products, spectral start, balancing, stopping rule) and
+so takes the same decisions.
 
 *Latent half-step.* Given the globals the data rows decouple (the PED fixed point, SPEC §2.2):
 one layer: one batched $l\times l$ Newton/Fisher step per row,
@@ -44,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deqppl import distributed
+from deqppl.distributed import ShardLayout
 from deqppl.expfam import Likelihood
 from deqppl.optim import (
     AbstractStepper,
@@ -180,8 +184,11 @@ class _Point:
 class _Problem:
     """The objective and the two half-steps for a :class:`JointStructure` and validated data."""
 
-    def __init__(self, structure: JointStructure, y: torch.Tensor, settings: AlternatingNewton) -> None:
+    def __init__(self, structure: JointStructure, y: torch.Tensor, settings: AlternatingNewton,
+                 layout: ShardLayout | None = None) -> None:
         self.s = structure
+        # This rank's rows among all ranks' (one process: all of them).
+        self.layout = ShardLayout.single(y.shape[0]) if layout is None else layout
         self.layers = structure.layers
         self.L = len(self.layers)
         self.y = y
@@ -193,8 +200,8 @@ class _Problem:
         with torch.no_grad():
             self.Ty = fam.T(y)
             # Constants of the log joint: log h(y), the top prior's and the globals' priors'.
-            log_h = distributed.all_reduce_sum(fam.log_h(y).sum())
-            n_total = distributed.all_reduce_sum(torch.tensor(float(y.shape[0]), dtype=torch.float64))
+            log_h = self.sum(fam.log_h(y).sum(), "the data's log h(y)")
+        n_total = self.layout.num_total
         lam = structure.top_precision
         const = -float(log_h) - float(n_total) * self.widths[-1] * 0.5 * math.log(lam / (2 * math.pi))
         for layer in self.layers:
@@ -208,6 +215,17 @@ class _Problem:
         self.last_LW: list[torch.Tensor] | None = None
         self.num_evals = 0
         self.num_latent_steps = 0
+
+    def sum(self, part: torch.Tensor, where: str) -> torch.Tensor:
+        """``part`` summed over ranks (checked: a rank that failed stops all); one process: ``part``."""
+        return self.layout.sum(lambda: part, like=part, where=f"fit_encoder (alternating Newton): {where}")
+
+    def any_rank(self, mask: torch.Tensor, where: str) -> bool:
+        """Whether ``mask`` has a true entry on any rank (the same answer on every rank)."""
+        if not self.layout.parallel:
+            return bool(mask.any())
+        count = mask.sum().to(torch.float64).reshape(1)
+        return float(self.sum(count, where)[0]) > 0.0
 
     def _num_rows_out(self, layer: GLMLayer) -> int:
         i = self.layers.index(layer)
@@ -274,7 +292,7 @@ class _Problem:
         p.etas, p.terms, p.Avs = etas, [t for t, _ in pairs], [a for _, a in pairs]
         local = sum(t.sum() for t in p.terms) + 0.5 * self.s.top_precision * (zs[-1] * zs[-1]).sum()
         prior = sum(self.prior(l, th).sum() for l, th in enumerate(thetas))
-        p.loss = float(distributed.all_reduce_sum(local.detach())) + float(prior) + self.const
+        p.loss = float(self.sum(local.detach(), "the log joint")) + float(prior) + self.const
         if not math.isfinite(p.loss) or not full:
             return p
         return self.complete(p)
@@ -294,7 +312,7 @@ class _Problem:
         p.gW = []
         for l, (th, z) in enumerate(zip(thetas, zs, strict=True)):
             P = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
-            g = distributed.all_reduce_sum(p.e[l].T @ P)
+            g = self.sum(p.e[l].T @ P, "the globals' gradient")
             if self.layers[l].param_scale is not None:
                 g = g + th / self.layers[l].param_scale ** 2
             p.gW.append(g)
@@ -352,7 +370,7 @@ class _Problem:
         latents) where those exist, else fresh ones.
         """
         z_part = 0.5 * (p.gz * p.dz).sum()
-        total = float(distributed.all_reduce_sum(z_part.detach()))
+        total = float(self.sum(z_part.detach(), "the latents' Newton decrement"))
         LW = self.last_LW
         if LW is None:
             LW = [self.global_hessian(l, p)[0] for l in range(self.L)]
@@ -361,15 +379,27 @@ class _Problem:
         return total
 
     # ------------------------------------------------------------------ half-steps
-    def global_hessian(self, l: int, p: _Point) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cholesky factors ``(d_{l-1}, k, k)`` of the rows' Fisher information and the predictors."""
+    def global_hessian(self, l: int, p: _Point, *, gradient: bool = False):
+        r"""Cholesky factors ``(d_{l-1}, k, k)`` of the rows' Fisher information and the predictors.
+
+        With ``gradient``, also the data part of the rows' gradient $\sum_s e_{si}\tilde z_s$
+        ``(d_{l-1}, k)``: both sufficient statistics of the Newton step go in one sum over ranks.
+        """
         z = self.split(p.zeta)[l]
         P = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
         k = P.shape[1]
-        H = distributed.all_reduce_sum(p.w[l].T @ _outer_rows(P)).reshape(-1, k, k)
+        Hd = p.w[l].T @ _outer_rows(P)
+        if gradient:
+            both = self.sum(torch.cat([Hd, p.e[l].T @ P], 1), "the globals' Newton step")
+            Hd, g = both[:, : k * k], both[:, k * k :]
+        else:
+            Hd = self.sum(Hd, "the globals' Hessian")
+        H = Hd.reshape(-1, k, k)
         s = self.layers[l].param_scale
         if s is not None:
             H = H + torch.eye(k, dtype=H.dtype, device=H.device) / s**2
+        if gradient:
+            return _chol(H), P, g
         return _chol(H), P
 
     def latent_step(self, p: _Point) -> tuple[torch.Tensor, tuple]:
@@ -398,11 +428,14 @@ class _Problem:
             self.num_evals += 1
             new = pair[0].sum(1) + 0.5 * lam * (z * z).sum(1)
             bad = ~(new <= old + noise)
-            if not bool(bad.any()):
+            # one decision for all ranks (data-parallel): each makes as many trial evaluations
+            # as one process would, and rows without a bad step keep theirs
+            any_bad = self.any_rank(bad, "the latents' step halving")
+            if not any_bad:
                 break
             factor = 0.0 if attempt == self.settings.max_backtracks else 0.5
             step = torch.where(bad[:, None], factor * step, step)
-        if bool(bad.any()):
+        if any_bad:
             # rows that found no decrease keep their value (also where the step is not finite)
             z = torch.where(step > 0, z0 - step * p.dz, z0)
             eta = self.eta(thetas[0], z)
@@ -424,23 +457,23 @@ class _Problem:
         new_thetas, new_etas, new_pairs, LW = [], [], [], []
         for l in range(self.L):
             th = thetas[l]
-            Lh, P = self.global_hessian(l, q)
+            Lh, P, g = self.global_hessian(l, q, gradient=True)
             LW.append(Lh)
-            g = distributed.all_reduce_sum(q.e[l].T @ P)
             if self.layers[l].param_scale is not None:
                 g = g + th / self.layers[l].param_scale ** 2
             delta = _solve(Lh, g)
             terms = pairs[l][0]
             prior_old = self.prior(l, th)
-            old = distributed.all_reduce_sum(terms.sum(0)) + prior_old
-            noise = _ROW_NOISE_ULPS * self.eps * (distributed.all_reduce_sum(terms.abs().sum(0)) + prior_old)
+            sums = self.sum(torch.stack([terms.sum(0), terms.abs().sum(0)]), "the globals' objective")
+            old = sums[0] + prior_old
+            noise = _ROW_NOISE_ULPS * self.eps * (sums[1] + prior_old)
             step = th.new_ones(th.shape[0], 1)
             for attempt in range(self.settings.max_backtracks + 1):
                 cand = th - step * delta
                 eta = self.eta(cand, zs[l])
                 pair = self.layer_terms(l, eta, rs[l])
                 self.num_evals += 1
-                new = distributed.all_reduce_sum(pair[0].sum(0)) + self.prior(l, cand)
+                new = self.sum(pair[0].sum(0), "the globals' step halving") + self.prior(l, cand)
                 bad = ~(new <= old + noise)
                 if not bool(bad.any()):
                     break
@@ -487,7 +520,7 @@ class _Problem:
         W, b = th[:, :-1], th[:, -1]
         k = z.shape[1]
         eye = torch.eye(k, dtype=z.dtype, device=z.device)
-        zsum = distributed.all_reduce_sum(z.sum(0))
+        zsum = self.sum(z.sum(0), "the balancing shift")
         if s is None:
             m = zsum / self.num_data
         else:
@@ -495,7 +528,7 @@ class _Problem:
         z = z - m
         b = b + W @ m
         if s is not None:
-            C = distributed.all_reduce_sum(z.T @ z)
+            C = self.sum(z.T @ z, "the balancing scale")
             ev, U = torch.linalg.eigh(C)
             if bool((ev > 0).all()):
                 Ch = (U * ev.sqrt()) @ U.T
@@ -538,20 +571,22 @@ class _Problem:
         fam = self.layers[0].likelihood.family
         l = self.widths[0]
         n = self.num_data
-        col = distributed.all_reduce_sum(self.Ty.sum(0))
+        col = self.sum(self.Ty.sum(0), "the spectral start's column means")
         overall = col.sum() / (n * col.numel())
         m = (col + overall) / (n + 1)
         eta = fam.link(0.5 * (self.Ty + m))
-        B = distributed.all_reduce_sum(eta.sum(0)) / n
+        B = self.sum(eta.sum(0), "the spectral start's centre") / n
         C = eta - B
-        gram = distributed.all_reduce_sum(C.T @ C)
+        gram = self.sum(C.T @ C, "the spectral start's Gram matrix")
         if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(B).all())):
             return None
         _, V = torch.linalg.eigh(gram)
         V = V[:, -l:].flip(1)
         Z = C @ V
         thetas, zeta = self.balance([torch.cat([V, B[:, None]], 1)], Z)
-        if not (bool(torch.isfinite(thetas[0]).all()) and bool(torch.isfinite(zeta).all())):
+        # the globals are the same on every rank; the latents are checked on all ranks' rows
+        bad = self.any_rank(~torch.isfinite(zeta), "the spectral start's latents")
+        if not bool(torch.isfinite(thetas[0]).all()) or bad:
             return None
         return thetas, zeta
 
@@ -599,18 +634,23 @@ class _AlternatingStepper(AbstractStepper):
         self.point = self.pb.evaluate(*self.x0)
         return self._observe(self.point, self.pb.num_evals - before)
 
-    def _dot(self, a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return (a[0] * b[0]).sum() + distributed.all_reduce_sum((a[1] * b[1]).sum())
-
     def _anderson(self, gx: tuple[torch.Tensor, torch.Tensor], r: tuple[torch.Tensor, torch.Tensor]):
         """Type-II Anderson point $G(x_k)-\\Delta G\\,\\gamma$ with a Tikhonov-regularised $\\gamma$."""
         m = len(self.dR)
+        # The inner products of (globals, latents): the globals' parts are the same on every
+        # rank, the latents' parts are summed over ranks, all of them in one sum.
+        pairs = [(i, None) for i in range(m)] + [(i, j) for i in range(m) for j in range(i, m)]
+        other = [r if j is None else self.dR[j] for _, j in pairs]
+        glob = [(self.dR[i][0] * b[0]).sum() for (i, _), b in zip(pairs, other, strict=True)]
+        lat = self.pb.sum(torch.stack([(self.dR[i][1] * b[1]).sum() for (i, _), b in zip(pairs, other, strict=True)]),
+                          "the Anderson inner products")
         gram = torch.empty(m, m, dtype=gx[0].dtype)
         rhs = torch.empty(m, dtype=gx[0].dtype)
-        for i in range(m):
-            rhs[i] = self._dot(self.dR[i], r)
-            for j in range(i, m):
-                gram[i, j] = gram[j, i] = self._dot(self.dR[i], self.dR[j])
+        for k, (i, j) in enumerate(pairs):
+            if j is None:
+                rhs[i] = glob[k] + lat[k]
+            else:
+                gram[i, j] = gram[j, i] = glob[k] + lat[k]
         reg = self.settings.regularization * float(gram.diagonal().max()) + 1e-300
         gamma = torch.linalg.solve(gram + reg * torch.eye(m, dtype=gram.dtype), rhs)
         if not bool(torch.isfinite(gamma).all()):
@@ -681,10 +721,11 @@ def run_alternating(
     progress: bool,
     callback: Callable[[int, float], None] | None = None,
     problem: _Problem | None = None,
+    layout: ShardLayout | None = None,
 ) -> _Outcome:
     """Run the structured fit from ``(thetas, zeta)`` on validated ``y``; see :func:`fit_alternating`."""
     with torch.no_grad():
-        pb = _Problem(structure, y, settings) if problem is None else problem
+        pb = _Problem(structure, y, settings, layout) if problem is None else problem
         stepper = _AlternatingStepper(pb, [t.detach().clone() for t in thetas], zeta.detach().clone())
         rules = StopRules(dtol=settings.resolved_dtol(y.dtype))
         out = drive(
@@ -703,6 +744,7 @@ def fit_alternating(
     callback: Callable[[int, float], None] | None,
     throw: bool,
     start: float,
+    layout: ShardLayout | None = None,
 ):
     r"""Joint MAP of an encoder's globals and its latents by :class:`~deqppl.optim.AlternatingNewton`.
 
@@ -710,6 +752,10 @@ def fit_alternating(
     how its model decomposes (:meth:`~deqppl.encoders.AbstractMAPEncoder.joint_structure`).
     The latents start from the encoder's :meth:`initial_guess` at its current globals and
     are refined by the sweeps; the fitted globals are written into the encoder.
+
+    Data-parallel (``layout`` of several ranks, checked to agree by ``fit_encoder``): ``data``
+    are this rank's rows, ``latents`` their latents; every sum over rows is over all ranks'
+    rows, so every rank takes the same steps and returns the same globals and loss trace.
 
     Returns
     -------
@@ -745,7 +791,7 @@ def fit_alternating(
         for layer in structure.layers
     ]
     with torch.no_grad():
-        problem = _Problem(structure, y, optimizer)
+        problem = _Problem(structure, y, optimizer, layout)
         zeta = encoder.initial_guess(data)
         if optimizer.spectral_start:
             start_point = problem.spectral_start()

@@ -31,9 +31,11 @@ def problem(*, lam: float = 1.0):
 
 
 def settings():
-    from deqppl.optim import LBFGS, SVI, Adam
+    from deqppl.optim import LBFGS, SVI, Adam, AlternatingNewton
 
     return {
+        # the structured joint fit (the default of PED encoders), full-batch
+        "alternating": AlternatingNewton(),
         # rtol=0: every run takes all its epochs/updates, so the stopping rule (a comparison of
         # two losses equal up to rounding) cannot end the two runs at different steps.
         "lbfgs": LBFGS(),
@@ -60,12 +62,16 @@ def fits(out: dict) -> None:
     shard = Shard.even(N)
     rows = y[shard.start : shard.stop].to(device())
     s = settings()
-    for name in ("lbfgs", "adam"):
+    # AlternatingNewton's data-parallel run is tested on the CPU (gloo) only so far
+    names = ("lbfgs", "adam", "alternating") if device().type == "cpu" else ("lbfgs", "adam")
+    for name in names:
         enc = PEDEncoder(model, seed=0).double().to(device())
         fit = fit_encoder(enc, rows, optimizer=s[name], progress=False, shard=shard)
         out[name] = {"W": enc.W.detach().cpu().clone(), "B": enc.B.detach().cpu().clone(),
                      "trace": fit.loss_trace, "status": fit.status.name, "num_steps": fit.num_steps,
-                     "grad_norm": fit.grad_norm, "num_solves": fit.num_solves}
+                     "grad_norm": fit.grad_norm, "num_solves": fit.num_solves,
+                     "num_grad_evals": fit.num_grad_evals, "shard": (shard.start, shard.stop),
+                     "latents": None if fit.latents is None else fit.latents.cpu().clone()}
     if device().type != "cpu":
         return  # fit_map's starting values are drawn on the CPU: its data-parallel run is tested there
     fit = fit_map(model, {"y": rows}, optimizer=s["svi"], seed=1, progress=False, shard=shard)
@@ -112,6 +118,11 @@ def errors(out: dict) -> None:
     _record(out, "mid_fit", lambda: fit_encoder(enc, rows, optimizer=Adam(num_epochs=3, batch_size=8),
                                                  progress=False, shard=shard))
 
+    # an exception in the middle of the default (AlternatingNewton) fit on rank 1: the
+    # evaluation of its log-partition function raises on the third call
+    enc = PEDEncoder(model).double()
+    _record(out, "mid_alternating", lambda: _failing_alternating(enc, rows, shard, r))
+
     # disagreeing settings: the learning rate, the model, the seed; and overlapping shards
     counted = {"n": 0}
     enc = PEDEncoder(model).double()
@@ -145,6 +156,26 @@ def errors(out: dict) -> None:
     out["after"] = float(distributed.all_reduce_sum(torch.ones(1))[0])
 
 
+def _failing_alternating(enc, rows, shard, r):
+    from deqppl.encoders import fit_encoder
+    from deqppl.encoders import joint
+
+    latent_step = joint._Problem.latent_step
+    calls = {"n": 0}
+
+    def failing(self, p):
+        calls["n"] += 1
+        if r == 1 and calls["n"] == 3:
+            raise RuntimeError("injected failure in a latent half-step")
+        return latent_step(self, p)
+
+    joint._Problem.latent_step = failing
+    try:
+        return fit_encoder(enc, rows, progress=False, shard=shard)
+    finally:
+        joint._Problem.latent_step = latent_step
+
+
 def crash(out: dict) -> None:
     from deqppl.encoders import PEDEncoder, fit_encoder
     from deqppl.optim import Adam
@@ -176,6 +207,14 @@ def main() -> None:
     out: dict = {"rank": distributed.rank(), "world_size": distributed.world_size()}
     {"fits": fits, "errors": errors, "crash": crash}[scenario](out)
     torch.save(out, out_dir / f"rank{distributed.rank()}.pt")
+    if scenario != "crash":
+        # leave together and close the gloo connections before the interpreter exits: a rank
+        # that exits while its peer's connections are open can abort it (SIGABRT, seen once
+        # on the loaded test machine)
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def single():
     model, y = dp_worker.problem()
     s = dp_worker.settings()
     out = {}
-    for name in ("lbfgs", "adam"):
+    for name in ("lbfgs", "adam", "alternating"):
         enc = PEDEncoder(model, seed=0).double()
         fit = fit_encoder(enc, y, optimizer=s[name], progress=False)
         out[name] = {"W": enc.W.detach(), "B": enc.B.detach(), "fit": fit}
@@ -109,8 +109,10 @@ def single():
         ("lbfgs", 1e-10),
         # minibatch Adam with the same global batches: the same rounding, over 20 steps.
         ("adam", 1e-8),
+        # the structured joint fit (Newton half-steps, Anderson): the same rounding of the sums.
+        ("alternating", 1e-10),
     ],
-    ids=["full-batch-lbfgs", "minibatch-adam"],
+    ids=["full-batch-lbfgs", "minibatch-adam", "full-batch-alternating-newton"],
 )
 def test_fit_encoder_two_ranks_equals_one_process(fits, single, name, tol):
     ref = single[name]
@@ -125,6 +127,32 @@ def test_fit_encoder_two_ranks_equals_one_process(fits, single, name, tol):
         torch.testing.assert_close(got["trace"], ref["fit"].loss_trace, rtol=tol, atol=0)
     # every rank holds the very same globals: the same decisions from the same sums
     assert torch.equal(fits[0][name]["W"], fits[1][name]["W"])
+    assert torch.equal(fits[0][name]["trace"], fits[1][name]["trace"])
+
+
+@pytest.mark.slow
+def test_alternating_newton_two_ranks_latents_and_log_joint(fits, single):
+    from deqppl.inference import log_joint
+
+    ref = single["alternating"]["fit"]
+    assert ref.optimizer == dp_worker.settings()["alternating"] and ref.status.name == "CONVERGED"
+    model, y = dp_worker.problem()
+    for r in (0, 1):
+        got = fits[r]["alternating"]
+        a, b = got["shard"]
+        # each rank's latents are its rows of the single-process fit's latents (1e-10: as the globals)
+        torch.testing.assert_close(got["latents"], ref.latents[a:b], rtol=0, atol=1e-10)
+        assert got["num_grad_evals"] == ref.num_grad_evals
+        assert got["grad_norm"] == pytest.approx(ref.grad_norm, rel=1e-6, abs=1e-9)  # ~0 at the optimum
+    # the log joint of the Pyro model at the two ranks' globals and latents put together equals
+    # the single-process fit's (an oracle independent of the fit's own objective)
+    z = torch.cat([fits[0]["alternating"]["latents"], fits[1]["alternating"]["latents"]])
+    glob = {"W": fits[0]["alternating"]["W"], "B": fits[0]["alternating"]["B"]}
+    two = log_joint(model, {"y": y}, {**glob, "z": z})
+    one = log_joint(model, {"y": y}, {"W": single["alternating"]["W"], "B": single["alternating"]["B"],
+                                      "z": ref.latents})
+    torch.testing.assert_close(two, one, rtol=1e-12, atol=0)
+    torch.testing.assert_close(-two, fits[0]["alternating"]["trace"][-1].to(two.dtype), rtol=1e-12, atol=0)
 
 
 @pytest.mark.slow
@@ -171,6 +199,8 @@ def test_failing_and_disagreeing_ranks(tmp_path):
         assert "rank 1: ValueError" in msg and "row 26, column 3" in msg and "holds rows 24..47" in msg
         kind, msg = got["mid_fit"]
         assert kind == "RankFailedError" and "rank 1: RuntimeError: injected failure in a solve" in msg
+        kind, msg = got["mid_alternating"]
+        assert kind == "RankFailedError" and "rank 1: RuntimeError: injected failure in a latent half-step" in msg
         # disagreements fail before any work: no solve ran, the globals are untouched
         kind, msg = got["settings"]
         assert kind == "DisagreementError" and "disagree on optimizer" in msg and "lr=0.05" in msg

@@ -31,7 +31,25 @@ def tables(tmp_path):
     return tmp_path, torch.as_tensor(y, dtype=torch.float64)
 
 
-def test_fit_one_process_equals_the_python_api(tables, capsys):
+def _optimizer(name):
+    from deqppl.optim import LBFGS, Adam, AlternatingNewton
+
+    return {None: None, "alternating": AlternatingNewton(max_steps=500), "lbfgs": LBFGS(),
+            "adam": Adam(lr=0.02, num_epochs=3, batch_size=32)}[name]
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        # no --optimizer: the encoder's default (AlternatingNewton for Poisson PCA), as fit_encoder's
+        ([], None),
+        (["--optimizer", "alternating", "--max-steps", "500"], "alternating"),
+        (["--optimizer", "lbfgs"], "lbfgs"),
+        (["--optimizer", "adam", "--epochs", "3", "--batch-size", "32"], "adam"),
+    ],
+    ids=["default", "alternating", "lbfgs", "adam"],
+)
+def test_fit_one_process_equals_the_python_api(tables, capsys, args, name):
     from deqppl.encoders import PEDEncoder, fit_encoder
     from deqppl.expfam import family
     from deqppl.io import load
@@ -40,10 +58,12 @@ def test_fit_one_process_equals_the_python_api(tables, capsys):
     tmp, y = tables
     out = tmp / "m.deqppl"
     rc = main(["fit", "--family", "poisson", "--latent-dim", "2", "--data", str(tmp / "y.parquet"),
-               "--out", str(out), "--no-progress"])
-    assert rc == 0 and "CONVERGED" in capsys.readouterr().out
+               "--out", str(out), "--no-progress", *args])
+    printed = capsys.readouterr().out
+    assert (rc == 0 and "CONVERGED" in printed) or name == "adam"  # 3 epochs: MAX_STEPS
     enc = PEDEncoder(ExpFamPCA(family=family("poisson"), obs_dim=D, latent_dim=2), seed=0).double()
-    fit_encoder(enc, y, progress=False)
+    fit = fit_encoder(enc, y, optimizer=_optimizer(name), progress=False)
+    assert type(fit.optimizer).__name__ == ("AlternatingNewton" if name is None else type(_optimizer(name)).__name__)
     got = load(out)
     assert torch.equal(got.W.detach(), enc.W.detach()) and torch.equal(got.B.detach(), enc.B.detach())
 
@@ -55,10 +75,12 @@ def test_fit_one_process_equals_the_python_api(tables, capsys):
         (["--family", "poisson", "--data", "y.txt"], "unknown --data"),
         (["--data", "y.csv"], "--family is required"),
         (["--family", "poisson", "--data", "y.csv", "--optimizer", "sgd"], "unknown --optimizer 'sgd'"),
+        (["--family", "poisson", "--data", "y.csv", "--optimizer", "adam", "--max-steps", "3"],
+         "--max-steps caps alternating and lbfgs"),
         (["--family", "poisson", "--data", "y.csv", "--model", "kglm"], "supports --model pca"),
         (["--family", "poisson", "--data", "y.csv", "--out", "missing/m.deqppl"], "does not exist"),
     ],
-    ids=["missing-file", "suffix", "family", "optimizer", "model", "out-folder"],
+    ids=["missing-file", "suffix", "family", "optimizer", "adam-max-steps", "model", "out-folder"],
 )
 def test_fit_bad_arguments(tables, monkeypatch, capsys, args, match):
     tmp, _ = tables
@@ -101,6 +123,7 @@ def test_fit_under_torchrun_equals_one_process(tables):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "over 2 rank(s)" in run.stdout
     a, b = load(one), load(two)
-    # float64 full-batch L-BFGS: the ranks' sums differ from one process's by rounding only
+    # float64 full-batch AlternatingNewton (the default): the ranks' sums differ from one
+    # process's by rounding only
     torch.testing.assert_close(b.W.detach(), a.W.detach(), rtol=0, atol=1e-10)
     torch.testing.assert_close(b.B.detach(), a.B.detach(), rtol=0, atol=1e-10)
