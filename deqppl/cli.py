@@ -177,6 +177,7 @@ def _encoder(model_name: str):
 
 def _methods(settings: dict) -> list:
     from deqppl.harness import METHODS, DEQMethod, method
+    from deqppl.optim import LBFGS
 
     model_name = _check_model(settings["model"])
     text = settings["methods"] or DEFAULT_METHODS[model_name]
@@ -198,7 +199,10 @@ def _methods(settings: dict) -> list:
                 )
             m = dataclasses.replace(m, encoder=encoder)
         if settings["small"] and name in SMALL_STEPS:
-            m = dataclasses.replace(m, optimizer=dataclasses.replace(m.optimizer, max_steps=SMALL_STEPS[name]))
+            # a smoke run caps every fit; the DEQ's encoder default becomes a capped profiled
+            # L-BFGS, which every encoder supports
+            base = m.optimizer if m.optimizer is not None else LBFGS()
+            m = dataclasses.replace(m, optimizer=dataclasses.replace(base, max_steps=SMALL_STEPS[name]))
         out.append(m)
     return out
 

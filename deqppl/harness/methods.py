@@ -188,8 +188,11 @@ class DEQMethod(AbstractMethod):
     solver
         Forward solver of the fixed point; ``None`` is the encoder's default solver.
     optimizer
-        How the joint fit (:func:`~deqppl.encoders.fit.fit_encoder`) optimises the globals:
-        :class:`~deqppl.optim.LBFGS` (default, at most 500 iterations) minimises the profiled
+        How the joint fit (:func:`~deqppl.encoders.fit.fit_encoder`) optimises the globals;
+        ``None`` (default) is the encoder's own default
+        (:meth:`~deqppl.encoders.AbstractMAPEncoder.default_fit_optimizer`: the structured
+        ``AlternatingNewton()`` for PED and deep PED encoders with R = identity, ``LBFGS()``
+        otherwise). :class:`~deqppl.optim.LBFGS` minimises the profiled
         objective $\\min_z L(\\text{globals}, z)$ full-batch (each evaluation one solve);
         :class:`~deqppl.optim.Adam` takes minibatch steps for data too large for one batch;
         :class:`~deqppl.optim.AlternatingNewton` is the structured joint fit (encoders with a
@@ -221,9 +224,9 @@ class DEQMethod(AbstractMethod):
     name: str = "deq"
     encoder: type = PEDEncoder
     solver: AbstractSolver | None = None
-    # The library's LBFGS() (5 000 steps, gradient rule): a cap of 500 stopped the profiled
-    # digits fit at MAX_STEPS once the gradient rule reached the MAP (~900 iterations needed).
-    optimizer: LBFGS | Adam | AlternatingNewton = field(default_factory=LBFGS)
+    # None: the encoder's default fit (fit_encoder's), so the harness's DEQ row is the fit a
+    # user of fit_encoder gets.
+    optimizer: LBFGS | Adam | AlternatingNewton | None = None
     warm_start: bool = True
     num_spectral: int = 256
 
@@ -234,7 +237,8 @@ class DEQMethod(AbstractMethod):
                 f"encoder must be a class of the encoder protocol (a subclass of "
                 f"deqppl.encoders.AbstractMAPEncoder, e.g. PEDEncoder, DeepPEDEncoder), got {self.encoder!r}"
             )
-        _check_optimizer("DEQMethod", self.optimizer, (LBFGS, Adam, AlternatingNewton))
+        if self.optimizer is not None:
+            _check_optimizer("DEQMethod", self.optimizer, (LBFGS, Adam, AlternatingNewton))
         if isinstance(self.num_spectral, bool) or not isinstance(self.num_spectral, int) or self.num_spectral < 0:
             raise ValueError(f"num_spectral must be a non-negative integer, got {self.num_spectral!r}")
 
