@@ -551,7 +551,7 @@ def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Ten
         if fz0 is None:
             fz0 = problem(z0)
         else:
-            problem.num_fevals += 1
+            problem._count_f(z0)
         z, fz, steps = z0, fz0, 0
         state = solver.init(problem, z0, fz)
         compact = problem.rows_independent and solver.supports_row_compaction
