@@ -52,7 +52,8 @@ class Solution:
     num_steps
         Solver iterations taken.
     num_fevals
-        Evaluations of ``f`` on the whole batch (line-search trials included).
+        Batched evaluations of ``f`` (line-search trials included), each on the whole batch,
+        or, with rows declared independent, on the rows still iterating.
     num_jac_evals
         Per-sample Jacobians formed (``Newton`` only; each costs ``n`` vector-Jacobian products
         when formed by autograd).

@@ -20,6 +20,17 @@ A solver never sees autograd: the driver runs without a graph and the `FixedPoin
 given evaluates $f$ under ``torch.no_grad``.
 
 `fixed_point` flattens the event dimensions, so solvers work on ``(B, n)`` tensors.
+
+Row compaction. Where the caller declares the rows independent (a `FixedPointProblem` with
+``subset``, from ``fixed_point(..., rows_independent=True)``) and the solver can cut its state
+down to a subset of rows (``supports_row_compaction`` with `compact_state`; all the built-in
+solvers), the same loop hands ``step`` the active rows only: a `restrict`-ed problem, the
+`Iterate` of those rows and the compacted state, and scatters the step back into the frozen
+batch. Every per-row rule above is unchanged (the per-row arithmetic is the same), so the
+result equals the full-batch solve, while $f$ and its Jacobian are evaluated on the rows still
+iterating only (counted in ``Solution.num_row_fevals`` / ``num_row_jac_evals``): a batch no
+longer costs its slowest row times its size. A coupled problem (no ``subset``) or a solver
+without support always steps the whole batch.
 """
 
 from __future__ import annotations
