@@ -52,6 +52,7 @@ class _SolveSpec:
     log: AdjointLog | None
     hint: str
     fz0: torch.Tensor | None = None  # f(z0), already evaluated by the caller (plain tensors)
+    rows_independent: bool = False  # f and jac accept rows=: the solve may compact rows
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,7 +218,13 @@ class _FixedPoint(torch.autograd.Function):
         with torch.no_grad():
             params = tuple(p.detach() for p in params)
             jac = None if spec.jac is None else (lambda z: spec.jac(z, *params))
-            problem = FixedPointProblem(lambda z: spec.f(z, *params), jac)
+            subset = None
+            if spec.rows_independent:
+                def subset(rows):
+                    return ((lambda z: spec.f(z, *params, rows=rows)),
+                            None if spec.jac is None else
+                            (lambda z: spec.jac(z, *params, rows=rows)))
+            problem = FixedPointProblem(lambda z: spec.f(z, *params), jac, subset=subset)
             sol = run_solver(spec.solver, problem, z0.detach(), trace=spec.trace,
                              fz0=spec.fz0)
         spec.record.solution = sol
@@ -283,7 +290,7 @@ class _FixedPoint(torch.autograd.Function):
         folded = dataclasses.replace(
             spec, f=_folded_map(spec.f, size, batch, param_dims),
             jac=None if spec.jac is None else _folded_map(spec.jac, size, batch, param_dims),
-            fz0=None)
+            fz0=None, rows_independent=False)
         outputs = _FixedPoint.apply(folded, z0.reshape(size * batch, *z0.shape[2:]), *params)
         return (tuple(t.reshape(size, batch, *t.shape[1:]) for t in outputs), (0, 0, 0, 0))
 

@@ -52,12 +52,18 @@ class Solution:
     num_steps
         Solver iterations taken.
     num_fevals
-        Evaluations of ``f`` on the whole batch (line-search trials included).
+        Batched evaluations of ``f`` (line-search trials included), each on the whole batch,
+        or, with rows declared independent, on the rows still iterating.
     num_jac_evals
         Per-sample Jacobians formed (``Newton`` only; each costs ``n`` vector-Jacobian products
         when formed by autograd).
     wall_time
         Seconds spent in the forward solve.
+    num_row_fevals, num_row_jac_evals
+        Rows of the batch evaluated by ``f``, and per-row Jacobians formed, in total: equal to
+        ``B`` times ``num_fevals`` (``num_jac_evals``) unless the rows were declared independent
+        (``fixed_point(..., rows_independent=True)``), when only the rows still iterating are
+        evaluated. ``None`` where a result does not count them.
     trace
         ``(num_steps + 1,)`` largest residual over the batch after each step, or ``None`` unless
         ``fixed_point(..., trace=True)``.
@@ -84,6 +90,8 @@ class Solution:
     solver: str
     solver_info: object = None
     adjoint_log: AdjointLog | None = None
+    num_row_fevals: int | None = None
+    num_row_jac_evals: int | None = None
 
     @property
     def num_failed(self) -> int:

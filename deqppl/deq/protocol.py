@@ -20,6 +20,17 @@ A solver never sees autograd: the driver runs without a graph and the `FixedPoin
 given evaluates $f$ under ``torch.no_grad``.
 
 `fixed_point` flattens the event dimensions, so solvers work on ``(B, n)`` tensors.
+
+Row compaction. Where the caller declares the rows independent (a `FixedPointProblem` with
+``subset``, from ``fixed_point(..., rows_independent=True)``) and the solver can cut its state
+down to a subset of rows (``supports_row_compaction`` with `compact_state`; all the built-in
+solvers), the same loop hands ``step`` the active rows only: a `restrict`-ed problem, the
+`Iterate` of those rows and the compacted state, and scatters the step back into the frozen
+batch. Every per-row rule above is unchanged (the per-row arithmetic is the same), so the
+result equals the full-batch solve, while $f$ and its Jacobian are evaluated on the rows still
+iterating only (counted in ``Solution.num_row_fevals`` / ``num_row_jac_evals``): a batch no
+longer costs its slowest row times its size. A coupled problem (no ``subset``) or a solver
+without support always steps the whole batch.
 """
 
 from __future__ import annotations
@@ -144,7 +155,7 @@ class Linearization:
     def jacobian(self) -> torch.Tensor:
         """Per-sample Jacobian ``(B, n, n)``, ``J[b, i, j] = d f_i / d z_j`` at ``z``."""
         problem = self._problem
-        problem.num_jac_evals += 1
+        problem._count_jac(self.z)
         if problem.jac is not None:
             with torch.no_grad():
                 return problem.jac(self.z)
@@ -184,6 +195,12 @@ class FixedPointProblem:
     jac
         Optional ``(B, n) -> (B, n, n)``, the exact per-sample Jacobian of ``fn``; without it,
         `jacobian` forms it from ``n`` vector-Jacobian products.
+    subset
+        Optional ``rows (k,) -> (fn_k, jac_k)``: the declaration that the rows of the batch are
+        independent problems, with ``fn`` (and ``jac``, or ``None``) on the batch rows ``rows``
+        only, ``(k, n) -> (k, n)``. With it, `run_solver` evaluates $f$ only on the rows still
+        iterating (for solvers with ``supports_row_compaction``). Leave it ``None`` where rows
+        are coupled (the kernel GLM's rows share one kernel system).
 
     Examples
     --------
@@ -197,21 +214,69 @@ class FixedPointProblem:
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor],
-                 jac: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 jac: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                 subset: Callable[[torch.Tensor], tuple[Callable, Callable | None]] | None = None):
         self.fn = fn
         self.jac = jac
-        self.num_fevals = 0
-        self.num_jac_evals = 0
+        self.subset = subset
+        self._counts = _Counts()
+
+    # The counters live in one `_Counts` shared with every `restrict`-ed problem, so that an
+    # evaluation on a subset of the rows (possibly a step later, through a stored
+    # `Linearization`) is counted on the whole problem.
+    num_fevals = property(lambda self: self._counts.fevals,
+                          lambda self, v: setattr(self._counts, "fevals", v),
+                          doc="Evaluations of ``f`` (each on all the rows given to it).")
+    num_jac_evals = property(lambda self: self._counts.jac_evals,
+                             lambda self, v: setattr(self._counts, "jac_evals", v),
+                             doc="Batched per-sample Jacobians formed.")
+
+    @property
+    def num_row_fevals(self) -> int:
+        """Rows evaluated by ``f`` in total (``num_fevals * B`` without row compaction)."""
+        return self._counts.row_fevals
+
+    @property
+    def num_row_jac_evals(self) -> int:
+        """Per-row Jacobians formed in total (``num_jac_evals * B`` without row compaction)."""
+        return self._counts.row_jac_evals
+
+    @property
+    def rows_independent(self) -> bool:
+        """Whether `restrict` is available: the caller declared the rows independent."""
+        return self.subset is not None
+
+    def restrict(self, rows: torch.Tensor) -> FixedPointProblem:
+        """The same problem on the batch rows ``rows`` ``(k,)`` only, sharing the counters.
+
+        Only for problems built with ``subset`` (rows declared independent); `run_solver` uses
+        it to evaluate $f$ on the rows still iterating.
+        """
+        if self.subset is None:
+            raise ValueError("restrict needs a FixedPointProblem built with subset=...: its rows "
+                             "were not declared independent")
+        fn, jac = self.subset(rows)
+        sub = FixedPointProblem(fn, jac)
+        sub._counts = self._counts
+        return sub
+
+    def _count_f(self, z: torch.Tensor) -> None:
+        self._counts.fevals += 1
+        self._counts.row_fevals += z.shape[0]
+
+    def _count_jac(self, z: torch.Tensor) -> None:
+        self._counts.jac_evals += 1
+        self._counts.row_jac_evals += z.shape[0]
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """``f(z)``, ``(B, n)``, without autograd."""
-        self.num_fevals += 1
+        self._count_f(z)
         with torch.no_grad():
             return self.fn(z)
 
     def linearize(self, z: torch.Tensor) -> Linearization:
         """``f(z)`` together with what its Jacobian at ``z`` needs (one counted evaluation)."""
-        self.num_fevals += 1
+        self._count_f(z)
         if self.jac is not None:
             with torch.no_grad():
                 return Linearization(self, z, self.fn(z), None)
@@ -221,10 +286,18 @@ class FixedPointProblem:
     def jacobian(self, z: torch.Tensor) -> torch.Tensor:
         """Per-sample Jacobian ``(B, n, n)`` at ``z`` (costs one evaluation without ``jac``)."""
         if self.jac is not None:
-            self.num_jac_evals += 1
+            self._count_jac(z)
             with torch.no_grad():
                 return self.jac(z)
         return self.linearize(z).jacobian()
+
+
+@dataclass
+class _Counts:
+    fevals: int = 0
+    jac_evals: int = 0
+    row_fevals: int = 0
+    row_jac_evals: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -257,6 +330,16 @@ class Iterate:
     best_fz: torch.Tensor
     best_residual_norm: torch.Tensor
     num_steps: int
+
+    def select(self, rows: torch.Tensor) -> Iterate:
+        """This iterate on the active batch rows ``rows`` ``(k,)`` only (all of them active)."""
+        pick = lambda t: t.index_select(0, rows)  # noqa: E731
+        return Iterate(z=pick(self.z), fz=pick(self.fz), residual=pick(self.residual),
+                       residual_norm=pick(self.residual_norm),
+                       active=torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device),
+                       best_z=pick(self.best_z), best_fz=pick(self.best_fz),
+                       best_residual_norm=pick(self.best_residual_norm),
+                       num_steps=self.num_steps)
 
 
 class AbstractSolver(abc.ABC):
@@ -298,6 +381,11 @@ class AbstractSolver(abc.ABC):
     #: Give up a sample whose residual exceeds this multiple of its first residual (``None``:
     #: never; a solver with a safeguard that can recover should leave it ``None``).
     divergence_ratio: ClassVar[float | None] = None
+    #: The solver's per-row state can be cut down to a subset of its rows (`compact_state`), so
+    #: that on a problem with independent rows (`FixedPointProblem.rows_independent`) the driver
+    #: steps only the rows still iterating. A solver that sets it ``True`` must treat every row
+    #: on its own (no batch-wide reduction in ``step``) and implement `compact_state`.
+    supports_row_compaction: ClassVar[bool] = False
 
     def _check_common(self) -> None:
         """Validate ``rtol``, ``atol`` (see `check_tolerances`) and ``max_steps``."""
@@ -335,6 +423,15 @@ class AbstractSolver(abc.ABC):
     def postprocess(self, problem: FixedPointProblem, state: Any, iterate: Iterate) -> Any:
         """What the solve learned, kept on ``Solution.solver_info`` (default ``None``)."""
         return None
+
+    def compact_state(self, state: Any, keep: torch.Tensor) -> Any:
+        """The state restricted to its rows ``keep`` ``(k,)`` (positions in the rows it holds).
+
+        Called by `run_solver` on solvers with ``supports_row_compaction`` when rows stop
+        iterating; ``state`` then describes the rows of the last `step` only. (``terminate``
+        and ``postprocess`` receive this compacted state too.)
+        """
+        raise NotImplementedError(f"{self.name} does not support row compaction")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,9 +562,11 @@ def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Ten
         if fz0 is None:
             fz0 = problem(z0)
         else:
-            problem.num_fevals += 1
+            problem._count_f(z0)
         z, fz, steps = z0, fz0, 0
         state = solver.init(problem, z0, fz)
+        compact = problem.rows_independent and solver.supports_row_compaction
+        rows = None  # batch rows the solver's state describes (None: all)
         while True:
             iterate = monitor.observe(z, fz, steps)
             if steps >= solver.max_steps or not bool(iterate.active.any()):
@@ -478,6 +577,22 @@ def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Ten
                 if not bool(monitor.active.any()):
                     break
             active = monitor.active
+            if compact and (rows is not None or not bool(active.all())):
+                # Independent rows: step (and evaluate f on) the active rows only. Frozen rows
+                # keep their accepted iterate and f, exactly as the full-batch freeze below.
+                idx = torch.nonzero(active).squeeze(-1)
+                if rows is None or idx.shape[0] != rows.shape[0]:
+                    keep = idx if rows is None else torch.searchsorted(rows, idx)
+                    state = solver.compact_state(state, keep)
+                rows = idx
+                sub = problem.restrict(idx)
+                z_sub, fz_sub, state = solver.step(sub, state, iterate.select(idx))
+                if fz_sub is None:
+                    fz_sub = sub(z_sub)
+                z = monitor.best_z.index_copy(0, idx, z_sub)
+                fz = monitor.best_fz.index_copy(0, idx, fz_sub)
+                steps += 1
+                continue
             z_new, fz_new, state = solver.step(problem, state, iterate)
             z = monitor.freeze(z_new, active)
             if fz_new is None:
@@ -492,6 +607,7 @@ def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Ten
         rel_residual=monitor.best_res / (monitor.best_fnorm + tiny),
         converged=monitor.converged.clone(), status=monitor.status(), num_steps=steps,
         num_fevals=problem.num_fevals, num_jac_evals=problem.num_jac_evals,
+        num_row_fevals=problem.num_row_fevals, num_row_jac_evals=problem.num_row_jac_evals,
         wall_time=time.perf_counter() - start,
         trace=torch.stack(monitor.trace) if monitor.trace else None,
         solver=solver.name, solver_info=info)

@@ -64,11 +64,17 @@ class FixedPointIteration(AbstractSolver):
     # No contraction regains twelve orders of magnitude of residual growth: give such a sample up.
     divergence_ratio = 1e12
 
+    # Every row is stepped on its own: on independent rows only the active ones are stepped.
+    supports_row_compaction = True
+
     def init(self, problem, z0, fz0):
         return None
 
     def step(self, problem, state, iterate):
         return iterate.z + self.damping * iterate.residual, None, state
+
+    def compact_state(self, state, keep):
+        return state
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +149,16 @@ class Anderson(AbstractSolver):
     def _hint(self) -> str:
         return ("Try a larger max_steps or memory, a damping < 1, or Newton() for small latent "
                 "dimensions.")
+
+    # The history is per row (the ring-buffer slot and the restart clock advance for every row
+    # alike), so it is compacted by indexing its rows.
+    supports_row_compaction = True
+
+    def compact_state(self, state, keep):
+        return _AndersonState(
+            hist_z=state.hist_z.index_select(0, keep), hist_g=state.hist_g.index_select(0, keep),
+            valid=state.valid.index_select(0, keep), beta=state.beta.index_select(0, keep),
+            age=state.age.index_select(0, keep), slot=state.slot, eye=state.eye)
 
     def init(self, problem, z0, fz0):
         batch, n = z0.shape
@@ -254,6 +270,14 @@ class Broyden(AbstractSolver):
     def _hint(self) -> str:
         return "Try a larger max_steps or memory, Anderson(), or Newton() for small dimensions."
 
+    # The low-rank estimates and the residual window are per row; the update counter is shared
+    # by all rows alike, so compaction indexes the rows and keeps it.
+    supports_row_compaction = True
+
+    def compact_state(self, state, keep):
+        return _BroydenState(us=state.us.index_select(0, keep), vs=state.vs.index_select(0, keep),
+                             count=state.count, recent=state.recent.index_select(0, keep))
+
     def init(self, problem, z0, fz0):
         batch, n = z0.shape
         # Broyden residuals are not monotone, so the line search compares with the largest of
@@ -361,9 +385,18 @@ class Newton(AbstractSolver):
         return ("Try a larger max_steps, or Anderson(): Newton stalls where I - J_f is singular "
                 "or f is not differentiable.")
 
+    # Rows are independent in the step; the one state, the last line-search trial's
+    # linearization, may hold rows that have stopped since: compaction records which to keep.
+    supports_row_compaction = True
+
     def init(self, problem, z0, fz0):
         return _NewtonState(linearization=None,
                             eye=torch.eye(z0.shape[1], dtype=z0.dtype, device=z0.device))
+
+    def compact_state(self, state, keep):
+        if state.keep is not None:
+            keep = state.keep.index_select(0, keep)
+        return _NewtonState(linearization=state.linearization, eye=state.eye, keep=keep)
 
     def step(self, problem, state, iterate):
         z, fz, g, active = iterate.z, iterate.fz, iterate.residual, iterate.active
@@ -371,7 +404,10 @@ class Newton(AbstractSolver):
             jac = problem.jacobian(z)
         elif state.linearization is not None:
             # the last line-search trial was evaluated exactly at this point: reuse its graph
+            # (formed on the rows of that trial; those stopped since are dropped)
             jac = state.linearization.jacobian()
+            if state.keep is not None:
+                jac = jac.index_select(0, state.keep)
         else:
             jac = problem.linearize(z).jacobian()
         direction, info = torch.linalg.solve_ex(state.eye - jac, g)
@@ -388,6 +424,7 @@ class Newton(AbstractSolver):
             evaluate, z, fz, direction, active, line_search=self.line_search,
             max_backtracks=self.max_backtracks, armijo=1e-4)
         state.linearization = last[0] if last_is_final else None
+        state.keep = None
         return z_new, fz_new, state
 
 
@@ -395,3 +432,4 @@ class Newton(AbstractSolver):
 class _NewtonState:
     linearization: object  # Linearization at the current iterate, or None
     eye: torch.Tensor
+    keep: torch.Tensor | None = None  # rows of `linearization` still stepped (None: all)

@@ -168,6 +168,11 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
 
     required_model_attributes: ClassVar[tuple[str, ...]] = ()
     model_kind: ClassVar[str] = "a model of the protocol (deqppl.protocols)"
+    #: Each row of the data is its own MAP problem (the layer of row ``i`` reads only
+    #: ``z[i]`` and row ``i`` of every data tensor): :meth:`solve` then declares the rows
+    #: independent (``fixed_point(..., rows_independent=True)``) and the solver evaluates the
+    #: layer only on the rows still iterating. ``False`` for encoders whose rows are coupled.
+    rows_independent: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -395,14 +400,20 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
         solver = solver or self.solver or self.default_solver(dtype)
         adjoint = adjoint or self.adjoint or default_adjoint(dtype)
         has_jacobian = type(self).layer_jacobian is not AbstractMAPEncoder.layer_jacobian
+
+        def rows_of(rows):
+            # the data of the batch rows `rows` (every data tensor is per row: rows_independent)
+            return data if rows is None else {k: v.index_select(0, rows) for k, v in data.items()}
+
         return fixed_point(
-            lambda z: self.layer(z, data),
+            lambda z, rows=None: self.layer(z, rows_of(rows)),
             z0,
             solver=solver,
             adjoint=adjoint,
-            jacobian=(lambda z: self.layer_jacobian(z, data)) if has_jacobian else None,
+            jacobian=(lambda z, rows=None: self.layer_jacobian(z, rows_of(rows))) if has_jacobian else None,
             throw=self.throw if throw is None else throw,
             trace=trace,
+            rows_independent=type(self).rows_independent,
         )
 
     def forward(self, data: object, *, z0: torch.Tensor | None = None) -> tuple[torch.Tensor, Solution]:

@@ -106,6 +106,8 @@ class DeepPEDEncoder(AbstractMAPEncoder):
 
     required_model_attributes = ("widths", "nonlinearities", "precisions", "depth", "likelihood")
     model_kind = "a HierarchicalExpFamPCA-like model"
+    # Every datum's latent is its own problem (SPEC eq. 6): solve only the rows still iterating.
+    rows_independent = True
 
     def __init__(
         self,

@@ -150,6 +150,8 @@ class PEDEncoder(AbstractMAPEncoder):
 
     required_model_attributes = ("family", "nonlinearity", "obs_dim", "latent_dim", "lam")
     model_kind = "an ExpFamPCA-like model"
+    # Every datum's latent is its own problem (SPEC eq. 6): solve only the rows still iterating.
+    rows_independent = True
 
     def __init__(
         self,
