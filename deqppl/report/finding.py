@@ -152,6 +152,10 @@ def finding(
         parts.append(". ")
     # 2. Time.
     ratios = [(m, num(m, "heldout", "time_ratio_vs_deq")) for m in compared]
+    # The ratios are over the DEQ's wall time (its own ratio is exactly 1): state that method's
+    # seconds, whatever reference the latents were compared against.
+    deq = next((m for m, x in ratios if x is not None and x.value == 1.0), None)
+    time_reference = deq if deq is not None else time_reference
     has_ratio = time_reference in compared and any(x is not None for m, x in ratios if m != time_reference)
     for stage, what in (("heldout", "Inferring the held-out latents"), ("fit", "Fitting the globals")):
         base = num(time_reference, stage, "wall_time") if has_ratio else None

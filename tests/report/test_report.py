@@ -265,6 +265,14 @@ def test_finding_without_a_deq_states_seconds(digits_comparison):
     assert "Inferring the held-out latents took svi " in text and "×" not in text
 
 
+def test_finding_states_the_deq_seconds_its_ratios_divide_by(digits_comparison):
+    """The ratios are over the DEQ's time: asked for another reference (the CLI passes the
+    latents' reference, L-BFGS), the paragraph must still state the DEQ's seconds, never
+    "lbfgs 0.13 s, deq 1×"."""
+    text = finding_markdown(finding(digits_comparison, time_reference="lbfgs"))
+    assert "Inferring the held-out latents took deq " in text and "deq 1×" not in text
+
+
 def test_glossary_covers_every_metric_shown(digits_comparison, digits_page):
     _, parser = digits_page
     shown = {row[0] for t, rows in parser.tables.items() if not t.startswith(("glossary", "model"))
