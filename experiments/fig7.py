@@ -583,7 +583,8 @@ def figure(rows: list[dict], path: Path) -> None:
     for k, m in enumerate(METHODS):
         frac = [wins[c].wins[m] / wins[c].num_datasets if wins[c].num_datasets else np.nan for c in cols]
         bounds = [wilson(wins[c].wins[m], wins[c].num_datasets) for c in cols]
-        err = np.array([[f - lo, hi - f] for f, (lo, hi) in zip(frac, bounds)]).T
+        # Wilson's bound at 0 or n wins can land a rounding error past the fraction: clip at 0
+        err = np.clip(np.array([[f - lo, hi - f] for f, (lo, hi) in zip(frac, bounds)]).T, 0.0, None)
         x = np.arange(len(cols)) + (k - 1) * width
         ax.bar(x, frac, width, yerr=err, capsize=2, label=f"{m.upper()} (here)")
         ax.plot(x, [COLUMNS[c].paper_wins[k] / 100 for c in cols], "k_", markersize=14,
