@@ -43,61 +43,48 @@ def _sigmoid_slope(t: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(t) * torch.sigmoid(-t)
 
 
-class _AccurateTanh(torch.autograd.Function):
+def _accurate(name: str, value, slope, doc: str) -> type[torch.autograd.Function]:
+    """An elementwise ``value`` whose backward and forward-mode derivative is ``slope``.
+
+    Written with differentiable operations and a vmap rule, so higher derivatives and
+    `torch.func` transforms keep working.
+    """
+
+    def setup_context(ctx, inputs, output):
+        (t,) = inputs
+        ctx.save_for_backward(t)
+        ctx.save_for_forward(t)
+
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return grad * slope(t)
+
+    def jvp(ctx, tangent):
+        (t,) = ctx.saved_tensors
+        return tangent * slope(t)
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": doc,
+        "generate_vmap_rule": True,
+        "forward": staticmethod(lambda t: value(t)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        "jvp": staticmethod(jvp),
+    })
+
+
+_AccurateTanh = _accurate(
+    "_AccurateTanh", torch.tanh, _sech2,
     """$\\tanh$ whose derivative is $\\mathrm{sech}^2$ (torch's backward uses $1 - \\tanh^2$,
     exactly 0 in float32 for $t > 9$). A saturated pcDEQ at a large $W$ then still gets the
     tiny but nonzero gradients that Adam, being scale invariant, turns into full steps out of
-    saturation. Written with differentiable operations and forward-mode and vmap rules, so
-    higher derivatives and `torch.func` transforms keep working."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(t):
-        return torch.tanh(t)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        (t,) = inputs
-        ctx.save_for_backward(t)
-        ctx.save_for_forward(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (t,) = ctx.saved_tensors
-        return grad * _sech2(t)
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        (t,) = ctx.saved_tensors
-        return tangent * _sech2(t)
-
-
-class _AccurateSigmoid(torch.autograd.Function):
+    saturation.""",
+)
+_AccurateSigmoid = _accurate(
+    "_AccurateSigmoid", torch.sigmoid, _sigmoid_slope,
     """The logistic sigmoid with derivative $s(t)s(-t)$ (torch's $s(1 - s)$ is exactly 0 in
-    float32 for $t > 17$); see `_AccurateTanh`."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(t):
-        return torch.sigmoid(t)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        (t,) = inputs
-        ctx.save_for_backward(t)
-        ctx.save_for_forward(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (t,) = ctx.saved_tensors
-        return grad * _sigmoid_slope(t)
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        (t,) = ctx.saved_tensors
-        return tangent * _sigmoid_slope(t)
+    float32 for $t > 17$); see `_AccurateTanh`.""",
+)
 
 
 class AbstractActivation(abc.ABC):
