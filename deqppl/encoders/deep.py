@@ -44,7 +44,7 @@ from deqppl.io.registry import register
 
 from .base import AbstractMAPEncoder, default_rtol, weighted_gram
 from .ped import NEWTON_MAX_DIM, default_solver
-from .starts import AbstractStart, ZeroStart, check_start
+from .starts import AbstractStart, WithStart, ZeroStart
 
 __all__ = ["DeepPEDEncoder"]
 
@@ -55,7 +55,7 @@ def _observations(data: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tens
 
 
 @register("DeepPEDEncoder")
-class DeepPEDEncoder(AbstractMAPEncoder):
+class DeepPEDEncoder(WithStart, AbstractMAPEncoder):
     r"""DEQ encoder whose fixed point is the MAP of all latents of a hierarchical model.
 
     An encoder of the protocol (:class:`~deqppl.encoders.AbstractMAPEncoder`): data
@@ -131,15 +131,6 @@ class DeepPEDEncoder(AbstractMAPEncoder):
         if values is not None:
             self.load_values(values)
         self.start = ZeroStart() if start is None else start
-
-    @property
-    def start(self) -> AbstractStart:
-        """The start of every solve without an explicit ``z0`` (:mod:`deqppl.encoders.starts`)."""
-        return self._start
-
-    @start.setter
-    def start(self, value: AbstractStart) -> None:
-        self._start = check_start(value, self)
 
     # ---------------------------------------------------------------- saved models
     def config(self) -> dict:

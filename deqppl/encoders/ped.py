@@ -32,7 +32,7 @@ from deqppl.io.registry import register
 from deqppl.validation import as_tensor, check_finite, check_shape
 
 from .base import AbstractMAPEncoder, LaplaceResult, default_adjoint, default_rtol, weighted_gram
-from .starts import AbstractStart, RidgeStart, check_start
+from .starts import AbstractStart, RidgeStart, WithStart
 
 __all__ = ["LaplaceResult", "PEDEncoder", "UniquenessReport", "default_adjoint", "default_solver"]
 # LaplaceResult and default_adjoint live in .base (shared by every encoder); re-exported here.
@@ -88,7 +88,7 @@ def _observations(data: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tens
 
 
 @register("PEDEncoder")
-class PEDEncoder(AbstractMAPEncoder):
+class PEDEncoder(WithStart, AbstractMAPEncoder):
     r"""DEQ encoder whose fixed point is the conditional MAP of an ExpFamPCA's latents.
 
     An encoder of the protocol (:class:`~deqppl.encoders.AbstractMAPEncoder`): data
@@ -181,15 +181,6 @@ class PEDEncoder(AbstractMAPEncoder):
         self.W = nn.Parameter(W.detach().clone())
         self.B = nn.Parameter(B.detach().clone())
         self.start = RidgeStart() if start is None else start
-
-    @property
-    def start(self) -> AbstractStart:
-        """The start of every solve without an explicit ``z0`` (:mod:`deqppl.encoders.starts`)."""
-        return self._start
-
-    @start.setter
-    def start(self, value: AbstractStart) -> None:
-        self._start = check_start(value, self)
 
     # ---------------------------------------------------------------- saved models
     def config(self) -> dict:

@@ -694,3 +694,17 @@ def load_start(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | 
         raise ValueError(f"config[\"start\"] = {name!r} names no start; the built-in starts are "
                          f"{sorted(_STARTS)}")
     return cls.from_state(config, dict(tensors or {}))
+
+
+class WithStart:
+    """Mixin of encoders whose solves start from an :class:`AbstractStart` (PED, deep PED):
+    the validated ``start`` property, set in the encoder's ``__init__``."""
+
+    @property
+    def start(self) -> AbstractStart:
+        """The start of every solve without an explicit ``z0`` (:mod:`deqppl.encoders.starts`)."""
+        return self._start
+
+    @start.setter
+    def start(self, value: AbstractStart) -> None:
+        self._start = check_start(value, self)
