@@ -37,6 +37,7 @@ gets the autograd Hessian of :meth:`AutoDEQ._linearize`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -158,9 +159,21 @@ class BoundObjective:
         return self.traced.body(u, *self.consts)
 
     def linearize(self, u: torch.Tensor):
-        """``F, g, hessian`` as :func:`deqppl.encoders.auto._autograd_linearize`, or ``None``
-        where the Hessian is not separable."""
+        """``F, g, hessian`` as :func:`deqppl.encoders.auto._autograd_linearize` (``hessian(select)``
+        forms the Hessians of the rows ``select`` only), or ``None`` where the Hessian is not
+        separable."""
         return None if self.curvature is None else self.curvature.linearize(u)
+
+    def value_and_grad(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``F, g`` per row: from the derivative graph where the objective is separable, else
+        by one reverse pass of autograd through the body (rows do not interact)."""
+        if self.curvature is not None and self.curvature.derived is not None:
+            return self.curvature.value_and_grad(u)
+        with torch.enable_grad():
+            uu = u.detach().requires_grad_(True)
+            F = self(uu)
+            (g,) = torch.autograd.grad(F.sum(), uu, allow_unused=True)
+        return F.detach(), torch.zeros_like(u) if g is None else g
 
     def check(self, u: torch.Tensor) -> None:
         """Compare the separable Hessians at ``u`` with autograd's; drop them if they differ.
@@ -174,16 +187,24 @@ class BoundObjective:
             return
         gen = torch.Generator(device=u.device).manual_seed(1)
         v = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)
-        H = self.curvature.linearize(u)[2]()
+        F_mine, g_mine, hessian = self.curvature.linearize(u)
+        H = hessian()
         with torch.enable_grad():
             uu = u.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self(uu).sum(), uu, create_graph=True)
+            F = self(uu)
+            (g,) = torch.autograd.grad(F.sum(), uu, create_graph=True)
             (Hv,) = torch.autograd.grad(g, uu, v, allow_unused=True) if g.requires_grad else (None,)
         ref = torch.zeros_like(u) if Hv is None else Hv
         mine = (H @ v.unsqueeze(-1)).squeeze(-1)
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        gap = float((mine - ref).abs().max()) if ref.numel() else 0.0
-        if not bool(torch.isfinite(H).all()) or not gap <= 1e-9 * (1.0 + scale):
+
+        def close(a, b):  # relative to the reference's largest entry
+            return a.numel() == 0 or float((a - b).abs().max()) <= 1e-9 * (1.0 + float(b.abs().max()))
+
+        # the derivative graph's values and gradients too (the folding is exact: equal to
+        # rounding, measured bitwise on ExpFamPCA)
+        if not bool(torch.isfinite(H).all()) or not (
+            close(mine, ref) and close(F_mine, F.detach()) and close(g_mine, g.detach())
+        ):
             self.traced.separable = None
             self.curvature = None
 
@@ -194,6 +215,9 @@ class _Separable:
     def __init__(self, affine: fx.GraphModule, rest: fx.GraphModule, shape) -> None:
         self.affine, self.rest, self.shape = affine, rest, shape
         self._products: tuple | None = None  # (globals key, products)
+        # F, g and curvatures as traced graphs (:class:`_Derivatives`), built at the first
+        # bind; False where tracing them failed (autograd on the two graphs then)
+        self.derivatives: _Derivatives | None | bool = None
 
     @classmethod
     def analyse(cls, body: fx.GraphModule, row_consts: list[bool], shape) -> _Separable | None:
@@ -338,12 +362,17 @@ class _Separable:
         return cls(a_mod, r_mod, shape)
 
     def bind(self, consts: tuple, globals_key: object = None) -> _BoundSeparable | None:
-        if globals_key is not None and self._products is not None and self._products[0] == globals_key:
-            return _BoundSeparable(self, consts, self._products[1])
         n, D = self.shape
         dtype = next((c.dtype for c in consts if isinstance(c, torch.Tensor) and c.is_floating_point()),
                      torch.get_default_dtype())
         device = next((c.device for c in consts if isinstance(c, torch.Tensor)), torch.device("cpu"))
+        if self.derivatives is None:
+            try:
+                self.derivatives = _Derivatives(self, torch.zeros(n, D, dtype=dtype, device=device), consts)
+            except Exception:  # noqa: BLE001 - an operation make_fx cannot trace: autograd
+                self.derivatives = False
+        if globals_key is not None and self._products is not None and self._products[0] == globals_key:
+            return _BoundSeparable(self, consts, self._products[1])
         # Affine leaves: row r of the tangent in direction e_(r mod D) gives, in rows 0..D-1,
         # the columns of each A_k, and in rows D..2D-1 (where n allows) the same columns again:
         # a leaf whose coefficients differ between rows is caught here.
@@ -373,10 +402,38 @@ class _Separable:
 class _BoundSeparable:
     def __init__(self, sep: _Separable, consts: tuple, products: list[torch.Tensor]) -> None:
         self.sep, self.consts, self.products = sep, consts, products
+        self.derived = sep.derivatives.bind(consts) if sep.derivatives else None
+
+    def value_and_grad(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        body, consts, _ = self.derived[False]
+        F, g = body(u, *consts)
+        return F, g
+
+    def _hessian(self, n: int, D: int, curv, products, like: torch.Tensor,
+                 select: torch.Tensor | None = None) -> torch.Tensor:
+        r"""$H_s = \sum_k A_k^\top \operatorname{diag}(c_k) A_k$ from the upper triangle's GEMM,
+        for the rows ``select`` (indices; ``None``: all ``n``)."""
+        i, j = torch.triu_indices(D, D, device=like.device)
+        rows = n if select is None else select.numel()
+        upper = like.new_zeros(rows, i.numel())
+        for c, P in zip(curv, products):
+            if c is not None:
+                c = c.reshape(n, -1)
+                upper.addmm_(c if select is None else c.index_select(0, select), P)
+        # both triangles by one gather (measured 2x faster than two scatters into (n, D, D))
+        sym = torch.empty(D, D, dtype=torch.long, device=like.device)
+        sym[i, j] = torch.arange(i.numel(), device=like.device)
+        sym[j, i] = sym[i, j]
+        return upper.index_select(1, sym.reshape(-1)).view(rows, D, D)
 
     def linearize(self, u: torch.Tensor):
         n, D = u.shape
         sep, consts = self.sep, self.consts
+        if self.derived is not None:
+            body, dconsts, live = self.derived[True]
+            F, g, *curv = body(u, *dconsts)
+            products = [self.products[k] for k in live]
+            return F, g, lambda select=None: self._hessian(n, D, curv, products, u, select)
         with torch.enable_grad():
             uu = u.detach().requires_grad_(True)
             leaves = sep.affine(uu, *consts)
@@ -387,23 +444,220 @@ class _BoundSeparable:
             (g,) = torch.autograd.grad(leaves, uu, [gr.detach() for gr in grads], allow_unused=True)
         g = torch.zeros_like(u) if g is None else g
 
-        def hessian() -> torch.Tensor:
-            i, j = torch.triu_indices(D, D, device=u.device)
-            upper = u.new_zeros(n, i.numel())
+        def hessian(select=None) -> torch.Tensor:
             live = [(x, gr, P) for x, gr, P in zip(free, grads, self.products) if gr.requires_grad]
+            curv = ()
             if live:
                 with torch.enable_grad():
                     total = sum(gr.sum() for _, gr, _ in live)
                     curv = torch.autograd.grad(total, [x for x, _, _ in live], allow_unused=True)
-                for c, (x, _, P) in zip(curv, live):
-                    if c is not None:
-                        upper.addmm_(c.reshape(n, -1), P)
-            H = u.new_empty(n, D, D)
-            H[:, i, j] = upper
-            H[:, j, i] = upper
-            return H
+            return self._hessian(n, D, curv, [P for _, _, P in live], u, select)
 
         return F.detach(), g.detach(), hessian
+
+
+# ------------------------------------------------------------------ derivative graphs
+#: Operations that return their input's values unchanged (for the uniform-value folding).
+_SAME_VALUES = _MOVES | {_aten.detach.default, _aten.lift_fresh_copy.default}
+#: Creations of a tensor filled with one value: (value argument index or the fixed value).
+_FILLS = {_aten.ones_like.default: 1.0, _aten.zeros_like.default: 0.0, _aten.ones.default: 1.0,
+          _aten.zeros.default: 0.0, _aten.full_like.default: 1, _aten.full.default: 1,
+          _aten.scalar_tensor.default: 0}
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return None if val is None else tuple(val.shape)
+
+
+def _fold_uniform(graph: fx.Graph) -> None:
+    """Exact simplifications of the derivative graph that autograd writes out in full.
+
+    The backward passes of a summed objective start from ``ones_like(F.sum())``, broadcast
+    it, negate it, multiply by it; ``pow(x, 1.0)`` and ``pow(x, 0.0) * k`` come from the
+    derivative of a square. Every tensor whose elements all hold one known value (a fill and
+    what moves, negates or scales it) is tracked by that value, and an operation with such an
+    operand is rewritten where the result is bitwise the same: ``x * 1 -> x``,
+    ``x * (-1) -> -x``, ``x * k -> x * k`` with a Python scalar, ``x / k`` likewise,
+    ``x + 0 -> x``, ``pow(x, 1) -> x``, ``detach(x) -> x``, ``-(-x) -> x`` (only where the
+    result has the shape and dtype of ``x``). Uniform values still used afterwards become
+    fills of no input, so that hoisting moves them out of the per-evaluation graph.
+    """
+    uniform: dict[fx.Node, float] = {}
+
+    def value_of(a):
+        if isinstance(a, fx.Node):
+            return uniform.get(a)
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            return float(a)
+        return None
+
+    def same(node, x):
+        return isinstance(x, fx.Node) and _shape(node) == _shape(x) and _shape(x) is not None and (
+            node.meta["val"].dtype == x.meta["val"].dtype)
+
+    def insert(node, target, args):
+        with graph.inserting_before(node):
+            new = graph.call_function(target, args)
+        new.meta = dict(node.meta)
+        return new
+
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        op, args = node.target, node.args
+        if op in _FILLS and not node.kwargs.get("out"):
+            fill = _FILLS[op]
+            uniform[node] = fill if isinstance(fill, float) else float(args[fill])
+            continue
+        if op in _SAME_VALUES and args and args[0] in uniform:
+            uniform[node] = uniform[args[0]]
+            continue
+        if op is _aten.neg.default and args[0] in uniform:
+            uniform[node] = -uniform[args[0]]
+            continue
+        if op is _aten.pow.Tensor_Scalar and args[1] == 0:
+            uniform[node] = 1.0  # IEEE pow(x, 0) = 1 for every x, nan included
+            continue
+        vals = [value_of(a) for a in args[:2]]
+        if op in (_aten.mul.Tensor, _aten.mul.Scalar, _aten.div.Tensor, _aten.div.Scalar,
+                  _aten.add.Tensor, _aten.sub.Tensor) and not node.kwargs and None not in vals and (
+                args[0] in uniform or (isinstance(args[1], fx.Node) and args[1] in uniform)):
+            a, b = vals
+            uniform[node] = {_aten.mul.Tensor: a * b, _aten.mul.Scalar: a * b, _aten.add.Tensor: a + b,
+                             _aten.sub.Tensor: a - b}.get(op, a / b if b else math.nan)
+            if math.isnan(uniform[node]):
+                del uniform[node]
+            continue
+        replacement = None
+        if op in (_aten.detach.default, _aten.alias.default, _aten.clone.default) and same(node, args[0]):
+            replacement = args[0]
+        elif op is _aten.neg.default and isinstance(args[0], fx.Node) and args[0].target is _aten.neg.default \
+                and same(node, args[0].args[0]):
+            replacement = args[0].args[0]
+        elif op is _aten.pow.Tensor_Scalar and args[1] == 1 and same(node, args[0]):
+            replacement = args[0]
+        elif op in (_aten.mul.Tensor, _aten.mul.Scalar) and not node.kwargs:
+            for x, k in ((args[0], vals[1]), (args[1], vals[0])):
+                if k is not None and same(node, x):
+                    replacement = x if k == 1.0 else (
+                        insert(node, _aten.neg.default, (x,)) if k == -1.0 else insert(node, _aten.mul.Scalar, (x, k)))
+                    break
+        elif op in (_aten.div.Tensor, _aten.div.Scalar) and not node.kwargs and vals[1] is not None \
+                and same(node, args[0]):
+            replacement = args[0] if vals[1] == 1.0 else insert(node, _aten.div.Scalar, (args[0], vals[1]))
+        elif op in (_aten.add.Tensor, _aten.sub.Tensor) and not node.kwargs:
+            if vals[1] == 0.0 and same(node, args[0]):
+                replacement = args[0]
+            elif op is _aten.add.Tensor and vals[0] == 0.0 and same(node, args[1]):
+                replacement = args[1]
+            elif op is _aten.sub.Tensor and vals[0] == 0.0 and same(node, args[1]):
+                replacement = insert(node, _aten.neg.default, (args[1],))
+        if replacement is not None:
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    for node in list(graph.nodes):  # what is left uniform: a fill of no input (hoisted)
+        if node in uniform and node.users and node.all_input_nodes and _shape(node) is not None:
+            val = node.meta["val"]
+            with graph.inserting_before(node):
+                new = graph.call_function(_aten.full.default, (list(val.shape), uniform[node]),
+                                          {"dtype": val.dtype, "device": val.device})
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+    graph.eliminate_dead_code()
+
+
+def _hoist(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Split ``gm(u, *consts)`` into ``prologue(*consts) -> cs`` and ``body(u, *cs)``.
+
+    The prologue holds every node that does not depend on ``u`` (evaluated once per bind);
+    the body the nodes that do, reading the prologue's values it needs as inputs. Outputs
+    that do not depend on ``u`` pass through the body from its inputs.
+    """
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    dep = {placeholders[0]}
+    for node in graph.nodes:
+        if node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+    frontier: list[fx.Node] = []
+    for node in graph.nodes:
+        if node.op == "output" or (node in dep and node.op != "placeholder"):
+            frontier.extend(a for a in node.all_input_nodes
+                            if a not in dep and a not in frontier)
+    pro, env = fx.Graph(), {}
+    for node in graph.nodes:
+        if node.op == "output":
+            break
+        if node not in dep:
+            env[node] = pro.node_copy(node, lambda a: env[a])
+    pro.output(tuple(env[a] for a in frontier))
+    body, benv = fx.Graph(), {}
+    benv[placeholders[0]] = body.placeholder("u")
+    for i, a in enumerate(frontier):
+        benv[a] = body.placeholder(f"c{i}")
+    for a in (placeholders[0], *frontier):
+        benv[a].meta = dict(a.meta)
+    for node in graph.nodes:
+        if node.op == "output":
+            body.output(fx.node.map_arg(node.args[0], lambda a: benv[a]))
+        elif node in dep and node.op != "placeholder":
+            benv[node] = body.node_copy(node, lambda a: benv[a])
+    prologue, body_mod = fx.GraphModule(gm, pro), fx.GraphModule(gm, body)
+    for mod in (prologue, body_mod):
+        mod.graph.eliminate_dead_code()
+        mod.recompile()
+    return prologue, body_mod
+
+
+class _Derivatives:
+    r"""$F$, $\nabla F$ and the leaves' curvatures $c_k$ of a separable objective as aten graphs.
+
+    Autograd's passes (the gradient, and the double-backward pass in direction all-ones that
+    gives $c_k = \nabla^2_{a_k}F\,\mathbf 1$) are traced once by ``make_fx`` into a forward
+    graph, which :func:`_fold_uniform` rids of the ones, negations and unit factors that
+    autograd writes out, and whose nodes that do not depend on $u$ (``-y``, constant
+    curvatures of Gaussian terms, the transposed loadings) :func:`_hoist` moves out to be
+    evaluated once per solve. One evaluation then runs only the operations on the latents,
+    without the autograd engine: measured on ExpFamPCA Poisson $d = 50$, $l = 5$,
+    $N = 10^4$, gradient and curvatures 2.4 ms against 10.6 ms by autograd.
+    """
+
+    def __init__(self, sep: _Separable, u: torch.Tensor, consts: tuple) -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        self.graphs = {}
+        for curvature in (False, True):
+            live: list[int] = []
+
+            def joint(u, *consts, curvature=curvature, live=live):
+                with torch.enable_grad():
+                    uu = u.detach().requires_grad_(True)
+                    leaves = sep.affine(uu, *consts)
+                    free = [x.detach().requires_grad_(True) for x in leaves]
+                    F = sep.rest(*free, *consts)
+                    grads = torch.autograd.grad(F.sum(), free, create_graph=curvature, allow_unused=True)
+                    grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, free)]
+                    (g,) = torch.autograd.grad(leaves, uu, [gr.detach() for gr in grads], allow_unused=True)
+                    g = torch.zeros_like(u) if g is None else g
+                    curv = []
+                    if curvature:
+                        live[:] = [k for k, gr in enumerate(grads) if gr.requires_grad]
+                        if live:
+                            total = sum(grads[k].sum() for k in live)
+                            curv = torch.autograd.grad(total, [free[k] for k in live], allow_unused=True)
+                            curv = [torch.zeros_like(free[k]) if c is None else c for k, c in zip(live, curv)]
+                return (F.detach(), g.detach(), *[c.detach() for c in curv])
+
+            gm = make_fx(joint, tracing_mode="fake")(u, *consts)
+            _fold_uniform(gm.graph)
+            gm.recompile()
+            self.graphs[curvature] = (*_hoist(gm), tuple(live))
+
+    def bind(self, consts: tuple) -> dict:
+        return {k: (body, tuple(pro(*consts)), live) for k, (pro, body, live) in self.graphs.items()}
 
 
 _NO_OP_MOVES = {_aten.alias.default, _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default,
