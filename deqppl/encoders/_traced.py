@@ -158,17 +158,29 @@ class BoundObjective:
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return self.traced.body(u, *self.consts)
 
-    def linearize(self, u: torch.Tensor):
+    def linearize(self, u: torch.Tensor, rows: torch.Tensor | None = None):
         """``F, g, hessian`` as :func:`deqppl.encoders.auto._autograd_linearize` (``hessian(select)``
         forms the Hessians of the rows ``select`` only), or ``None`` where the Hessian is not
-        separable."""
-        return None if self.curvature is None else self.curvature.linearize(u)
+        separable; of the rows ``rows`` only where :attr:`compact`."""
+        return None if self.curvature is None else self.curvature.linearize(u, rows)
 
-    def value_and_grad(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def compact(self) -> bool:
+        """Whether :meth:`value`, :meth:`value_and_grad` and :meth:`linearize` take a subset
+        of the rows (``rows``: their indices, ``u``: their points) and evaluate only those."""
+        return self.curvature is not None and self.curvature.compact
+
+    def value(self, u: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``F`` per row, of the rows ``rows`` (needs :attr:`compact`) or of all."""
+        if rows is not None or self.compact:
+            return self.curvature.value(u, rows)
+        return self(u)
+
+    def value_and_grad(self, u: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``F, g`` per row: from the derivative graph where the objective is separable, else
         by one reverse pass of autograd through the body (rows do not interact)."""
         if self.curvature is not None and self.curvature.derived is not None:
-            return self.curvature.value_and_grad(u)
+            return self.curvature.value_and_grad(u, rows)
         with torch.enable_grad():
             uu = u.detach().requires_grad_(True)
             F = self(uu)
@@ -207,6 +219,20 @@ class BoundObjective:
         ):
             self.traced.separable = None
             self.curvature = None
+            return
+        if self.compact:  # subsets against the full batch: every third row, and one row
+            n = u.shape[0]
+            for rows in (torch.arange(0, n, 3, device=u.device), torch.tensor([n - 1], device=u.device)):
+                try:
+                    F_r, g_r, hess_r = self.curvature.linearize(u[rows], rows)
+                    same = (close(F_r, F_mine[rows]) and close(g_r, g_mine[rows]) and close(hess_r(), H[rows])
+                            and close(self.curvature.value(u[rows], rows), F_mine[rows])
+                            and close(self.curvature.value_and_grad(u[rows], rows)[1], g_mine[rows]))
+                except Exception:  # noqa: BLE001 - a shape the rewrite got wrong
+                    same = False
+                if not same:
+                    self.curvature.sep.derivatives.rowwise = False
+                    break
 
 
 class _Separable:
@@ -403,9 +429,30 @@ class _BoundSeparable:
     def __init__(self, sep: _Separable, consts: tuple, products: list[torch.Tensor]) -> None:
         self.sep, self.consts, self.products = sep, consts, products
         self.derived = sep.derivatives.bind(consts) if sep.derivatives else None
+        n = sep.shape[0]
+        # which inputs of the derivative graphs have one entry per row (gathered for subsets)
+        self._row_inputs = {} if self.derived is None else {
+            k: [isinstance(c, torch.Tensor) and c.dim() >= 1 and c.shape[0] == n for c in cs]
+            for k, (_, cs, _) in self.derived.items()
+        }
 
-    def value_and_grad(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        body, consts, _ = self.derived[False]
+    @property
+    def compact(self) -> bool:
+        """Whether subsets of the rows can be evaluated on their own (:func:`_row_generic`)."""
+        return self.derived is not None and bool(getattr(self.sep.derivatives, "rowwise", False))
+
+    def _graph(self, kind: str, rows: torch.Tensor | None):
+        body, consts, live = self.derived[kind]
+        if rows is not None:
+            consts = [c.index_select(0, rows) if r else c for c, r in zip(consts, self._row_inputs[kind])]
+        return body, consts, live
+
+    def value(self, u: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        body, consts, _ = self._graph("value", rows)
+        return body(u, *consts)
+
+    def value_and_grad(self, u: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        body, consts, _ = self._graph("grad", rows)
         F, g = body(u, *consts)
         return F, g
 
@@ -426,11 +473,11 @@ class _BoundSeparable:
         sym[j, i] = sym[i, j]
         return upper.index_select(1, sym.reshape(-1)).view(rows, D, D)
 
-    def linearize(self, u: torch.Tensor):
+    def linearize(self, u: torch.Tensor, rows: torch.Tensor | None = None):
         n, D = u.shape
         sep, consts = self.sep, self.consts
         if self.derived is not None:
-            body, dconsts, live = self.derived[True]
+            body, dconsts, live = self._graph("curv", rows)
             F, g, *curv = body(u, *dconsts)
             products = [self.products[k] for k in live]
             return F, g, lambda select=None: self._hessian(n, D, curv, products, u, select)
@@ -629,10 +676,14 @@ class _Derivatives:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         self.graphs = {}
-        for curvature in (False, True):
+        n = u.shape[0]
+        for kind in ("value", "grad", "curv"):
             live: list[int] = []
+            curvature = kind == "curv"
 
-            def joint(u, *consts, curvature=curvature, live=live):
+            def joint(u, *consts, curvature=curvature, live=live, kind=kind):
+                if kind == "value":
+                    return sep.rest(*sep.affine(u, *consts), *consts)
                 with torch.enable_grad():
                     uu = u.detach().requires_grad_(True)
                     leaves = sep.affine(uu, *consts)
@@ -654,10 +705,49 @@ class _Derivatives:
             gm = make_fx(joint, tracing_mode="fake")(u, *consts)
             _fold_uniform(gm.graph)
             gm.recompile()
-            self.graphs[curvature] = (*_hoist(gm), tuple(live))
+            pro, body = _hoist(gm)
+            generic = _row_generic(body, n)
+            self.graphs[kind] = (pro, generic if generic is not None else body, tuple(live))
+            self.rowwise = getattr(self, "rowwise", True) and generic is not None
 
     def bind(self, consts: tuple) -> dict:
         return {k: (body, tuple(pro(*consts)), live) for k, (pro, body, live) in self.graphs.items()}
+
+
+#: Operations whose shape argument (argument 1) may hold the number of rows first.
+_SHAPED = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.expand.default}
+
+
+def _row_generic(gm: fx.GraphModule, n: int) -> fx.GraphModule | None:
+    """The body ``gm(u, *cs)`` traced for ``n`` rows, rewritten for any number of rows.
+
+    The traced graph holds the batch size as literals in shape arguments (``view(x, [n,
+    -1])``, ``expand(x, [n, d])``); where it stands first (the rows lead every latent and
+    data tensor here) it becomes ``u.shape[0]``. Any other literal equal to ``n`` (a slice, a
+    dimension that happens to equal the batch size) makes the rewrite refuse (``None``). The
+    caller passes the row-wise inputs ``cs`` gathered at the rows evaluated, and checks the
+    result against the full batch once (:meth:`BoundObjective.check`).
+    """
+    graph = gm.graph
+    u = next(node for node in graph.nodes if node.op == "placeholder")
+    nodes = [node for node in graph.nodes if node.op == "call_function"]
+    with graph.inserting_after(u):
+        rows = graph.call_function(_aten.sym_size.int, (u, 0))
+
+    def literal(a) -> bool:
+        if isinstance(a, (list, tuple)):
+            return any(literal(b) for b in a)
+        return isinstance(a, int) and not isinstance(a, bool) and a == n
+
+    for node in nodes:
+        args = list(node.args)
+        if node.target in _SHAPED and len(args) > 1 and isinstance(args[1], (list, tuple)) and args[1]                 and args[1][0] == n:
+            args[1] = [rows, *args[1][1:]]
+            node.args = tuple(args)
+        if literal(node.args[1:] if node.target in _SHAPED else node.args) or literal(tuple(node.kwargs.values())):
+            return None
+    gm.recompile()
+    return gm
 
 
 _NO_OP_MOVES = {_aten.alias.default, _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default,

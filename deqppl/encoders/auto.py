@@ -1078,7 +1078,11 @@ class _Evaluator:
         self.chunk = enc._hessian_chunk(self.n, layout.dim, data)
 
     def _traced(self, rows: torch.Tensor) -> bool:
-        return self.fast is not None and 4 * rows.numel() > self.n
+        return self.fast is not None and (self.fast.compact or 4 * rows.numel() > self.n)
+
+    def _subset(self, rows: torch.Tensor):
+        """``rows`` for a traced graph that evaluates subsets, ``None`` for all rows."""
+        return None if rows.numel() == self.n else rows
 
     def _full(self, rows, x):
         if rows.numel() == self.n:  # rows are sorted and distinct: all of them, in order
@@ -1096,6 +1100,8 @@ class _Evaluator:
         return self.data if rows.numel() == self.n else _rows(self.data, rows)
 
     def value(self, rows, x):
+        if self._traced(rows) and self.fast.compact:
+            return self.fast.value(x, self._subset(rows))
         if self._traced(rows):
             with torch.no_grad():
                 return self._pick(rows, self.fast(self._full(rows, x)))[0]
@@ -1103,11 +1109,15 @@ class _Evaluator:
             return self.enc._neg_rows(x, self._sub(rows), self.layout, self.params)
 
     def value_and_grad(self, rows, x):
+        if self._traced(rows) and self.fast.compact:
+            return self.fast.value_and_grad(x, self._subset(rows))
         if self._traced(rows):
             return self._pick(rows, *self.fast.value_and_grad(self._full(rows, x)))
         return self.enc._value_and_grad(x, self._sub(rows), self.layout, self.params)
 
     def linearize(self, rows, x):
+        if self._traced(rows) and self.fast.compact:
+            return self.fast.linearize(x, self._subset(rows))
         if self._traced(rows):
             U = self._full(rows, x)
             lin = self.fast.linearize(U)  # separable Hessians where the graph allows
