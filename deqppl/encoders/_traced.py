@@ -615,6 +615,66 @@ def _fold_uniform(graph: fx.Graph) -> None:
     graph.eliminate_dead_code()
 
 
+def _reassociate(graph: fx.Graph) -> None:
+    """Rewrites of the derivative graph that save passes over the data per evaluation.
+
+    * ``a + (-b) -> a - b``, ``(-a) + b -> b - a``, ``a - (-b) -> a + b`` (exact): the
+      backward pass writes $-y$ once and adds it, where $y$ itself is already an input;
+    * ``sum(x - c, dims) -> sum(x, dims) - sum(c, dims)`` (and ``+``) where ``c`` does not
+      depend on $u$ and has the shape of ``x``: latent-free terms of the log density
+      (``lgamma(y + 1)``) are summed once per solve instead of subtracted at every
+      evaluation (equal up to rounding);
+    * ``mm(a, b) + bias -> addmm(bias, a, b)`` for a bias of one row (equal up to rounding).
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    dep = {placeholders[0]}
+    for node in graph.nodes:
+        if node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+
+    def call(before, target, args, meta):
+        with graph.inserting_before(before):
+            new = graph.call_function(target, args)
+        new.meta = dict(meta)
+        return new
+
+    def is_neg(a):
+        return isinstance(a, fx.Node) and a.op == "call_function" and a.target is _aten.neg.default
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs:
+            continue
+        op, args = node.target, node.args
+        new = None
+        if op is _aten.add.Tensor and len(args) == 2 and _shape(node) is not None:
+            a, b = args
+            if is_neg(b) and _shape(a) == _shape(node):
+                new = call(node, _aten.sub.Tensor, (a, b.args[0]), node.meta)
+            elif is_neg(a) and _shape(b) == _shape(node):
+                new = call(node, _aten.sub.Tensor, (b, a.args[0]), node.meta)
+            elif isinstance(a, fx.Node) and a.target is _aten.mm.default and isinstance(b, fx.Node) \
+                    and _shape(b) is not None and len(_shape(b)) == 1 and _shape(a) == _shape(node) \
+                    and _shape(b)[0] == _shape(a)[1] and not a.kwargs and len(a.users) == 1:
+                new = call(node, _aten.addmm.default, (b, *a.args), node.meta)
+        elif op is _aten.sub.Tensor and len(args) == 2 and is_neg(args[1]) and _shape(args[0]) == _shape(node):
+            new = call(node, _aten.add.Tensor, (args[0], args[1].args[0]), node.meta)
+        elif op is _aten.sum.dim_IntList and len(args) >= 2 and isinstance(args[0], fx.Node):
+            inner = args[0]
+            if inner.op == "call_function" and inner.target in (_aten.add.Tensor, _aten.sub.Tensor) \
+                    and not inner.kwargs and len(inner.args) == 2 and all(isinstance(a, fx.Node) for a in inner.args):
+                x, c = inner.args
+                if x in dep and c not in dep and _shape(c) == _shape(x) == _shape(inner):
+                    sx = call(node, _aten.sum.dim_IntList, (x, *args[1:]), node.meta)
+                    sc = call(node, _aten.sum.dim_IntList, (c, *args[1:]), node.meta)
+                    new = call(node, inner.target, (sx, sc), node.meta)
+        if new is not None:
+            if new.all_input_nodes and any(a in dep for a in new.all_input_nodes):
+                dep.add(new)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+
+
 def _hoist(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Split ``gm(u, *consts)`` into ``prologue(*consts) -> cs`` and ``body(u, *cs)``.
 
@@ -704,6 +764,7 @@ class _Derivatives:
 
             gm = make_fx(joint, tracing_mode="fake")(u, *consts)
             _fold_uniform(gm.graph)
+            _reassociate(gm.graph)
             gm.recompile()
             pro, body = _hoist(gm)
             generic = _row_generic(body, n)

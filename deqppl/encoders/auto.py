@@ -77,6 +77,7 @@ from deqppl.validation import as_tensor, check_finite, check_shape
 
 from ._traced import TRACE_MIN_ENTRIES, TracedObjective
 from .base import AbstractMAPEncoder, default_adjoint, default_rtol
+from .starts import AbstractStart, WithStart, ZeroStart
 
 __all__ = [
     "AutoDEQ",
@@ -339,7 +340,7 @@ def _rows(data: Mapping[str, torch.Tensor], idx: torch.Tensor | None) -> dict[st
     return dict(data) if idx is None else {k: v.index_select(0, idx) for k, v in data.items()}
 
 
-class AutoDEQ(AbstractMAPEncoder):
+class AutoDEQ(WithStart, AbstractMAPEncoder):
     r"""An encoder of the protocol whose layer is derived from the model's trace.
 
     Data: the model's data mapping (or the bare tensor for a single data name), rows along the
@@ -389,6 +390,13 @@ class AutoDEQ(AbstractMAPEncoder):
         ``2**16`` data entries, where the trace (about a second, once per shape) pays off.
         A program that cannot be traced without values (control flow on data), or whose
         trace does not reproduce the Pyro log joint at the first batch, keeps the Pyro path.
+    start
+        Where a solve without ``z0`` starts (:mod:`deqppl.encoders.starts`): default
+        :class:`~deqppl.encoders.ZeroStart` ($u = 0$: every local site at the image of 0
+        under its transform, as ``fit_map``'s centre), or a
+        :class:`~deqppl.encoders.LearnedStart` fitted on training fixed points
+        (``LearnedStart().fit(enc, y_train)``), which regresses $u^*$ on :meth:`summary`. The
+        start changes the cost, not the fixed point. Settable later (``enc.start = ...``).
 
     Raises
     ------
@@ -436,6 +444,7 @@ class AutoDEQ(AbstractMAPEncoder):
         seed: int = 0,
         check_minimum: bool | None = None,
         trace_objective: bool | None = None,
+        start: AbstractStart | None = None,
     ) -> None:
         descent = isinstance(solver, (SafeguardedNewton, SafeguardedLBFGS))
         super().__init__(model, solver=None if descent else solver, adjoint=adjoint, throw=throw)
@@ -486,6 +495,8 @@ class AutoDEQ(AbstractMAPEncoder):
             leaves.append(nn.Parameter(_unconstrain(t, value.detach(), n)))
         self.unconstrained = nn.ParameterList(leaves)
         self._layouts: dict = {}
+        self._solving = None  # the evaluator of the solve in progress (for summary, via its start)
+        self.start = ZeroStart() if start is None else start
 
     @classmethod
     def from_values(cls, model, values: Mapping[str, torch.Tensor], **options) -> AutoDEQ:
@@ -822,10 +833,58 @@ class AutoDEQ(AbstractMAPEncoder):
         return (next(iter(data.values())).shape[0], self._layout(data).dim)
 
     def initial_guess(self, data: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Zeros: every local site at the image of 0 under its transform (as ``fit_map``'s center)."""
-        n, D = self.latent_shape(data)
-        ref = next(iter(data.values()))
-        return torch.zeros(n, D, dtype=self._dtype_now(data), device=ref.device)
+        """The start of the solve: :attr:`start` applied to these (validated) data, checked.
+
+        Raises
+        ------
+        ValueError
+            The start returned a tensor of the wrong shape or with a non-finite entry.
+        """
+        data = self._as_mapping(data)
+        z0 = as_tensor(self.start(self, data), f"the start {type(self.start).__name__}",
+                       dtype=self._dtype_now(data))
+        check_shape(z0, tuple(self.latent_shape(data)), f"the start {type(self.start).__name__}")
+        check_finite(z0, f"the start {type(self.start).__name__}")
+        return z0
+
+    def _as_mapping(self, data) -> dict[str, torch.Tensor]:
+        if isinstance(data, Mapping):
+            return data
+        names = tuple(self.model.data_names)
+        if len(names) != 1:
+            raise TypeError(f"pass the data as a mapping {{name: tensor}} for {list(names)}, "
+                            f"not a bare {type(data).__name__}")
+        return {names[0]: data}
+
+    def summary(self, data: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        r"""The score at the origin, $s = \nabla_u \log p(y_s, u \mid \theta)\rvert_{u = 0}$, ``(n, D)``, detached.
+
+        The data summary :class:`~deqppl.encoders.LearnedStart` regresses the fixed point on,
+        for any model: the gradient of each row's log posterior at the centre of the
+        unconstrained latent space, one batched gradient pass (through the traced objective
+        where it is traced; within a solve, the solve's own evaluator). For an ExpFamPCA
+        with $R$ = identity it is $W^\top(T(y) - A'(B))$, an affine map of the PED encoder's
+        summary $W^\top T(y)$ (so the two learned starts agree: the regression standardises
+        its inputs), and $u^*$ solves $s = \lambda u + W^\top(A'(Wu + B) - A'(B))$, a
+        function of $s$ alone. In general the score is a first-order summary, not a
+        sufficient one: the start is then a heuristic, which changes only the cost.
+
+        ``data`` are validated data (the output of :meth:`check_data`), or the bare tensor
+        for a model with one data name, and are not checked again (a tensor-level method).
+        """
+        data = self._as_mapping(data)
+        ev = self._solving
+        with torch.no_grad():
+            if ev is None or ev.data is not data:
+                layout = self._layout(data)
+                n = next(iter(data.values())).shape[0]
+                ref = next(iter(data.values()))
+                zeros = torch.zeros(n, layout.dim, dtype=self._dtype_now(data), device=ref.device)
+                ev = self._evaluator(data, layout, self._globals(detach=True), zeros)
+            n = ev.n
+            u = torch.zeros(n, ev.layout.dim, dtype=self._dtype_now(data), device=next(iter(data.values())).device)
+            _, g = ev.value_and_grad(torch.arange(n, device=u.device), u)
+        return -g.detach()
 
     def to_sites(self, z: torch.Tensor, data: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The stacked unconstrained $u$ as the model's local sites (constrained values).
@@ -878,17 +937,26 @@ class AutoDEQ(AbstractMAPEncoder):
                 f"None, got {solver!r}"
             )
         shape = (next(iter(data.values())).shape[0], layout.dim)
+        start = time.perf_counter()
+        dtype = self._dtype_now(data)
+        ref = next(iter(data.values()))
+        with torch.no_grad():
+            # the evaluator first: a start that needs the objective (summary) uses it too
+            ev = self._evaluator(data, layout, self._globals(detach=True),
+                                 torch.zeros(shape, dtype=dtype, device=ref.device))
         if z0 is None:
-            z0 = self.initial_guess(data)
+            self._solving = ev
+            try:
+                z0 = self.initial_guess(data)
+            finally:
+                self._solving = None
         else:
-            z0 = as_tensor(z0, "z0", dtype=self._dtype_now(data))
+            z0 = as_tensor(z0, "z0", dtype=dtype)
             check_shape(z0, shape, "z0")
             check_finite(z0, "z0")
         throw = self.throw if throw is None else throw
         dtype = z0.dtype
-        start = time.perf_counter()
         with torch.no_grad():
-            ev = self._evaluator(data, layout, self._globals(detach=True), z0.detach())
             if solver is None:  # Newton where Hessians are cheap: few latents, or separable
                 separable = ev.fast is not None and ev.fast.curvature is not None
                 solver = SafeguardedNewton() if separable or layout.dim <= NEWTON_MAX_DIM else SafeguardedLBFGS()
