@@ -701,6 +701,10 @@ class AutoDEQ(WithStart, AbstractMAPEncoder):
 
     def objective(self, z: torch.Tensor, data: object, *, validated: bool = False) -> torch.Tensor:
         r"""Per-row negative log posterior $F_s(u_s)$, ``(n,)``, at unconstrained ``z`` ``(n, D)``."""
+        ev = self._solving
+        if ev is not None and ev.data is data and not torch.is_grad_enabled():
+            # inside a solve (a start comparing candidates): the solve's evaluator, no graph
+            return ev.value(torch.arange(ev.n, device=z.device), z)
         data = self._data(data, validated)
         layout = self._layout(data)
         with pyro.validation_enabled(False):
