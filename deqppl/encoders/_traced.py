@@ -33,6 +33,19 @@ every operation is of a known affine, pointwise or summing kind, no pointwise op
 two affine leaves or two differently-moved copies of one, and nothing pointwise follows a sum;
 the first batch of each shape checks the result against the autograd Hessian. Any other graph
 gets the autograd Hessian of :meth:`AutoDEQ._linearize`.
+
+Derivative graphs. For a separable objective, autograd's passes themselves -- the gradient
+and the double-backward pass giving every $c_k$ -- are traced once more by ``make_fx`` into
+plain forward graphs (:class:`_Derivatives`: $F$ only; $F$ and $\nabla F$; $F$, $\nabla F$
+and the $c_k$), rid of the ones, negations and unit factors autograd writes out
+(:func:`_fold_uniform`), reassociated where that saves a pass over the data
+(:func:`_reassociate`), with their latent-free nodes hoisted out to run once per solve
+(:func:`_hoist`), and with the batch size in their shape arguments replaced by the number of
+rows evaluated (:func:`_row_generic`), so that the rows still iterating are evaluated on
+their own (their row-wise inputs gathered), as the hand-written PED encoder's Newton does.
+Each evaluation then runs only the aten operations on the latents of those rows, without the
+autograd engine. The first batch of each shape checks values, gradients, Hessians and row
+subsets against autograd on the body graph (:meth:`BoundObjective.check`).
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ the terms that do not depend on the latents are evaluated once per solve, and wh
 is *separable* (the latents enter through affine maps feeding pointwise operations that are
 summed, as in every exponential-family likelihood) the per-row Hessians are
 $A^\top\operatorname{diag}(c)A$ from one Hessian-vector product and a GEMM, the product the
-PED encoder forms by hand. Otherwise per-row gradients and Hessians come from autograd on the
-trace: one reverse pass gives every row's gradient (rows do not interact), and the per-row
+PED encoder forms by hand, and $F$, $\nabla F$ and the curvatures come from traced derivative
+graphs that evaluate only the rows still iterating. Otherwise per-row gradients and Hessians
+come from autograd on the trace: one reverse pass gives every row's gradient (rows do not interact), and the per-row
 Hessians are the vector-Jacobian products of that gradient with the $D$ coordinate
 directions, each set in every row at once, batched by ``vmap`` inside autograd
 (``is_grads_batched``). Inside :mod:`torch.func` transforms, and for the adjoint, the
@@ -1327,14 +1328,20 @@ def _newton(ev, solver, u, rtol, *, final_hessians=False):
         idx = torch.nonzero(active).squeeze(-1)
         if exact_at(step):
             # per-row Hessians of the active rows, from the linearisations they are at
-            H = u.new_empty(idx.numel(), u.shape[1], u.shape[1])
-            where = torch.full((N,), -1, dtype=torch.long, device=u.device)
-            where[idx] = torch.arange(idx.numel(), device=u.device)
-            for rows, valid, hess in groups:
-                need = torch.nonzero(active[rows] & valid).squeeze(-1)
-                if need.numel():
-                    counts["hessians"] += 1
-                    H[where[rows[need]]] = hess(need)
+            rows, valid, hess = groups[0]
+            need = torch.nonzero(active[rows] & valid).squeeze(-1)
+            if len(groups) == 1 and torch.equal(rows[need], idx):  # one linearisation: no scatter
+                counts["hessians"] += 1
+                H = hess(None if need.numel() == rows.numel() else need)
+            else:
+                H = u.new_empty(idx.numel(), u.shape[1], u.shape[1])
+                where = torch.full((N,), -1, dtype=torch.long, device=u.device)
+                where[idx] = torch.arange(idx.numel(), device=u.device)
+                for rows, valid, hess in groups:
+                    need = torch.nonzero(active[rows] & valid).squeeze(-1)
+                    if need.numel():
+                        counts["hessians"] += 1
+                        H[where[rows[need]]] = hess(need)
         else:
             H = approx[idx]
         groups = []

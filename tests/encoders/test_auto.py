@@ -564,3 +564,121 @@ def test_constrained_globals_are_held_unconstrained():
         enc.load_values(flipped)
     enc.load_values({**values, "a": 2 * values["a"]})
     torch.testing.assert_close(enc.values()["a"], 2 * values["a"])
+
+
+@pytest.mark.parametrize("case", TRACED_PCA, ids=[c[0] for c in TRACED_PCA])
+def test_traced_derivatives_of_row_subsets_equal_autograd_on_the_pyro_trace(case):
+    # the derivative graphs (autograd's passes traced, folded, hoisted, rewritten for any
+    # number of rows) against autograd on the Pyro log joint, on the batch and on subsets
+    _, fam, nl, lam, scale = case
+    model, y, values = _pca(fam, nl, lam, scale, n=40)
+    enc = AutoDEQ(model, values, trace_objective=True)
+    data = enc.check_data(y)
+    layout, params = enc._layout(data), enc._globals(detach=True)
+    gen = torch.Generator().manual_seed(3)
+    u = 0.5 * torch.randn(40, L, generator=gen, dtype=F64)
+    with torch.no_grad():
+        ev = enc._evaluator(data, layout, params, torch.zeros_like(u))
+        assert ev.fast is not None and ev.fast.compact
+        for rows in (torch.arange(40), torch.tensor([3, 17, 39]), torch.tensor([5])):
+            F, g, hess = ev.linearize(rows, u[rows])
+            sub = {k: v[rows] for k, v in data.items()}
+            F_ref, g_ref, hess_ref = enc._linearize(u[rows], sub, layout, params)
+            torch.testing.assert_close(F, F_ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(hess(), hess_ref(), rtol=1e-12, atol=1e-12)
+            # a selection of the rows' Hessians, as the Newton steps ask for them
+            torch.testing.assert_close(hess(torch.tensor([0])), hess_ref()[:1], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(ev.value(rows, u[rows]), F_ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(ev.value_and_grad(rows, u[rows])[1], g_ref, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# starts: summary() is the score at u = 0, a start changes the cost only
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("traced", [False, True], ids=["pyro", "traced"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_summary_is_the_score_at_zero(case, traced):
+    # closed form from the hand-written layer: f(z) = z - grad F(z) / lam, so the score at 0
+    # is -grad F(0) = lam * f(0) (every family and nonlinearity)
+    _, fam, nl, lam, scale = case
+    model, y, values = _pca(fam, nl, lam, scale, n=40)
+    auto = AutoDEQ(model, values, trace_objective=traced)
+    ped = PEDEncoder.from_values(model, values)
+    with torch.no_grad():
+        s = auto.summary(auto.check_data(y))
+        want = lam * ped.layer(torch.zeros(40, L, dtype=F64), y)
+    torch.testing.assert_close(s, want, rtol=1e-12, atol=1e-12)
+    if nl == identity():  # an affine map of the PED summary W^T T(y)
+        torch.testing.assert_close(s, ped.summary(y) - values["W"].T @ fam.dA(values["B"]))
+
+
+@pytest.mark.parametrize("name", list(USER_MODELS))
+def test_summary_equals_finite_differences_of_the_objective(name):
+    model, sim = _simulated(name, n=12)
+    values = {site: sim.truth[site] for site in model.global_sites}
+    enc = AutoDEQ(model, values)
+    data = enc.check_data(sim.data)
+    s = enc.summary(data)
+    n, dim = enc.latent_shape(data)
+    h = 1e-5
+    fd = torch.empty(n, dim, dtype=F64)
+    with torch.no_grad():
+        for k in range(dim):
+            e = torch.zeros(n, dim, dtype=F64)
+            e[:, k] = h
+            fd[:, k] = -(enc.objective(e, data, validated=True) - enc.objective(-e, data, validated=True)) / (2 * h)
+    # central differences: error O(h^2 |F'''|) ~ 1e-9 here
+    torch.testing.assert_close(s, fd, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["pyro", "traced"])
+@pytest.mark.parametrize("family", [poisson(), bernoulli()], ids=["poisson", "bernoulli"])
+def test_learned_start_changes_the_cost_not_the_fixed_point(family, traced):
+    from deqppl.encoders import LearnedStart, ZeroStart
+
+    model, y, values = _pca(family, identity(), 1.0, 0.5, n=60)
+    y_train = model.simulate(300, seed=5, dtype=F64).data["y"]
+    solver = SafeguardedNewton(rtol=TIGHT)
+    zero = AutoDEQ(model, values, solver=solver, trace_objective=traced)
+    assert isinstance(zero.start, ZeroStart)
+    unfitted = AutoDEQ(model, values, start=LearnedStart(degree=2))
+    with pytest.raises(ValueError, match="not fitted"):
+        unfitted(y)
+    learned = AutoDEQ(model, values, solver=solver, trace_objective=traced)
+    learned.start = LearnedStart(degree=2, fallback=ZeroStart()).fit(learned, y_train)
+    with torch.no_grad():
+        sol_zero, sol_learned = zero.solve(y), learned.solve(y)
+        z0 = learned.initial_guess(learned.check_data(y))
+    assert bool(sol_zero.converged.all()) and bool(sol_learned.converged.all())
+    torch.testing.assert_close(sol_learned.value, sol_zero.value, rtol=0.0, atol=1e-10)
+    # the start is nearer the fixed points than zero, and the solve no longer
+    assert float((z0 - sol_zero.value).norm()) < float(sol_zero.value.norm())
+    assert sol_learned.num_steps <= sol_zero.num_steps
+
+
+def test_bad_starts_raise_clearly():
+    from deqppl.encoders import AbstractStart, LearnedStart
+
+    model, y, values = _pca(poisson(), identity(), 1.0, 0.5, n=30)
+    with pytest.raises(TypeError, match="start must be a deqppl.encoders start object"):
+        AutoDEQ(model, values, start="zeros")
+
+    class Wrong(AbstractStart):
+        def __init__(self, value):
+            self.value = value
+
+        def __call__(self, encoder, data):
+            return self.value
+
+    with pytest.raises(ValueError, match="the start Wrong"):
+        AutoDEQ(model, values, start=Wrong(torch.zeros(30, L + 1, dtype=F64)))(y)
+    with pytest.raises(ValueError, match="the start Wrong"):
+        AutoDEQ(model, values, start=Wrong(torch.full((30, L), float("nan"), dtype=F64)))(y)
+    # a learned start fitted for another latent size
+    other, y_other, values_other = _pca(poisson(), identity(), 1.0, 0.5, n=60)
+    wide = ExpFamPCA(family=poisson(), obs_dim=D, latent_dim=L + 1)
+    ped = PEDEncoder(wide).double()
+    start = LearnedStart(degree=1).fit(ped, y_other)
+    with pytest.raises(ValueError, match="width"):
+        AutoDEQ(model, values, start=start)(y)
