@@ -189,7 +189,8 @@ class BoundObjective:
             return self.curvature.value(u, rows)
         return self(u)
 
-    def value_and_grad(self, u: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_grad(self, u: torch.Tensor,
+                       rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``F, g`` per row: from the derivative graph where the objective is separable, else
         by one reverse pass of autograd through the body (rows do not interact)."""
         if self.curvature is not None and self.curvature.derived is not None:
@@ -464,7 +465,8 @@ class _BoundSeparable:
         body, consts, _ = self._graph("value", rows)
         return body(u, *consts)
 
-    def value_and_grad(self, u: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_grad(self, u: torch.Tensor,
+                       rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         body, consts, _ = self._graph("grad", rows)
         F, g = body(u, *consts)
         return F, g
@@ -600,8 +602,12 @@ def _fold_uniform(graph: fx.Graph) -> None:
         elif op in (_aten.mul.Tensor, _aten.mul.Scalar) and not node.kwargs:
             for x, k in ((args[0], vals[1]), (args[1], vals[0])):
                 if k is not None and same(node, x):
-                    replacement = x if k == 1.0 else (
-                        insert(node, _aten.neg.default, (x,)) if k == -1.0 else insert(node, _aten.mul.Scalar, (x, k)))
+                    if k == 1.0:
+                        replacement = x
+                    elif k == -1.0:
+                        replacement = insert(node, _aten.neg.default, (x,))
+                    else:
+                        replacement = insert(node, _aten.mul.Scalar, (x, k))
                     break
         elif op in (_aten.div.Tensor, _aten.div.Scalar) and not node.kwargs and vals[1] is not None \
                 and same(node, args[0]):
@@ -674,7 +680,8 @@ def _reassociate(graph: fx.Graph) -> None:
         elif op is _aten.sum.dim_IntList and len(args) >= 2 and isinstance(args[0], fx.Node):
             inner = args[0]
             if inner.op == "call_function" and inner.target in (_aten.add.Tensor, _aten.sub.Tensor) \
-                    and not inner.kwargs and len(inner.args) == 2 and all(isinstance(a, fx.Node) for a in inner.args):
+                    and not inner.kwargs and len(inner.args) == 2 \
+                    and all(isinstance(a, fx.Node) for a in inner.args):
                 x, c = inner.args
                 if x in dep and c not in dep and _shape(c) == _shape(x) == _shape(inner):
                     sx = call(node, _aten.sum.dim_IntList, (x, *args[1:]), node.meta)
@@ -815,7 +822,8 @@ def _row_generic(gm: fx.GraphModule, n: int) -> fx.GraphModule | None:
 
     for node in nodes:
         args = list(node.args)
-        if node.target in _SHAPED and len(args) > 1 and isinstance(args[1], (list, tuple)) and args[1]                 and args[1][0] == n:
+        if node.target in _SHAPED and len(args) > 1 and isinstance(args[1], (list, tuple)) and args[1] \
+                and args[1][0] == n:
             args[1] = [rows, *args[1][1:]]
             node.args = tuple(args)
         if literal(node.args[1:] if node.target in _SHAPED else node.args) or literal(tuple(node.kwargs.values())):

@@ -30,9 +30,9 @@ summed, as in every exponential-family likelihood) the per-row Hessians are
 $A^\top\operatorname{diag}(c)A$ from one Hessian-vector product and a GEMM, the product the
 PED encoder forms by hand, and $F$, $\nabla F$ and the curvatures come from traced derivative
 graphs that evaluate only the rows still iterating. Otherwise per-row gradients and Hessians
-come from autograd on the trace: one reverse pass gives every row's gradient (rows do not interact), and the per-row
-Hessians are the vector-Jacobian products of that gradient with the $D$ coordinate
-directions, each set in every row at once, batched by ``vmap`` inside autograd
+come from autograd on the trace: one reverse pass gives every row's gradient (rows do not
+interact), and the per-row Hessians are the vector-Jacobian products of that gradient with
+the $D$ coordinate directions, each set in every row at once, batched by ``vmap`` inside autograd
 (``is_grads_batched``). Inside :mod:`torch.func` transforms, and for the adjoint, the
 same quantities come from ``torch.func`` (``grad``, ``vjp``, ``vmap``), which compose with
 them (plain autograd is used elsewhere because it was measured 3-6x faster: torch.func
