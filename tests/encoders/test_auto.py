@@ -683,3 +683,25 @@ def test_bad_starts_raise_clearly():
     start = LearnedStart(degree=1).fit(ped, y_other)
     with pytest.raises(ValueError, match="width"):
         AutoDEQ(model, values, start=start)(y)
+
+
+def test_traced_derivatives_in_row_blocks_equal_the_whole_batch(monkeypatch):
+    # blocks of 7 rows (a few data entries each) against one block: the same values
+    import deqppl.encoders._traced as traced_module
+
+    model, y, values = _pca(poisson(), identity(), 1.0, 0.5, n=40)
+    gen = torch.Generator().manual_seed(4)
+    u = 0.5 * torch.randn(40, L, generator=gen, dtype=F64)
+    rows = torch.arange(1, 40, 2)
+    results = []
+    for entries in (traced_module.BLOCK_ENTRIES, 7 * D):
+        monkeypatch.setattr(traced_module, "BLOCK_ENTRIES", entries)
+        enc = AutoDEQ(model, values, trace_objective=True)
+        data = enc.check_data(y)
+        with torch.no_grad():
+            ev = enc._evaluator(data, enc._layout(data), enc._globals(detach=True), torch.zeros_like(u))
+            assert ev.fast.compact and ev.fast.curvature.block_rows == entries // D
+            F, g, hess = ev.linearize(rows, u[rows])
+            results.append((F, g, hess(), ev.value(rows, u[rows]), enc.solve(y).value))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
