@@ -31,7 +31,16 @@ from deqppl.expfam import Likelihood, relu
 from deqppl.io.registry import register
 from deqppl.validation import as_tensor, check_finite, check_shape
 
-from .base import AbstractMAPEncoder, LaplaceResult, default_adjoint, default_rtol, weighted_gram
+from .base import (
+    AbstractMAPEncoder,
+    LaplaceResult,
+    default_adjoint,
+    default_rtol,
+    gram_factors,
+    graph_free,
+    row_blocks,
+    weighted_gram,
+)
 from .starts import AbstractStart, RidgeStart, WithStart
 
 __all__ = ["LaplaceResult", "PEDEncoder", "UniquenessReport", "default_adjoint", "default_solver"]
@@ -202,18 +211,44 @@ class PEDEncoder(WithStart, AbstractMAPEncoder):
         return z @ self.W.T + self.B
 
     def layer(self, z: torch.Tensor, data) -> torch.Tensor:
-        r"""One PED layer $f(z;y)=\lambda^{-1}W^\top(T(y)\odot\rho(\eta)-\sigma(\eta))$."""
-        eta = self.eta(z)
-        return self.likelihood.drive(_observations(data), eta) @ self.W / self.lam
+        r"""One PED layer $f(z;y)=\lambda^{-1}W^\top(T(y)\odot\rho(\eta)-\sigma(\eta))$.
+
+        Without an autograd graph (inside the solver) it is evaluated in row blocks
+        (:func:`~deqppl.encoders.base.row_blocks`) written into one output, the same
+        arithmetic row by row as the whole-batch expression used when a graph is recorded.
+        """
+        y = _observations(data)
+        W, B = self.W, self.B
+        if not graph_free(z, W, B):
+            return self.likelihood.drive(y, self.eta(z)) @ W / self.lam
+        W, B = W.detach(), B.detach()
+        out = z.new_empty(z.shape[0], W.shape[1])
+        for rows in row_blocks(z.shape[0], W.shape[0]):
+            eta = torch.addmm(B, z[rows], W.T)
+            torch.mm(self.likelihood.drive(y[rows], eta), W, out=out[rows])
+        return out.div_(self.lam)
 
     def layer_jacobian(self, z: torch.Tensor, data) -> torch.Tensor:
         r"""Exact per-sample Jacobian $J_f=-\lambda^{-1}W^\top\mathrm{diag}(c)W$, ``(n, l, l)``.
 
         $c = \sigma'(\eta)-T(y)\rho'(\eta)$ is :meth:`~deqppl.expfam.Likelihood.curvature`;
-        the product is one GEMM (:func:`~deqppl.encoders.base.weighted_gram`).
+        the product is one GEMM over the $l(l+1)/2$ entries of the upper triangle
+        (:func:`~deqppl.encoders.base.weighted_gram`), in row blocks without a graph (as
+        :meth:`layer`).
         """
-        c = self.likelihood.curvature(_observations(data), self.eta(z))
-        return -weighted_gram(self.W, c) / self.lam
+        y = _observations(data)
+        W, B = self.W, self.B
+        if not graph_free(z, W, B):
+            return -weighted_gram(W, self.likelihood.curvature(y, self.eta(z))) / self.lam
+        W, B = W.detach(), B.detach()
+        l = W.shape[1]
+        outer, index = gram_factors(W)
+        out = z.new_empty(z.shape[0], l * l)
+        for rows in row_blocks(z.shape[0], W.shape[0]):
+            eta = torch.addmm(B, z[rows], W.T)
+            upper = torch.mm(self.likelihood.curvature(y[rows], eta), outer).div_(-self.lam)
+            torch.index_select(upper, 1, index, out=out[rows])
+        return out.view(-1, l, l)
 
     def hessian(self, z: torch.Tensor, data) -> torch.Tensor:
         r"""Hessian of the negative log posterior $H=\lambda(I-J_f)$, ``(n, l, l)``."""
@@ -268,8 +303,12 @@ class PEDEncoder(WithStart, AbstractMAPEncoder):
         with torch.no_grad():
             y = _observations(data)
             fam = self.model.family
-            v = self.likelihood.natural(self.eta(z))
-            return 0.5 * self.lam * (z * z).sum(-1) + (fam.A(v) - fam.T(y) * v).sum(-1)
+            W, B = self.W.detach(), self.B.detach()
+            out = 0.5 * self.lam * (z * z).sum(-1)
+            for rows in row_blocks(z.shape[0], W.shape[0]):  # as layer: cache-sized blocks
+                v = self.likelihood.natural(torch.addmm(B, z[rows], W.T))
+                out[rows] += (fam.A(v) - fam.T(y[rows]) * v).sum(-1)
+            return out
 
     def summary(self, data) -> torch.Tensor:
         r"""The data summary $s = W^\top T(y)$ ``(n, latent_dim)``, detached.
