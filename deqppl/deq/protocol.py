@@ -438,6 +438,22 @@ class AbstractSolver(abc.ABC):
 # the one driver
 # ----------------------------------------------------------------------------------------------
 
+def select_rows(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask[:, None], a, b)`` for a ``(B,)`` mask (``a``, ``b`` ``(B,)`` or
+    ``(B, n)``), returning ``a`` or ``b`` itself where the mask is uniform.
+
+    The driver's masks are uniform at most steps (every row kept, none rejected), and an
+    elementwise ``where`` over ``(B, n)`` costs ~10 additions (measured: 0.13 ms against
+    0.011 ms for ``a + b`` at ``(10 000, 5)`` float64), about 8% of a Newton solve of the PED
+    encoder there. The result may be ``a`` or ``b`` (not a copy): callers never write into it.
+    """
+    if bool(mask.all()):
+        return a
+    if not bool(mask.any()):
+        return b
+    return torch.where(mask[:, None] if a.ndim > 1 else mask, a, b)
+
+
 class _Monitor:
     """Per-sample convergence bookkeeping of the driver.
 
@@ -478,11 +494,11 @@ class _Monitor:
             self.first_res = torch.where(finite, res, torch.full_like(res, math.inf))
         new_conv = was_active & finite & (res <= self.atol + self.rtol * fnorm)
         keep = new_conv | (was_active & finite & (res < self.best_res))
-        self.best_res = torch.where(keep, res, self.best_res)
-        self.best_fnorm = torch.where(keep, fnorm, self.best_fnorm)
-        self.best_z = torch.where(keep[:, None], z, self.best_z)
-        self.best_fz = torch.where(keep[:, None], fz, self.best_fz)
-        self.last_res = torch.where(was_active, res, self.last_res)
+        self.best_res = select_rows(keep, res, self.best_res)
+        self.best_fnorm = select_rows(keep, fnorm, self.best_fnorm)
+        self.best_z = select_rows(keep, z, self.best_z)
+        self.best_fz = select_rows(keep, fz, self.best_fz)
+        self.last_res = select_rows(was_active, res, self.last_res)
         self.converged |= new_conv
         self.nonfinite |= was_active & ~finite
         if self.divergence_ratio is not None:
@@ -498,7 +514,7 @@ class _Monitor:
         self.stagnated |= mask & self.active
 
     def freeze(self, z_new: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        return torch.where(active[:, None], z_new, self.best_z)
+        return select_rows(active, z_new, self.best_z)
 
     def status(self) -> Status:
         if bool(self.converged.all()):
@@ -598,12 +614,14 @@ def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Ten
             if fz_new is None:
                 fz = problem(z)
             else:
-                fz = torch.where(active[:, None], fz_new, monitor.best_fz)
+                fz = select_rows(active, fz_new, monitor.best_fz)
             steps += 1
         info = solver.postprocess(problem, state, iterate)
     tiny = torch.finfo(z0.dtype).tiny
+    # select_rows may have kept the caller's z0 itself as the best iterate: return a copy
+    value = monitor.best_z.clone() if monitor.best_z is z0 else monitor.best_z
     return Solution(
-        value=monitor.best_z, residual=monitor.best_res,
+        value=value, residual=monitor.best_res,
         rel_residual=monitor.best_res / (monitor.best_fnorm + tiny),
         converged=monitor.converged.clone(), status=monitor.status(), num_steps=steps,
         num_fevals=problem.num_fevals, num_jac_evals=problem.num_jac_evals,
@@ -658,7 +676,7 @@ def backtracking_line_search(
     step = torch.ones_like(res0)
     num_trials = max_backtracks + 1 if line_search else 1
     for _ in range(num_trials):
-        z_try = torch.where(accepted[:, None], z_acc, z + step[:, None] * direction)
+        z_try = select_rows(accepted, z_acc, z + step[:, None] * direction)
         fz_try = evaluate(z_try)
         res = torch.linalg.vector_norm(fz_try - z_try, dim=1)
         finite = torch.isfinite(res)
@@ -667,8 +685,8 @@ def backtracking_line_search(
         else:
             ok = ~accepted & finite
         accepted = accepted | ok
-        z_acc = torch.where(ok[:, None], z_try, z_acc)
-        fz_acc = torch.where(ok[:, None], fz_try, fz_acc)
+        z_acc = select_rows(ok, z_try, z_acc)
+        fz_acc = select_rows(ok, fz_try, fz_acc)
         if bool(accepted.all()):
             return z_acc, fz_acc, torch.zeros_like(accepted), True
         step = torch.where(accepted, step, 0.5 * step)

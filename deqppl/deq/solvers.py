@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .protocol import AbstractSolver, backtracking_line_search, check_int, check_real
+from .protocol import AbstractSolver, backtracking_line_search, check_int, check_real, select_rows
 
 __all__ = ["FixedPointIteration", "Anderson", "Broyden", "Newton"]
 
@@ -412,7 +412,7 @@ class Newton(AbstractSolver):
             jac = problem.linearize(z).jacobian()
         direction, info = torch.linalg.solve_ex(state.eye - jac, g)
         bad = (info != 0) | ~torch.isfinite(direction).all(-1)
-        direction = torch.where(bad[:, None], g, direction)
+        direction = select_rows(bad, g, direction)
         last = []
 
         def evaluate(z_try):
