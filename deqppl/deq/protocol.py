@@ -53,6 +53,7 @@ __all__ = [
     "Iterate",
     "Linearization",
     "run_solver",
+    "select_rows",
     "backtracking_line_search",
     "check_real",
     "check_int",
@@ -146,20 +147,37 @@ class Linearization:
     of $f$ (it reuses the recorded vector-Jacobian function, or calls the analytic Jacobian).
     """
 
-    def __init__(self, problem: FixedPointProblem, z: torch.Tensor, fz: torch.Tensor, vjp_fn):
+    def __init__(self, problem: FixedPointProblem, z: torch.Tensor, fz: torch.Tensor, vjp_fn,
+                 jacobian_fn: Callable[[torch.Tensor | None], torch.Tensor] | None = None):
         self._problem = problem
         self.z = z
         self.fz = fz
         self._vjp_fn = vjp_fn
+        self._jacobian_fn = jacobian_fn
 
-    def jacobian(self) -> torch.Tensor:
-        """Per-sample Jacobian ``(B, n, n)``, ``J[b, i, j] = d f_i / d z_j`` at ``z``."""
+    @property
+    def fused(self) -> bool:
+        """Whether the Jacobian comes from the problem's ``linearize`` (what the evaluation of
+        $f$ kept), so that :meth:`jacobian` costs less than a fresh analytic Jacobian."""
+        return self._jacobian_fn is not None
+
+    def jacobian(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample Jacobian ``(B, n, n)``, ``J[b, i, j] = d f_i / d z_j`` at ``z``.
+
+        ``keep`` ``(k,)``: only those rows (positions in ``z``), ``(k, n, n)``.
+        """
         problem = self._problem
+        if self._jacobian_fn is not None:
+            problem._count_jac(self.z if keep is None else keep)
+            with torch.no_grad():
+                return self._jacobian_fn(keep)
         problem._count_jac(self.z)
         if problem.jac is not None:
             with torch.no_grad():
-                return problem.jac(self.z)
-        return jacobian_from_vjp(self._vjp_fn, self.z)
+                jac = problem.jac(self.z)
+        else:
+            jac = jacobian_from_vjp(self._vjp_fn, self.z)
+        return jac if keep is None else jac.index_select(0, keep)
 
 
 def jacobian_from_vjp(vjp_fn, z: torch.Tensor) -> torch.Tensor:
@@ -196,11 +214,19 @@ class FixedPointProblem:
         Optional ``(B, n) -> (B, n, n)``, the exact per-sample Jacobian of ``fn``; without it,
         `jacobian` forms it from ``n`` vector-Jacobian products.
     subset
-        Optional ``rows (k,) -> (fn_k, jac_k)``: the declaration that the rows of the batch are
-        independent problems, with ``fn`` (and ``jac``, or ``None``) on the batch rows ``rows``
-        only, ``(k, n) -> (k, n)``. With it, `run_solver` evaluates $f$ only on the rows still
+        Optional ``rows (k,) -> (fn_k, jac_k)`` or ``(fn_k, jac_k, linearize_k)``: the
+        declaration that the rows of the batch are independent problems, with ``fn`` (and
+        ``jac`` and ``linearize``, or ``None``) on the batch rows ``rows`` only,
+        ``(k, n) -> (k, n)``. With it, `run_solver` evaluates $f$ only on the rows still
         iterating (for solvers with ``supports_row_compaction``). Leave it ``None`` where rows
         are coupled (the kernel GLM's rows share one kernel system).
+    linearize
+        Optional ``z (B, n) -> (f(z), jacobian)`` with ``jacobian(keep)`` the per-sample
+        Jacobian at ``z`` on the rows ``keep`` ``(k,)`` (``None``: all), ``(k, n, n)``: $f$
+        evaluated together with what its Jacobian shares with it (e.g. a PED layer's
+        $A'(\\eta)$), so that a solver needing both at one point (`Newton` after an accepted
+        step) does not compute the shared part twice. Used by `linearize` (and hence by the
+        line search of `Newton`); needs ``jac`` too, which fresh Jacobians still use.
 
     Examples
     --------
@@ -215,10 +241,16 @@ class FixedPointProblem:
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor],
                  jac: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
-                 subset: Callable[[torch.Tensor], tuple[Callable, Callable | None]] | None = None):
+                 subset: Callable[[torch.Tensor], tuple[Callable | None, ...]] | None = None,
+                 linearize: Callable[[torch.Tensor], tuple[torch.Tensor, Callable]] | None = None):
+        if linearize is not None and jac is None:
+            raise ValueError("FixedPointProblem: linearize needs jac too (fresh Jacobians use it)")
         self.fn = fn
         self.jac = jac
         self.subset = subset
+        self.linearize_fn = linearize
+        #: The last `Linearization` made by `linearize` (a solver may reuse it at that point).
+        self.last_linearization: Linearization | None = None
         self._counts = _Counts()
 
     # The counters live in one `_Counts` shared with every `restrict`-ed problem, so that an
@@ -255,8 +287,8 @@ class FixedPointProblem:
         if self.subset is None:
             raise ValueError("restrict needs a FixedPointProblem built with subset=...: its rows "
                              "were not declared independent")
-        fn, jac = self.subset(rows)
-        sub = FixedPointProblem(fn, jac)
+        fn, jac, *lin = self.subset(rows)
+        sub = FixedPointProblem(fn, jac, linearize=lin[0] if lin else None)
         sub._counts = self._counts
         return sub
 
@@ -277,11 +309,23 @@ class FixedPointProblem:
     def linearize(self, z: torch.Tensor) -> Linearization:
         """``f(z)`` together with what its Jacobian at ``z`` needs (one counted evaluation)."""
         self._count_f(z)
-        if self.jac is not None:
+        if self.linearize_fn is not None:
             with torch.no_grad():
-                return Linearization(self, z, self.fn(z), None)
-        fz, vjp_fn = torch.func.vjp(self.fn, z)
-        return Linearization(self, z, fz.detach(), vjp_fn)
+                fz, jacobian_fn = self.linearize_fn(z)
+            lin = Linearization(self, z, fz, None, jacobian_fn)
+        elif self.jac is not None:
+            with torch.no_grad():
+                lin = Linearization(self, z, self.fn(z), None)
+        else:
+            fz, vjp_fn = torch.func.vjp(self.fn, z)
+            lin = Linearization(self, z, fz.detach(), vjp_fn)
+        self.last_linearization = lin
+        return lin
+
+    @property
+    def fused(self) -> bool:
+        """Whether `linearize` keeps what the Jacobian shares with $f$ (a ``linearize`` given)."""
+        return self.linearize_fn is not None
 
     def jacobian(self, z: torch.Tensor) -> torch.Tensor:
         """Per-sample Jacobian ``(B, n, n)`` at ``z`` (costs one evaluation without ``jac``)."""
@@ -386,6 +430,10 @@ class AbstractSolver(abc.ABC):
     #: steps only the rows still iterating. A solver that sets it ``True`` must treat every row
     #: on its own (no batch-wide reduction in ``step``) and implement `compact_state`.
     supports_row_compaction: ClassVar[bool] = False
+    #: The solver's first step needs the Jacobian at ``z0``: where the problem is `fused`, the
+    #: driver then evaluates ``f(z0)`` by `FixedPointProblem.linearize` (left on
+    #: ``problem.last_linearization`` for ``init``) instead of a plain evaluation.
+    linearizes_start: ClassVar[bool] = False
 
     def _check_common(self) -> None:
         """Validate ``rtol``, ``atol`` (see `check_tolerances`) and ``max_steps``."""
@@ -576,7 +624,8 @@ def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Ten
         monitor = _Monitor(rtol=solver.rtol, atol=solver.atol, z0=z0, record_trace=trace,
                            divergence_ratio=solver.divergence_ratio)
         if fz0 is None:
-            fz0 = problem(z0)
+            fz0 = (problem.linearize(z0).fz if solver.linearizes_start and problem.fused
+                   else problem(z0))
         else:
             problem._count_f(z0)
         z, fz, steps = z0, fz0, 0

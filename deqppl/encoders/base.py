@@ -18,7 +18,9 @@ A concrete encoder implements:
   $u = L^\top(T(y) - z)/\lambda$);
 
 and may refine ``layer_jacobian(z, data)`` (exact per-sample Jacobian ``(B, n, n)``; default:
-autograd inside the solver), ``hessian(z, data)`` (default: autograd Hessian of the model's
+autograd inside the solver), ``linearize(z, data) -> (layer, jacobian(keep))`` (the layer and
+a function for its Jacobian sharing their common work: :func:`~deqppl.deq.fixed_point`'s
+``linearize``; optional, with ``layer_jacobian``), ``hessian(z, data)`` (default: autograd Hessian of the model's
 negative log joint in $z$, taken from the Pyro trace) and ``default_solver(dtype)``.
 
 Here ``data`` is always the validated mapping returned by
@@ -474,6 +476,7 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
         solver = solver or self.solver or self.default_solver(dtype)
         adjoint = adjoint or self.adjoint or default_adjoint(dtype)
         has_jacobian = type(self).layer_jacobian is not AbstractMAPEncoder.layer_jacobian
+        linearize = getattr(self, "linearize", None) if has_jacobian else None
 
         def rows_of(rows):
             # the data of the batch rows `rows` (every data tensor is per row: rows_independent)
@@ -488,6 +491,8 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
             throw=self.throw if throw is None else throw,
             trace=trace,
             rows_independent=type(self).rows_independent,
+            linearize=None if linearize is None else
+            (lambda z, rows=None: linearize(z, rows_of(rows))),
         )
 
     def forward(self, data: object, *, z0: torch.Tensor | None = None) -> tuple[torch.Tensor, Solution]:
