@@ -97,6 +97,7 @@ class _FlatLinearize:
         self.linearize = linearize
         self.f_flat = f_flat
         self.jac_flat = jac_flat
+        self.checked = False  # the Jacobian function's output (the one of jac_flat is separate)
 
     def __call__(self, z: torch.Tensor, *tensors: torch.Tensor,
                  rows: torch.Tensor | None = None) -> tuple[torch.Tensor, Callable]:
@@ -111,13 +112,12 @@ class _FlatLinearize:
         if not flat.checked:
             flat._check(fz, batch)
             flat.checked = True
-        jac_flat = self.jac_flat
 
         def jacobian_flat(keep: torch.Tensor | None = None) -> torch.Tensor:
             jac = jacobian(keep)
-            if not jac_flat.checked:
-                jac_flat._check(jac, batch if keep is None else keep.shape[0])
-                jac_flat.checked = True
+            if not self.checked:
+                self.jac_flat._check(jac, batch if keep is None else keep.shape[0])
+                self.checked = True
             return jac
 
         return fz.reshape(batch, flat.n), jacobian_flat
