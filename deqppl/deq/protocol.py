@@ -724,8 +724,10 @@ def backtracking_line_search(
     z_acc, fz_acc = z, fz
     step = torch.ones_like(res0)
     num_trials = max_backtracks + 1 if line_search else 1
-    for _ in range(num_trials):
-        z_try = select_rows(accepted, z_acc, z + step[:, None] * direction)
+    for trial in range(num_trials):
+        # the first trial is the full step (t = 1: z + 1 * d is z + d exactly)
+        z_try = select_rows(accepted, z_acc, z + direction if trial == 0 else
+                            z + step[:, None] * direction)
         fz_try = evaluate(z_try)
         res = torch.linalg.vector_norm(fz_try - z_try, dim=1)
         finite = torch.isfinite(res)

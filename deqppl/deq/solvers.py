@@ -427,7 +427,8 @@ class Newton(AbstractSolver):
 
         z_new, fz_new, failed, last_is_final = backtracking_line_search(
             evaluate, z, fz, direction, active, line_search=self.line_search,
-            max_backtracks=self.max_backtracks, armijo=1e-4)
+            max_backtracks=self.max_backtracks, armijo=1e-4,
+            reference=iterate.residual_norm)  # = ||f(z) - z||, already computed by the driver
         state.linearization = last[0] if last_is_final else None
         state.keep = None
         return z_new, fz_new, state

@@ -289,20 +289,21 @@ class PEDEncoder(WithStart, AbstractMAPEncoder):
             m = lik.activation(torch.addmm(B, z[rows], W.T))  # R = identity: A'(eta)
             means.append(m)
             torch.mm(T(y[rows]) - m, W, out=out[rows])  # = drive, as in layer
-        starts = torch.tensor([rows.start for rows in blocks] + [n], dtype=torch.long)
+        starts = [rows.start for rows in blocks] + [n]
 
         def jacobian(keep=None):
             outer, index = gram_factors(W)
             size = n if keep is None else keep.shape[0]
             jac = z.new_empty(size, l * l)
             # kept rows of block b: positions bounds[b]:bounds[b + 1] of keep (it increases)
-            bounds = starts if keep is None else torch.searchsorted(keep.cpu(), starts)
+            bounds = starts if keep is None else torch.searchsorted(
+                keep.cpu(), torch.tensor(starts, dtype=keep.dtype)).tolist()
             for b, m in enumerate(means):
-                low, high = int(bounds[b]), int(bounds[b + 1])
+                low, high = bounds[b], bounds[b + 1]
                 if high == low:
                     continue
                 if keep is not None:
-                    m = m.index_select(0, keep[low:high] - int(starts[b]))
+                    m = m.index_select(0, keep[low:high] - starts[b])
                 upper = torch.mm(lik.curvature_from_mean(m), outer).div_(-self.lam)
                 torch.index_select(upper, 1, index, out=jac[low:high])
             return jac.view(-1, l, l)

@@ -268,9 +268,11 @@ def _polynomial_t(ut: torch.Tensor, degree: int) -> torch.Tensor:
     out[:k] = ut
     low, high = 0, k  # rows of the monomials of the previous degree
     for parents, variables in _monomial_steps(k, degree):
+        if parents.device != ut.device:
+            parents, variables = parents.to(ut.device), variables.to(ut.device)
         size = parents.shape[0]
-        torch.mul(out[low:high].index_select(0, parents.to(ut.device)),
-                  ut.index_select(0, variables.to(ut.device)), out=out[high:high + size])
+        torch.mul(out[low:high].index_select(0, parents), ut.index_select(0, variables),
+                  out=out[high:high + size])
         low, high = high, high + size
     return out
 
