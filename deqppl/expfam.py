@@ -415,7 +415,7 @@ def bernoulli() -> ExpFamily:
         A=F.softplus,
         dA=torch.sigmoid,
         d2A=lambda v: torch.sigmoid(v) * torch.sigmoid(-v),
-        d2A_of_mean=lambda m: m * (1.0 - m),
+        d2A_of_mean=lambda m: torch.addcmul(m, m, m, value=-1.0),  # m - m^2, one pass
         link=torch.logit,
         in_support=lambda y: (y == 0) | (y == 1),
         support_text="0 or 1",
@@ -444,7 +444,7 @@ def binomial(total_count: int) -> ExpFamily:
         A=lambda v: t * F.softplus(v),
         dA=lambda v: t * torch.sigmoid(v),
         d2A=lambda v: t * torch.sigmoid(v) * torch.sigmoid(-v),
-        d2A_of_mean=lambda m: m * (1.0 - m / t),
+        d2A_of_mean=lambda m: torch.addcmul(m, m, m, value=-1.0 / t),  # m - m^2 / t
         link=lambda m: torch.logit(m / t),
         in_support=lambda y: _is_integer(y) & (y >= 0) & (y <= t),
         support_text=f"integers 0..{t}",

@@ -243,12 +243,12 @@ class PEDEncoder(WithStart, AbstractMAPEncoder):
         W, B = W.detach(), B.detach()
         l = W.shape[1]
         outer, index = gram_factors(W)
-        out = z.new_empty(z.shape[0], l * l)
+        outer = outer / -self.lam  # J_f = -H/lam: scaled once, not per row
+        upper = z.new_empty(z.shape[0], outer.shape[1])
         for rows in row_blocks(z.shape[0], W.shape[0]):
             eta = torch.addmm(B, z[rows], W.T)
-            upper = torch.mm(self.likelihood.curvature(y[rows], eta), outer).div_(-self.lam)
-            torch.index_select(upper, 1, index, out=out[rows])
-        return out.view(-1, l, l)
+            torch.mm(self.likelihood.curvature(y[rows], eta), outer, out=upper[rows])
+        return upper.index_select(1, index).view(-1, l, l)
 
     def linearize(self, z: torch.Tensor, data):
         r""":meth:`layer` at ``z`` and a function for :meth:`layer_jacobian` there, sharing $A'(\eta)$.
@@ -293,8 +293,9 @@ class PEDEncoder(WithStart, AbstractMAPEncoder):
 
         def jacobian(keep=None):
             outer, index = gram_factors(W)
+            outer = outer / -self.lam
             size = n if keep is None else keep.shape[0]
-            jac = z.new_empty(size, l * l)
+            upper = z.new_empty(size, outer.shape[1])
             # kept rows of block b: positions bounds[b]:bounds[b + 1] of keep (it increases)
             bounds = starts if keep is None else torch.searchsorted(
                 keep.cpu(), torch.tensor(starts, dtype=keep.dtype)).tolist()
@@ -304,9 +305,8 @@ class PEDEncoder(WithStart, AbstractMAPEncoder):
                     continue
                 if keep is not None:
                     m = m.index_select(0, keep[low:high] - starts[b])
-                upper = torch.mm(lik.curvature_from_mean(m), outer).div_(-self.lam)
-                torch.index_select(upper, 1, index, out=jac[low:high])
-            return jac.view(-1, l, l)
+                torch.mm(lik.curvature_from_mean(m), outer, out=upper[low:high])
+            return upper.index_select(1, index).view(-1, l, l)
 
         return out.div_(self.lam), jacobian
 

@@ -572,8 +572,8 @@ class LearnedStart(AbstractStart):
                 torch.addmm(intercept, feats.T, coef, out=z0[rows])
             if self.network:
                 z0 = z0 + _network(u, [t.to(dtype=s.dtype, device=s.device) for t in self.network])
-            zeros = torch.zeros_like(z0)
-            z0 = torch.where(torch.isfinite(z0).all(-1, keepdim=True), z0, zeros)
+            if not bool(torch.isfinite(z0).all()):  # rare: only then the per-row pass
+                z0 = torch.where(torch.isfinite(z0).all(-1, keepdim=True), z0, torch.zeros_like(z0))
             low, high = (t.to(dtype=s.dtype, device=s.device) for t in (self.z_low, self.z_high))
             margin = _CLIP_MARGIN * (high - low)
             z0 = torch.minimum(torch.maximum(z0, low - margin), high + margin).reshape(shape)
