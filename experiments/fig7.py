@@ -419,8 +419,17 @@ class RowStore:
 
 # ------------------------------------------------------------------------------------ the run
 def run(out: Path, protocol: Protocol, *, num_datasets: int, columns: Sequence[str],
-        methods: Sequence[str] = METHODS, show_progress: bool = True) -> list[dict]:
-    """Run every missing (dataset, column, method) row, dataset-major (round-robin over columns)."""
+        methods: Sequence[str] = METHODS, show_progress: bool = True,
+        shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Run every missing (dataset, column, method) row, dataset-major (round-robin over columns).
+
+    ``shard = (k, m)``: only the datasets ``d`` with ``d % m == k``, so that ``m`` processes
+    (``--shard k/m``) share one ``out`` without doing a row twice; each row file is written
+    atomically, and a process sees the others' rows when it (re)starts.
+    """
+    k, m = shard
+    if not (isinstance(k, int) and isinstance(m, int) and m >= 1 and 0 <= k < m):
+        raise ValueError(f"shard must be (k, m) with integers 0 <= k < m, got {shard!r}")
     out = Path(out)
     store = RowStore(out)
     rows = store.load()
@@ -435,7 +444,7 @@ def run(out: Path, protocol: Protocol, *, num_datasets: int, columns: Sequence[s
     (out / "protocol.json").write_text(json.dumps({"fingerprint": fp, **dataclasses.asdict(protocol)}, indent=1))
     done = {(r["dataset"], r["column"], r["method"]) for r in rows}
     units = []
-    for d in range(num_datasets):
+    for d in range(k, num_datasets, m):
         for c in columns:
             todo = [m for m in methods if (d, c, m) not in done]
             if todo:
@@ -645,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-datasets", type=int, default=20, help="datasets per column")
     parser.add_argument("--columns", default=",".join(COLUMNS))
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--shard", default="0/1", metavar="K/M",
+                        help="run only the datasets d with d %% M == K (M processes share one --out)")
     parser.add_argument("--summarise", action="store_true", help="only rebuild the tables from OUT")
     parser.add_argument("--docs", type=Path, default=None, help="with --summarise: update this markdown file")
     parser.add_argument("--no-progress", action="store_true")
@@ -665,10 +676,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown {what} {bad}; valid: {', '.join(valid)}")
     if args.num_datasets < 1:
         parser.error(f"--num-datasets must be >= 1, got {args.num_datasets}")
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard must be K/M with integers 0 <= K < M, got {args.shard!r}")
     protocol = Protocol(num_data=args.num_data, epochs_scale=args.epochs_scale,
                         head_epochs=args.head_epochs, dtype=args.dtype)
     run(args.out, protocol, num_datasets=args.num_datasets, columns=columns, methods=methods,
-        show_progress=not args.no_progress)
+        show_progress=not args.no_progress, shard=shard)
     sys.stdout.write(summarise(args.out))
     return 0
 

@@ -140,3 +140,24 @@ def test_win_counts_and_standard_errors(fig7):
     lo, hi = fig7.wilson(3, 4)
     assert (lo, hi) == pytest.approx((0.3006418, 0.9544127), abs=1e-6)
     assert fig7.wilson(1, 1)[0] == pytest.approx(0.2065493, abs=1e-6)  # informative at k = n
+
+
+def test_shards_split_the_datasets_between_processes(fig7, tmp_path, capsys):
+    # Two "processes" (shards 0/2 and 1/2) on one --out: each dataset is run by exactly one of
+    # them, and together they leave the rows one unsharded run would.
+    out = tmp_path / "run"
+    assert fig7.main(_tiny(out, "--columns", "gaussian", "--methods", "pca", "--num-datasets", "3",
+                           "--shard", "1/2")) == 0
+    assert sorted(p.name for p in (out / "rows").glob("*.json")) == ["gaussian-0001-pca.json"]
+    assert fig7.main(_tiny(out, "--columns", "gaussian", "--methods", "pca", "--num-datasets", "3",
+                           "--shard", "0/2")) == 0
+    assert sorted(p.name for p in (out / "rows").glob("*.json")) == [
+        "gaussian-0000-pca.json", "gaussian-0001-pca.json", "gaussian-0002-pca.json"]
+    capsys.readouterr()
+    assert fig7.main(_tiny(out, "--columns", "gaussian", "--methods", "pca", "--num-datasets", "3")) == 0
+    assert "fig7 dataset" not in capsys.readouterr().out  # nothing left for an unsharded run
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(SystemExit):
+            fig7.main(_tiny(out, "--shard", bad))
+    with pytest.raises(ValueError, match="0 <= k < m"):
+        fig7.run(out, fig7.Protocol(num_data=40), num_datasets=1, columns=["gaussian"], shard=(3, 2))

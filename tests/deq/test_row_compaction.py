@@ -48,14 +48,21 @@ def _problem(seed=0):
     return f, A, calls
 
 
-def _same(a, b, *, atol=1e-12):
+def _same(a, b, *, atol=1e-12, residual_scale=None):
     # 1e-12 (float64): the per-row arithmetic is the same, but BLAS may round a subset of the
-    # rows differently from the whole batch (measured: bitwise equal on these problems)
+    # rows differently from the whole batch (bitwise equal on these problems on some CPUs, not
+    # on all). A converged row's residual sits at its rounding floor, which grows with the size
+    # of the layer's output: ``residual_scale`` (per row) scales its tolerance.
     torch.testing.assert_close(a.value, b.value, atol=atol, rtol=0.0)
     assert torch.equal(a.converged, b.converged)
     assert a.status is b.status
     assert (a.num_steps, a.num_fevals, a.num_jac_evals) == (b.num_steps, b.num_fevals, b.num_jac_evals)
-    torch.testing.assert_close(a.residual, b.residual, atol=atol, rtol=0.0)  # inf == inf
+    if residual_scale is None:
+        torch.testing.assert_close(a.residual, b.residual, atol=atol, rtol=0.0)  # inf == inf
+    else:
+        assert torch.equal(torch.isfinite(a.residual), torch.isfinite(b.residual))
+        gap = (a.residual - b.residual).abs().nan_to_num(0.0)
+        assert bool((gap <= atol * (1.0 + residual_scale)).all()), (gap, residual_scale)
 
 
 @pytest.mark.parametrize("solver", [s for _, s in SOLVERS], ids=[i for i, _ in SOLVERS])
@@ -193,7 +200,8 @@ def test_ped_compacted_equals_full_batch(fam, nl, scale, drops):
     z0 = enc.initial_guess(data)
     compact = enc.solve(data, z0=z0, throw=False, validated=True)
     full = _full_batch(enc, data, z0)
-    _same(full, compact)
+    # rounding floor of a row's residual: its layer output, of the size of W^T T(y) / lam
+    _same(full, compact, residual_scale=y.abs().sum(1) * sim.truth["W"].abs().max())
     assert bool(full.converged.all())
     assert full.num_row_fevals == full.num_fevals * y.shape[0]
     if drops:
