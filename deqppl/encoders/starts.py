@@ -219,25 +219,20 @@ class RidgeStart(AbstractStart):
 
 # ------------------------------------------------------------------------------ learned start
 @functools.lru_cache(maxsize=64)
-def _monomial_steps(width: int, degree: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    r"""For degrees 2..``degree``: which lower monomial and which variable make each new one.
+def _monomial_prefixes(width: int, degree: int) -> tuple[tuple[int, ...], ...]:
+    r"""For degrees 2..``degree``: per variable $k$, how many monomials of the previous degree
+    have largest variable index $\le k$.
 
-    The monomials of degree $j$ are $m\,u_k$ for every monomial $m$ of degree $j-1$ whose
-    largest variable index is $\le k$ (each monomial once, in
-    a fixed order).
+    The monomials of each degree are ordered by their largest variable index, so those are a
+    prefix of them, and the monomials of degree $j$ whose largest variable is $k$ are that
+    prefix times $u_k$ (each monomial once, in a fixed order).
     """
     steps = []
-    last = list(range(width))  # largest variable index of each degree-1 monomial
+    tops = list(range(width))  # largest variable index of each degree-1 monomial
     for _ in range(2, degree + 1):
-        parents, variables, new_last = [], [], []
-        for k in range(width):
-            for a, top in enumerate(last):
-                if top <= k:
-                    parents.append(a)
-                    variables.append(k)
-                    new_last.append(k)
-        steps.append((torch.tensor(parents, dtype=torch.long), torch.tensor(variables, dtype=torch.long)))
-        last = new_last
+        prefixes = tuple(sum(1 for top in tops if top <= k) for k in range(width))
+        steps.append(prefixes)
+        tops = [k for k in range(width) for _ in range(prefixes[k])]
     return tuple(steps)
 
 
@@ -257,23 +252,22 @@ def _polynomial(u: torch.Tensor, degree: int) -> torch.Tensor:
 def _polynomial_t(ut: torch.Tensor, degree: int) -> torch.Tensor:
     r"""All monomials of degree 1..``degree`` of the rows of ``ut`` ``(k, n)``, as rows ``(m, n)``.
 
-    One gather-multiply per degree (a monomial of degree $j$ is one of degree $j-1$ times a
-    variable, :func:`_monomial_steps`), written into one preallocated output: features as rows,
-    so that every degree's monomials are one contiguous slice and every gather picks whole
-    rows. Measured (:class:`LearnedStart` on 10 000 rows, degree 3, $k = 5$, in blocks):
-    1.1 ms, against 4.5 ms for gathers of columns concatenated per block of 256 rows.
+    Per degree and variable $k$ one product of a contiguous slice of the previous degree's
+    monomials with the row $u_k$ (:func:`_monomial_prefixes`), written into one preallocated
+    output: features as rows, no gathers. Measured (:class:`LearnedStart` on 10 000 rows,
+    degree 3, $k = 5$, in blocks): 1.3 ms, against 1.8 ms with two row gathers per degree and
+    4.5 ms for gathers of columns concatenated per block of 256 rows.
     """
     k, n = ut.shape
     out = ut.new_empty(_num_features(k, degree), n)
     out[:k] = ut
     low, high = 0, k  # rows of the monomials of the previous degree
-    for parents, variables in _monomial_steps(k, degree):
-        if parents.device != ut.device:
-            parents, variables = parents.to(ut.device), variables.to(ut.device)
-        size = parents.shape[0]
-        torch.mul(out[low:high].index_select(0, parents), ut.index_select(0, variables),
-                  out=out[high:high + size])
-        low, high = high, high + size
+    for prefixes in _monomial_prefixes(k, degree):
+        pos = high
+        for var, count in enumerate(prefixes):
+            torch.mul(out[low:low + count], ut[var], out=out[pos:pos + count])
+            pos += count
+        low, high = high, pos
     return out
 
 
@@ -572,7 +566,8 @@ class LearnedStart(AbstractStart):
                 torch.addmm(intercept, feats.T, coef, out=z0[rows])
             if self.network:
                 z0 = z0 + _network(u, [t.to(dtype=s.dtype, device=s.device) for t in self.network])
-            if not bool(torch.isfinite(z0).all()):  # rare: only then the per-row pass
+            # a sum is finite only if every entry is (else, rarely, the per-row pass)
+            if not math.isfinite(float(z0.sum())):
                 z0 = torch.where(torch.isfinite(z0).all(-1, keepdim=True), z0, torch.zeros_like(z0))
             low, high = (t.to(dtype=s.dtype, device=s.device) for t in (self.z_low, self.z_high))
             margin = _CLIP_MARGIN * (high - low)

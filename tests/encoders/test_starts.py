@@ -185,7 +185,7 @@ def test_polynomial_of_rows_is_the_transposed_columns():
     assert torch.equal(_polynomial_t(u.T.contiguous(), 3), _polynomial(u, 3).T)
     naive = torch.stack([u[:, list(c)].prod(-1) for deg in (1, 2, 3)
                          for c in itertools.combinations_with_replacement(range(4), deg)], 1)
-    # the same set of monomials, each once (its order is _monomial_steps')
+    # the same set of monomials, each once (its order is _monomial_prefixes')
     torch.testing.assert_close(_polynomial(u, 3).sort(1).values, naive.sort(1).values,
                                rtol=0, atol=1e-14)
 
