@@ -299,6 +299,23 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
         """Exact per-sample Jacobian ``(B, n, n)`` of :meth:`layer`, or None for autograd."""
         return None
 
+    def linearize(self, z: torch.Tensor, data: Mapping[str, torch.Tensor]):
+        """:meth:`layer` at ``z`` and ``jacobian(keep)``, :meth:`layer_jacobian` there on the
+        rows ``keep`` (``None``: all), ``(k, n, n)``.
+
+        The default shares nothing (the Jacobian is formed when asked). An encoder whose layer
+        and Jacobian share work overrides it (:meth:`~deqppl.encoders.PEDEncoder.linearize`);
+        :meth:`solve` then hands it to :func:`~deqppl.deq.fixed_point` as ``linearize``, which
+        `Newton` uses at accepted steps.
+        """
+        def jacobian(keep=None):
+            if keep is None:
+                return self.layer_jacobian(z, data)
+            return self.layer_jacobian(z.index_select(0, keep),
+                                       {k: v.index_select(0, keep) for k, v in data.items()})
+
+        return self.layer(z, data), jacobian
+
     def default_solver(self, dtype: torch.dtype) -> AbstractSolver:
         """The solver used when none is given: safeguarded Anderson at :func:`default_rtol`."""
         return Anderson(rtol=default_rtol(dtype), atol=0.0, max_steps=2000)
@@ -476,7 +493,7 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
         solver = solver or self.solver or self.default_solver(dtype)
         adjoint = adjoint or self.adjoint or default_adjoint(dtype)
         has_jacobian = type(self).layer_jacobian is not AbstractMAPEncoder.layer_jacobian
-        linearize = getattr(self, "linearize", None) if has_jacobian else None
+        fused = has_jacobian and type(self).linearize is not AbstractMAPEncoder.linearize
 
         def rows_of(rows):
             # the data of the batch rows `rows` (every data tensor is per row: rows_independent)
@@ -491,8 +508,7 @@ class AbstractMAPEncoder(nn.Module, metaclass=abc.ABCMeta):
             throw=self.throw if throw is None else throw,
             trace=trace,
             rows_independent=type(self).rows_independent,
-            linearize=None if linearize is None else
-            (lambda z, rows=None: linearize(z, rows_of(rows))),
+            linearize=(lambda z, rows=None: self.linearize(z, rows_of(rows))) if fused else None,
         )
 
     def forward(self, data: object, *, z0: torch.Tensor | None = None) -> tuple[torch.Tensor, Solution]:

@@ -272,12 +272,7 @@ class PEDEncoder(WithStart, AbstractMAPEncoder):
         y = _observations(data)
         W, B, lik = self.W, self.B, self.likelihood
         if not (lik.curvature_is_mean_function and graph_free(z, W, B)):
-            def deferred(keep=None):
-                if keep is None:
-                    return self.layer_jacobian(z, data)
-                return self.layer_jacobian(z.index_select(0, keep), y.index_select(0, keep))
-
-            return self.layer(z, data), deferred
+            return super().linearize(z, {"y": y})  # nothing shared: the two methods
         W, B, T = W.detach(), B.detach(), self.model.family.T
         n, (d, l) = z.shape[0], W.shape
         out = z.new_empty(n, l)
