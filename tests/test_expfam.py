@@ -563,3 +563,41 @@ def test_ising_samples(v: float) -> None:
     support = d.enumerate_support()
     torch.testing.assert_close(d.log_prob(support).exp().sum(), _t(1.0))
     torch.testing.assert_close(d.log_prob(support), ising().log_prob(support, _t(v)))
+
+
+@pytest.mark.parametrize(ROW, FAMILY_TABLE)
+def test_d2A_of_mean_is_d2A(fam, grid, scipy_dist, support) -> None:
+    """``d2A_of_mean(dA(v)) == d2A(v)`` (the curvature a layer forms from its mean)."""
+    if fam.d2A_of_mean is None:
+        pytest.skip(f"{fam.describe()} has no closed-form A'' of the mean")
+    v = _t(grid)
+    # absolute 1e-14 * max(1, A''): the mean form cancels near the ends of the mean's range
+    # (Bernoulli 1 - m), accurate to an absolute rounding error there (ExpFamily.d2A_of_mean)
+    scale = float(fam.d2A(v).abs().max().clamp_min(1.0))
+    torch.testing.assert_close(fam.d2A_of_mean(fam.dA(v)), fam.d2A(v), rtol=1e-12, atol=1e-14 * scale)
+
+
+@pytest.mark.parametrize("lik", LIKELIHOOD_TABLE)
+def test_curvature_from_mean_is_curvature(lik: Likelihood) -> None:
+    eta = _t([-2.5, -0.7, -0.1, 0.2, 0.9, 3.0])
+    if not lik.curvature_is_mean_function:
+        with pytest.raises(ValueError, match="not a function of the mean"):
+            lik.curvature_from_mean(lik.activation(eta))
+        return
+    y = lik.distribution(eta).mean  # curvature_is_mean_function: no y dependence
+    torch.testing.assert_close(lik.curvature_from_mean(lik.activation(eta)), lik.curvature(y, eta),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_validate_checks_every_block_and_survives_overflowing_sums() -> None:
+    """The blocked fast path of ExpFamily.validate: a bad entry in a late block is still named,
+    and finite data whose sum overflows is still accepted (by the exact whole-tensor checks)."""
+    y = torch.zeros(300_000, dtype=F64)  # several blocks of deqppl.validation._CHECK_BLOCK
+    y[-1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite value nan at"):
+        gaussian().validate(y)
+    y[-1] = 0.5
+    with pytest.raises(ValueError, match="outside the allowed"):
+        poisson().validate(y)
+    big = torch.full((4,), 1e308, dtype=F64)  # sum = inf, every entry finite
+    assert gaussian().validate(big) is big

@@ -89,6 +89,40 @@ class _FlatMap:
                 raise TypeError(f"jacobian must return dtype {self.dtype}, got {out.dtype}")
 
 
+class _FlatLinearize:
+    """``linearize`` on flattened ``(B, n)`` tensors: ``f`` as `_FlatMap`, and the Jacobian
+    function it returns checked like ``jacobian`` on its first call."""
+
+    def __init__(self, linearize, f_flat: _FlatMap, jac_flat: _FlatMap):
+        self.linearize = linearize
+        self.f_flat = f_flat
+        self.jac_flat = jac_flat
+        self.checked = False  # the Jacobian function's output (the one of jac_flat is separate)
+
+    def __call__(self, z: torch.Tensor, *tensors: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, Callable]:
+        flat, batch = self.f_flat, z.shape[0]
+        args = flat._args(tensors)
+        zz = z.reshape(batch, *flat.event)
+        out = self.linearize(zz, *args) if rows is None else self.linearize(zz, *args, rows=rows)
+        if not (isinstance(out, tuple) and len(out) == 2 and callable(out[1])):
+            raise TypeError("linearize must return a pair (f(z), jacobian) with jacobian(keep) "
+                            "a function of the rows to keep (None: all)")
+        fz, jacobian = out
+        if not flat.checked:
+            flat._check(fz, batch)
+            flat.checked = True
+
+        def jacobian_flat(keep: torch.Tensor | None = None) -> torch.Tensor:
+            jac = jacobian(keep)
+            if not self.checked:
+                self.jac_flat._check(jac, batch if keep is None else keep.shape[0])
+                self.checked = True
+            return jac
+
+        return fz.reshape(batch, flat.n), jacobian_flat
+
+
 def fixed_point(
     f: Callable[..., torch.Tensor],
     z0: torch.Tensor,
@@ -100,6 +134,7 @@ def fixed_point(
     throw: bool = True,
     trace: bool = False,
     rows_independent: bool = False,
+    linearize: Callable[..., tuple[torch.Tensor, Callable]] | None = None,
 ) -> Solution:
     """Solve $z = f(z, \\theta)$ for a batch of independent problems, differentiably.
 
@@ -144,6 +179,14 @@ def fixed_point(
         still iterating, so a batch no longer costs its slowest row times its size; the result
         is that of the full-batch solve (to rounding). Use it where each row's ``f`` depends on
         per-row data (e.g. an encoder over a data plate); under `torch.func.vmap` it is not used.
+    linearize
+        Optional ``linearize(z, *args) -> (f(z), jac)``, with ``jac(keep)`` the per-sample
+        Jacobian at ``z`` ``(k, n, n)`` on the rows ``keep`` ``(k,)`` of ``z`` (``None``: all):
+        $f$ together with what its Jacobian shares with it (``jacobian`` is still required, for
+        Jacobians at points where $f$ was not linearized). `Newton` then forms the Jacobian at
+        an accepted step from what the line search's evaluation kept. Called with ``rows=``
+        like ``f`` when ``rows_independent``. Its Jacobian must agree with ``jacobian`` (it
+        steers the steps only: the fixed point and the stopping rule are those of ``f``).
 
     Returns
     -------
@@ -221,6 +264,10 @@ def fixed_point(
     f_flat = _FlatMap(f, shape, z0.dtype, z0.device, leaves, treedef, tensor_pos, is_jacobian=False)
     jac_flat = None if jacobian is None else _FlatMap(
         jacobian, shape, z0.dtype, z0.device, leaves, treedef, tensor_pos, is_jacobian=True)
+    if linearize is not None and jacobian is None:
+        raise ValueError("fixed_point: linearize needs jacobian too (for Jacobians at points "
+                         "where f was not linearized)")
+    lin_flat = None if linearize is None else _FlatLinearize(linearize, f_flat, jac_flat)
     z0_flat = z0.detach().reshape(batch, n)
 
     implicit = isinstance(adjoint, ImplicitAdjoint)
@@ -253,7 +300,7 @@ def fixed_point(
         linear_solver=None if closure else linear_solver,
         throw=bool(throw), adjoint_throw=adjoint.throw if implicit else True,
         trace=bool(trace), record=record, log=log, hint=solver._hint(), fz0=fz0,
-        rows_independent=rows_independent)
+        rows_independent=rows_independent, linearize=lin_flat)
     z_star, residual, rel_residual, converged = _FixedPoint.apply(spec, z0_flat, *tensors)
     if closure:
         with torch.enable_grad():

@@ -53,6 +53,8 @@ class _SolveSpec:
     hint: str
     fz0: torch.Tensor | None = None  # f(z0), already evaluated by the caller (plain tensors)
     rows_independent: bool = False  # f and jac accept rows=: the solve may compact rows
+    # (z, *params) -> (f(z) (B, n), jacobian(keep=None) -> (k, n, n)), or None (see fixed_point)
+    linearize: Callable | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,13 +220,17 @@ class _FixedPoint(torch.autograd.Function):
         with torch.no_grad():
             params = tuple(p.detach() for p in params)
             jac = None if spec.jac is None else (lambda z: spec.jac(z, *params))
+            lin = None if spec.linearize is None else (lambda z: spec.linearize(z, *params))
             subset = None
             if spec.rows_independent:
                 def subset(rows):
                     return ((lambda z: spec.f(z, *params, rows=rows)),
                             None if spec.jac is None else
-                            (lambda z: spec.jac(z, *params, rows=rows)))
-            problem = FixedPointProblem(lambda z: spec.f(z, *params), jac, subset=subset)
+                            (lambda z: spec.jac(z, *params, rows=rows)),
+                            None if spec.linearize is None else
+                            (lambda z: spec.linearize(z, *params, rows=rows)))
+            problem = FixedPointProblem(lambda z: spec.f(z, *params), jac, subset=subset,
+                                        linearize=lin)
             sol = run_solver(spec.solver, problem, z0.detach(), trace=spec.trace,
                              fz0=spec.fz0)
         spec.record.solution = sol
@@ -290,7 +296,7 @@ class _FixedPoint(torch.autograd.Function):
         folded = dataclasses.replace(
             spec, f=_folded_map(spec.f, size, batch, param_dims),
             jac=None if spec.jac is None else _folded_map(spec.jac, size, batch, param_dims),
-            fz0=None, rows_independent=False)
+            fz0=None, rows_independent=False, linearize=None)
         outputs = _FixedPoint.apply(folded, z0.reshape(size * batch, *z0.shape[2:]), *params)
         return (tuple(t.reshape(size, batch, *t.shape[1:]) for t in outputs), (0, 0, 0, 0))
 

@@ -53,6 +53,7 @@ __all__ = [
     "Iterate",
     "Linearization",
     "run_solver",
+    "select_rows",
     "backtracking_line_search",
     "check_real",
     "check_int",
@@ -146,20 +147,37 @@ class Linearization:
     of $f$ (it reuses the recorded vector-Jacobian function, or calls the analytic Jacobian).
     """
 
-    def __init__(self, problem: FixedPointProblem, z: torch.Tensor, fz: torch.Tensor, vjp_fn):
+    def __init__(self, problem: FixedPointProblem, z: torch.Tensor, fz: torch.Tensor, vjp_fn,
+                 jacobian_fn: Callable[[torch.Tensor | None], torch.Tensor] | None = None):
         self._problem = problem
         self.z = z
         self.fz = fz
         self._vjp_fn = vjp_fn
+        self._jacobian_fn = jacobian_fn
 
-    def jacobian(self) -> torch.Tensor:
-        """Per-sample Jacobian ``(B, n, n)``, ``J[b, i, j] = d f_i / d z_j`` at ``z``."""
+    @property
+    def fused(self) -> bool:
+        """Whether the Jacobian comes from the problem's ``linearize`` (what the evaluation of
+        $f$ kept), so that :meth:`jacobian` costs less than a fresh analytic Jacobian."""
+        return self._jacobian_fn is not None
+
+    def jacobian(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample Jacobian ``(B, n, n)``, ``J[b, i, j] = d f_i / d z_j`` at ``z``.
+
+        ``keep`` ``(k,)``: only those rows (positions in ``z``), ``(k, n, n)``.
+        """
         problem = self._problem
+        if self._jacobian_fn is not None:
+            problem._count_jac(self.z if keep is None else keep)
+            with torch.no_grad():
+                return self._jacobian_fn(keep)
         problem._count_jac(self.z)
         if problem.jac is not None:
             with torch.no_grad():
-                return problem.jac(self.z)
-        return jacobian_from_vjp(self._vjp_fn, self.z)
+                jac = problem.jac(self.z)
+        else:
+            jac = jacobian_from_vjp(self._vjp_fn, self.z)
+        return jac if keep is None else jac.index_select(0, keep)
 
 
 def jacobian_from_vjp(vjp_fn, z: torch.Tensor) -> torch.Tensor:
@@ -196,11 +214,19 @@ class FixedPointProblem:
         Optional ``(B, n) -> (B, n, n)``, the exact per-sample Jacobian of ``fn``; without it,
         `jacobian` forms it from ``n`` vector-Jacobian products.
     subset
-        Optional ``rows (k,) -> (fn_k, jac_k)``: the declaration that the rows of the batch are
-        independent problems, with ``fn`` (and ``jac``, or ``None``) on the batch rows ``rows``
-        only, ``(k, n) -> (k, n)``. With it, `run_solver` evaluates $f$ only on the rows still
+        Optional ``rows (k,) -> (fn_k, jac_k)`` or ``(fn_k, jac_k, linearize_k)``: the
+        declaration that the rows of the batch are independent problems, with ``fn`` (and
+        ``jac`` and ``linearize``, or ``None``) on the batch rows ``rows`` only,
+        ``(k, n) -> (k, n)``. With it, `run_solver` evaluates $f$ only on the rows still
         iterating (for solvers with ``supports_row_compaction``). Leave it ``None`` where rows
         are coupled (the kernel GLM's rows share one kernel system).
+    linearize
+        Optional ``z (B, n) -> (f(z), jacobian)`` with ``jacobian(keep)`` the per-sample
+        Jacobian at ``z`` on the rows ``keep`` ``(k,)`` (``None``: all), ``(k, n, n)``: $f$
+        evaluated together with what its Jacobian shares with it (e.g. a PED layer's
+        $A'(\\eta)$), so that a solver needing both at one point (`Newton` after an accepted
+        step) does not compute the shared part twice. Used by `linearize` (and hence by the
+        line search of `Newton`); needs ``jac`` too, which fresh Jacobians still use.
 
     Examples
     --------
@@ -215,10 +241,16 @@ class FixedPointProblem:
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor],
                  jac: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
-                 subset: Callable[[torch.Tensor], tuple[Callable, Callable | None]] | None = None):
+                 subset: Callable[[torch.Tensor], tuple[Callable | None, ...]] | None = None,
+                 linearize: Callable[[torch.Tensor], tuple[torch.Tensor, Callable]] | None = None):
+        if linearize is not None and jac is None:
+            raise ValueError("FixedPointProblem: linearize needs jac too (fresh Jacobians use it)")
         self.fn = fn
         self.jac = jac
         self.subset = subset
+        self.linearize_fn = linearize
+        #: The last `Linearization` made by `linearize` (a solver may reuse it at that point).
+        self.last_linearization: Linearization | None = None
         self._counts = _Counts()
 
     # The counters live in one `_Counts` shared with every `restrict`-ed problem, so that an
@@ -255,8 +287,8 @@ class FixedPointProblem:
         if self.subset is None:
             raise ValueError("restrict needs a FixedPointProblem built with subset=...: its rows "
                              "were not declared independent")
-        fn, jac = self.subset(rows)
-        sub = FixedPointProblem(fn, jac)
+        fn, jac, *lin = self.subset(rows)
+        sub = FixedPointProblem(fn, jac, linearize=lin[0] if lin else None)
         sub._counts = self._counts
         return sub
 
@@ -277,11 +309,23 @@ class FixedPointProblem:
     def linearize(self, z: torch.Tensor) -> Linearization:
         """``f(z)`` together with what its Jacobian at ``z`` needs (one counted evaluation)."""
         self._count_f(z)
-        if self.jac is not None:
+        if self.linearize_fn is not None:
             with torch.no_grad():
-                return Linearization(self, z, self.fn(z), None)
-        fz, vjp_fn = torch.func.vjp(self.fn, z)
-        return Linearization(self, z, fz.detach(), vjp_fn)
+                fz, jacobian_fn = self.linearize_fn(z)
+            lin = Linearization(self, z, fz, None, jacobian_fn)
+        elif self.jac is not None:
+            with torch.no_grad():
+                lin = Linearization(self, z, self.fn(z), None)
+        else:
+            fz, vjp_fn = torch.func.vjp(self.fn, z)
+            lin = Linearization(self, z, fz.detach(), vjp_fn)
+        self.last_linearization = lin
+        return lin
+
+    @property
+    def fused(self) -> bool:
+        """Whether `linearize` keeps what the Jacobian shares with $f$ (a ``linearize`` given)."""
+        return self.linearize_fn is not None
 
     def jacobian(self, z: torch.Tensor) -> torch.Tensor:
         """Per-sample Jacobian ``(B, n, n)`` at ``z`` (costs one evaluation without ``jac``)."""
@@ -386,6 +430,10 @@ class AbstractSolver(abc.ABC):
     #: steps only the rows still iterating. A solver that sets it ``True`` must treat every row
     #: on its own (no batch-wide reduction in ``step``) and implement `compact_state`.
     supports_row_compaction: ClassVar[bool] = False
+    #: The solver's first step needs the Jacobian at ``z0``: where the problem is `fused`, the
+    #: driver then evaluates ``f(z0)`` by `FixedPointProblem.linearize` (left on
+    #: ``problem.last_linearization`` for ``init``) instead of a plain evaluation.
+    linearizes_start: ClassVar[bool] = False
 
     def _check_common(self) -> None:
         """Validate ``rtol``, ``atol`` (see `check_tolerances`) and ``max_steps``."""
@@ -438,6 +486,22 @@ class AbstractSolver(abc.ABC):
 # the one driver
 # ----------------------------------------------------------------------------------------------
 
+def select_rows(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask[:, None], a, b)`` for a ``(B,)`` mask (``a``, ``b`` ``(B,)`` or
+    ``(B, n)``), returning ``a`` or ``b`` itself where the mask is uniform.
+
+    The driver's masks are uniform at most steps (every row kept, none rejected), and an
+    elementwise ``where`` over ``(B, n)`` costs ~10 additions (measured: 0.13 ms against
+    0.011 ms for ``a + b`` at ``(10 000, 5)`` float64), about 8% of a Newton solve of the PED
+    encoder there. The result may be ``a`` or ``b`` (not a copy): callers never write into it.
+    """
+    if bool(mask.all()):
+        return a
+    if not bool(mask.any()):
+        return b
+    return torch.where(mask[:, None] if a.ndim > 1 else mask, a, b)
+
+
 class _Monitor:
     """Per-sample convergence bookkeeping of the driver.
 
@@ -478,11 +542,11 @@ class _Monitor:
             self.first_res = torch.where(finite, res, torch.full_like(res, math.inf))
         new_conv = was_active & finite & (res <= self.atol + self.rtol * fnorm)
         keep = new_conv | (was_active & finite & (res < self.best_res))
-        self.best_res = torch.where(keep, res, self.best_res)
-        self.best_fnorm = torch.where(keep, fnorm, self.best_fnorm)
-        self.best_z = torch.where(keep[:, None], z, self.best_z)
-        self.best_fz = torch.where(keep[:, None], fz, self.best_fz)
-        self.last_res = torch.where(was_active, res, self.last_res)
+        self.best_res = select_rows(keep, res, self.best_res)
+        self.best_fnorm = select_rows(keep, fnorm, self.best_fnorm)
+        self.best_z = select_rows(keep, z, self.best_z)
+        self.best_fz = select_rows(keep, fz, self.best_fz)
+        self.last_res = select_rows(was_active, res, self.last_res)
         self.converged |= new_conv
         self.nonfinite |= was_active & ~finite
         if self.divergence_ratio is not None:
@@ -498,7 +562,7 @@ class _Monitor:
         self.stagnated |= mask & self.active
 
     def freeze(self, z_new: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        return torch.where(active[:, None], z_new, self.best_z)
+        return select_rows(active, z_new, self.best_z)
 
     def status(self) -> Status:
         if bool(self.converged.all()):
@@ -560,7 +624,8 @@ def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Ten
         monitor = _Monitor(rtol=solver.rtol, atol=solver.atol, z0=z0, record_trace=trace,
                            divergence_ratio=solver.divergence_ratio)
         if fz0 is None:
-            fz0 = problem(z0)
+            fz0 = (problem.linearize(z0).fz if solver.linearizes_start and problem.fused
+                   else problem(z0))
         else:
             problem._count_f(z0)
         z, fz, steps = z0, fz0, 0
@@ -598,12 +663,14 @@ def run_solver(solver: AbstractSolver, problem: FixedPointProblem, z0: torch.Ten
             if fz_new is None:
                 fz = problem(z)
             else:
-                fz = torch.where(active[:, None], fz_new, monitor.best_fz)
+                fz = select_rows(active, fz_new, monitor.best_fz)
             steps += 1
         info = solver.postprocess(problem, state, iterate)
     tiny = torch.finfo(z0.dtype).tiny
+    # select_rows may have kept the caller's z0 itself as the best iterate: return a copy
+    value = monitor.best_z.clone() if monitor.best_z is z0 else monitor.best_z
     return Solution(
-        value=monitor.best_z, residual=monitor.best_res,
+        value=value, residual=monitor.best_res,
         rel_residual=monitor.best_res / (monitor.best_fnorm + tiny),
         converged=monitor.converged.clone(), status=monitor.status(), num_steps=steps,
         num_fevals=problem.num_fevals, num_jac_evals=problem.num_jac_evals,
@@ -657,8 +724,10 @@ def backtracking_line_search(
     z_acc, fz_acc = z, fz
     step = torch.ones_like(res0)
     num_trials = max_backtracks + 1 if line_search else 1
-    for _ in range(num_trials):
-        z_try = torch.where(accepted[:, None], z_acc, z + step[:, None] * direction)
+    for trial in range(num_trials):
+        # the first trial is the full step (t = 1: z + 1 * d is z + d exactly)
+        z_try = select_rows(accepted, z_acc, z + direction if trial == 0 else
+                            z + step[:, None] * direction)
         fz_try = evaluate(z_try)
         res = torch.linalg.vector_norm(fz_try - z_try, dim=1)
         finite = torch.isfinite(res)
@@ -667,8 +736,8 @@ def backtracking_line_search(
         else:
             ok = ~accepted & finite
         accepted = accepted | ok
-        z_acc = torch.where(ok[:, None], z_try, z_acc)
-        fz_acc = torch.where(ok[:, None], fz_try, fz_acc)
+        z_acc = select_rows(ok, z_try, z_acc)
+        fz_acc = select_rows(ok, fz_try, fz_acc)
         if bool(accepted.all()):
             return z_acc, fz_acc, torch.zeros_like(accepted), True
         step = torch.where(accepted, step, 0.5 * step)

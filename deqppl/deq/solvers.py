@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .protocol import AbstractSolver, backtracking_line_search, check_int, check_real
+from .protocol import AbstractSolver, backtracking_line_search, check_int, check_real, select_rows
 
 __all__ = ["FixedPointIteration", "Anderson", "Broyden", "Newton"]
 
@@ -389,8 +389,13 @@ class Newton(AbstractSolver):
     # linearization, may hold rows that have stopped since: compaction records which to keep.
     supports_row_compaction = True
 
+    # With a fused problem the first Jacobian reuses the driver's evaluation at z0.
+    linearizes_start = True
+
     def init(self, problem, z0, fz0):
-        return _NewtonState(linearization=None,
+        lin = problem.last_linearization
+        return _NewtonState(linearization=lin if lin is not None and lin.fused and lin.z is z0
+                            else None,
                             eye=torch.eye(z0.shape[1], dtype=z0.dtype, device=z0.device))
 
     def compact_state(self, state, keep):
@@ -400,19 +405,19 @@ class Newton(AbstractSolver):
 
     def step(self, problem, state, iterate):
         z, fz, g, active = iterate.z, iterate.fz, iterate.residual, iterate.active
-        if problem.jac is not None:
-            jac = problem.jacobian(z)
-        elif state.linearization is not None:
-            # the last line-search trial was evaluated exactly at this point: reuse its graph
+        lin = state.linearization
+        if lin is not None and (lin.fused or problem.jac is None):
+            # the last line-search trial (or the driver's first evaluation) was exactly at this
+            # point: reuse what it kept, its graph or the parts its Jacobian shares with f
             # (formed on the rows of that trial; those stopped since are dropped)
-            jac = state.linearization.jacobian()
-            if state.keep is not None:
-                jac = jac.index_select(0, state.keep)
+            jac = lin.jacobian(keep=state.keep)
+        elif problem.jac is not None:
+            jac = problem.jacobian(z)
         else:
             jac = problem.linearize(z).jacobian()
         direction, info = torch.linalg.solve_ex(state.eye - jac, g)
         bad = (info != 0) | ~torch.isfinite(direction).all(-1)
-        direction = torch.where(bad[:, None], g, direction)
+        direction = select_rows(bad, g, direction)
         last = []
 
         def evaluate(z_try):
@@ -422,7 +427,8 @@ class Newton(AbstractSolver):
 
         z_new, fz_new, failed, last_is_final = backtracking_line_search(
             evaluate, z, fz, direction, active, line_search=self.line_search,
-            max_backtracks=self.max_backtracks, armijo=1e-4)
+            max_backtracks=self.max_backtracks, armijo=1e-4,
+            reference=iterate.residual_norm)  # = ||f(z) - z||, already computed by the driver
         state.linearization = last[0] if last_is_final else None
         state.keep = None
         return z_new, fz_new, state

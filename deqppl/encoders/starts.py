@@ -42,6 +42,8 @@ import torch
 
 from deqppl.validation import as_tensor, check_finite, check_shape
 
+from .base import row_blocks
+
 __all__ = [
     "AbstractStart",
     "LearnedStart",
@@ -202,34 +204,35 @@ class RidgeStart(AbstractStart):
             B = encoder.B.detach()
             if not bool(fam.in_domain(B).all()):
                 return zeros
-            eta_hat = fam.link(0.5 * (fam.T(y) + fam.dA(B)))
             W = encoder.W.detach()
+            mean_B = fam.dA(B)
+            # W^T (eta_hat - B) row by row, in blocks of ~2^16 entries that stay in cache
+            # (measured: 114 -> 35 ms for 10 000 x 500 Poisson counts)
+            rhs = y.new_empty(n, l)
+            for rows in row_blocks(n, W.shape[0]):
+                eta_hat = fam.link(0.5 * (fam.T(y[rows]) + mean_B))
+                torch.mm(eta_hat - B, W, out=rhs[rows])
             eye = torch.eye(l, dtype=y.dtype, device=y.device)
-            z0 = torch.linalg.solve(encoder.lam * eye + W.T @ W, W.T @ (eta_hat - B).T).T
+            z0 = torch.linalg.solve(encoder.lam * eye + W.T @ W, rhs.T).T
         return torch.where(torch.isfinite(z0).all(-1, keepdim=True), z0, zeros)
 
 
 # ------------------------------------------------------------------------------ learned start
 @functools.lru_cache(maxsize=64)
-def _monomial_steps(width: int, degree: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    r"""For degrees 2..``degree``: which lower monomial and which variable make each new one.
+def _monomial_prefixes(width: int, degree: int) -> tuple[tuple[int, ...], ...]:
+    r"""For degrees 2..``degree``: per variable $k$, how many monomials of the previous degree
+    have largest variable index $\le k$.
 
-    The monomials of degree $j$ are $m\,u_k$ for every monomial $m$ of degree $j-1$ whose
-    largest variable index is $\le k$ (each monomial once, in
-    a fixed order).
+    The monomials of each degree are ordered by their largest variable index, so those are a
+    prefix of them, and the monomials of degree $j$ whose largest variable is $k$ are that
+    prefix times $u_k$ (each monomial once, in a fixed order).
     """
     steps = []
-    last = list(range(width))  # largest variable index of each degree-1 monomial
+    tops = list(range(width))  # largest variable index of each degree-1 monomial
     for _ in range(2, degree + 1):
-        parents, variables, new_last = [], [], []
-        for k in range(width):
-            for a, top in enumerate(last):
-                if top <= k:
-                    parents.append(a)
-                    variables.append(k)
-                    new_last.append(k)
-        steps.append((torch.tensor(parents, dtype=torch.long), torch.tensor(variables, dtype=torch.long)))
-        last = new_last
+        prefixes = tuple(sum(1 for top in tops if top <= k) for k in range(width))
+        steps.append(prefixes)
+        tops = [k for k in range(width) for _ in range(prefixes[k])]
     return tuple(steps)
 
 
@@ -241,14 +244,31 @@ def _num_features(width: int, degree: int) -> int:
 def _polynomial(u: torch.Tensor, degree: int) -> torch.Tensor:
     r"""All monomials of degree 1..``degree`` of the columns of ``u`` ``(n, k)``, ``(n, m)``.
 
-    One gather-multiply per degree (a monomial of degree $j$ is one of degree $j-1$ times a
-    variable), not one product of $j$ gathered columns per monomial.
+    The transpose of :func:`_polynomial_t` (the same numbers, feature by feature).
     """
-    cols, prev = [u], u
-    for parents, variables in _monomial_steps(u.shape[1], degree):
-        prev = prev[:, parents.to(u.device)] * u[:, variables.to(u.device)]
-        cols.append(prev)
-    return torch.cat(cols, dim=1)
+    return _polynomial_t(u.T.contiguous(), degree).T
+
+
+def _polynomial_t(ut: torch.Tensor, degree: int) -> torch.Tensor:
+    r"""All monomials of degree 1..``degree`` of the rows of ``ut`` ``(k, n)``, as rows ``(m, n)``.
+
+    Per degree and variable $k$ one product of a contiguous slice of the previous degree's
+    monomials with the row $u_k$ (:func:`_monomial_prefixes`), written into one preallocated
+    output: features as rows, no gathers. Measured (:class:`LearnedStart` on 10 000 rows,
+    degree 3, $k = 5$, in blocks): 1.3 ms, against 1.8 ms with two row gathers per degree and
+    4.5 ms for gathers of columns concatenated per block of 256 rows.
+    """
+    k, n = ut.shape
+    out = ut.new_empty(_num_features(k, degree), n)
+    out[:k] = ut
+    low, high = 0, k  # rows of the monomials of the previous degree
+    for prefixes in _monomial_prefixes(k, degree):
+        pos = high
+        for var, count in enumerate(prefixes):
+            torch.mul(out[low:low + count], ut[var], out=out[pos:pos + count])
+            pos += count
+        low, high = high, pos
+    return out
 
 
 def _network(u: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -272,9 +292,6 @@ _LSTSQ_RIDGE = 1e-10
 #: bench_ped a third Newton step (a few test fixed points lie just outside the training range);
 #: a quarter of the range leaves it at two, and still bounds a runaway polynomial.
 _CLIP_MARGIN = 0.25
-
-#: Rows per block when the start is evaluated (see LearnedStart.__call__).
-_BLOCK_ROWS = 256
 
 #: The tensors of a fitted :class:`LearnedStart`, in the order they are stored.
 _STATE_NAMES = ("mean", "scale", "coef", "intercept", "z_low", "z_high")
@@ -541,14 +558,17 @@ class LearnedStart(AbstractStart):
             u = (s - mean) / scale
             # in row blocks: the (n, m) monomials of a whole batch are written to fresh memory
             # and read back once (measured: 330 ms for n = 10 000, k = 20, degree 3, against
-            # 150 ms in blocks of 256 rows, which stay in cache)
-            blocks = [torch.addmm(intercept, _polynomial(block, self.degree), coef)
-                      for block in torch.split(u, _BLOCK_ROWS)]
-            z0 = torch.cat(blocks) if blocks else u.new_zeros(0, coef.shape[1])
+            # 150 ms in blocks of 256 rows, which stay in cache); ~2^16 entries per block
+            # (base.BLOCK_ENTRIES)
+            z0 = u.new_empty(u.shape[0], coef.shape[1])
+            for rows in row_blocks(u.shape[0], coef.shape[0]):
+                feats = _polynomial_t(u[rows].T.contiguous(), self.degree)
+                torch.addmm(intercept, feats.T, coef, out=z0[rows])
             if self.network:
                 z0 = z0 + _network(u, [t.to(dtype=s.dtype, device=s.device) for t in self.network])
-            zeros = torch.zeros_like(z0)
-            z0 = torch.where(torch.isfinite(z0).all(-1, keepdim=True), z0, zeros)
+            # a sum is finite only if every entry is (else, rarely, the per-row pass)
+            if not math.isfinite(float(z0.sum())):
+                z0 = torch.where(torch.isfinite(z0).all(-1, keepdim=True), z0, torch.zeros_like(z0))
             low, high = (t.to(dtype=s.dtype, device=s.device) for t in (self.z_low, self.z_high))
             margin = _CLIP_MARGIN * (high - low)
             z0 = torch.minimum(torch.maximum(z0, low - margin), high + margin).reshape(shape)

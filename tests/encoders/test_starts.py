@@ -16,8 +16,9 @@ from deqppl.encoders import (
     ZeroStart,
     load_start,
 )
-from deqppl.encoders.starts import _num_features, _polynomial
-from deqppl.expfam import bernoulli, gaussian, poisson, relu
+from deqppl.encoders.base import row_blocks
+from deqppl.encoders.starts import _num_features, _polynomial, _polynomial_t
+from deqppl.expfam import bernoulli, gaussian, identity, poisson, relu
 from deqppl.inference import fit_map
 from deqppl.models import ExpFamPCA, HierarchicalExpFamPCA
 
@@ -177,6 +178,35 @@ def test_polynomial_features_are_all_monomials():
                        for c in itertools.combinations_with_replacement(range(3), deg)], 1)
     assert feats.shape == (5, _num_features(3, 3)) == ref.shape
     assert torch.allclose(feats.sort(1).values, ref.sort(1).values, rtol=0, atol=1e-14)
+
+
+def test_polynomial_of_rows_is_the_transposed_columns():
+    u = torch.randn(7, 4, dtype=torch.float64)
+    assert torch.equal(_polynomial_t(u.T.contiguous(), 3), _polynomial(u, 3).T)
+    naive = torch.stack([u[:, list(c)].prod(-1) for deg in (1, 2, 3)
+                         for c in itertools.combinations_with_replacement(range(4), deg)], 1)
+    # the same set of monomials, each once (its order is _monomial_prefixes')
+    torch.testing.assert_close(_polynomial(u, 3).sort(1).values, naive.sort(1).values,
+                               rtol=0, atol=1e-14)
+
+
+def test_blocked_start_is_the_whole_batch_regression():
+    """LearnedStart evaluates its features in row blocks: the start of 20 000 rows (several
+    blocks, a partial last one) is the regression z0 = phi(u) C + c, clipped, of the whole batch."""
+    model, _, y_train, W, B = _case(bernoulli(), identity(), 1.0, 1.0)
+    enc = PEDEncoder(model, W=W, B=B)
+    start = LearnedStart(degree=3).fit(enc, y_train)
+    y = model.simulate(20_000, seed=5, dtype=torch.float64).data["y"]
+    assert len(row_blocks(len(y), start.coef.shape[0])) > 2
+    u = (enc.summary(y) - start.mean) / start.scale
+    whole = _polynomial(u, 3) @ start.coef + start.intercept
+    margin = 0.25 * (start.z_high - start.z_low)  # starts._CLIP_MARGIN
+    whole = torch.minimum(torch.maximum(whole, start.z_low - margin), start.z_high + margin)
+    torch.testing.assert_close(start(enc, enc.check_data(y)), whole, rtol=0, atol=1e-12)
+    ridge = RidgeStart()(enc, enc.check_data(y))  # blocked too: the closed form of its docstring
+    eta_hat = model.family.link(0.5 * (y + model.family.dA(B)))
+    want = torch.linalg.solve(torch.eye(W.shape[1], dtype=W.dtype) + W.T @ W, W.T @ (eta_hat - B).T).T
+    torch.testing.assert_close(ridge, want, rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------------- state
