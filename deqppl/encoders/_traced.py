@@ -56,12 +56,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.fx as fx
 
-#: Rows per evaluation of a derivative graph: about this many data entries, so that each
-#: operation's intermediates stay in cache between the operations of the chain (the memory
-#: traffic of a whole batch dominates pointwise chains). The value measured for the PED layer
-#: (branch start2, encoders.base.BLOCK_ENTRIES: blocks of 2^15-2^17 entries within 10% of each
-#: other, 3-4x faster than the whole batch, 2^12 losing a factor 2 to per-call overhead).
-BLOCK_ENTRIES = 2**16
+from deqppl.encoders.base import BLOCK_ENTRIES
+
+# Rows per evaluation of a derivative graph: about BLOCK_ENTRIES data entries, so that each
+# operation's intermediates stay in cache between the operations of the chain -- the same block
+# size as the PED layer's (deqppl.encoders.base.BLOCK_ENTRIES, where it is measured).
 
 #: Batches with fewer data entries than this keep the Pyro path: tracing costs about a second
 #: once per batch shape (measured, ExpFamPCA d = 50), which a solve of a small batch (a few ms
