@@ -569,7 +569,12 @@ def test_ising_samples(v: float) -> None:
 def test_d2A_of_mean_is_d2A(fam, grid, scipy_dist, support) -> None:
     """``d2A_of_mean(dA(v)) == d2A(v)`` (the curvature a layer forms from its mean)."""
     if fam.d2A_of_mean is None:
-        pytest.skip(f"{fam.describe()} has no closed-form A'' of the mean")
+        # no closed form (continuous Bernoulli): its likelihoods must not claim the fused path
+        lik = Likelihood(fam, identity())
+        assert not lik.curvature_is_mean_function
+        with pytest.raises(ValueError, match="not a function of the mean"):
+            lik.curvature_from_mean(fam.dA(_t(grid)))
+        return
     v = _t(grid)
     # absolute 1e-14 * max(1, A''): the mean form cancels near the ends of the mean's range
     # (Bernoulli 1 - m), accurate to an absolute rounding error there (ExpFamily.d2A_of_mean)
