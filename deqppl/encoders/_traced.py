@@ -116,45 +116,18 @@ class TracedObjective:
 
         gm = make_fx(fn, tracing_mode="fake")(u, *inputs)
         gm.graph.eliminate_dead_code()
-        graph = gm.graph
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        (output,) = [n for n in graph.nodes if n.op == "output"]
-        dep, from_data = {placeholders[0]}, set(placeholders[1 + num_params :])
-        for node in graph.nodes:
-            if node.op == "call_function":
-                if any(a in dep for a in node.all_input_nodes):
-                    dep.add(node)
-                if any(a in from_data for a in node.all_input_nodes):
-                    from_data.add(node)
-        frontier: list[fx.Node] = []
-        for node in graph.nodes:
-            if node in dep and node.op != "placeholder":
-                frontier.extend(a for a in node.all_input_nodes if a not in dep and a not in frontier)
-        result = output.args[0]
-        if not isinstance(result, fx.Node) or result not in dep:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        from_data = set(placeholders[1 + num_params :])  # nodes computed from the data
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and any(a in from_data for a in node.all_input_nodes):
+                from_data.add(node)
+        self.prologue, self.body, frontier = _hoist(gm)
+        result = self.body.graph.output_node().args[0]
+        if not isinstance(result, fx.Node) or result.op == "placeholder":
             raise TypeError("the traced objective does not depend on the latents")
-        pro, env = fx.Graph(), {}
-        for node in graph.nodes:
-            if node.op == "output":
-                break
-            if node not in dep:
-                env[node] = pro.node_copy(node, lambda a: env[a])
-        pro.output(tuple(env[a] for a in frontier))
-        body, benv = fx.Graph(), {}
-        benv[placeholders[0]] = body.placeholder("u")
-        for i, a in enumerate(frontier):
-            benv[a] = body.placeholder(f"c{i}")
-        for a in (placeholders[0], *frontier):  # shapes, for the rewrites and the analysis
-            benv[a].meta = dict(a.meta)
-        for node in graph.nodes:
-            if node in dep and node.op != "placeholder":
-                benv[node] = body.node_copy(node, lambda a: benv[a])
-        body.output(benv[result])
-        _simplify(body)
-        self.prologue = fx.GraphModule(gm, pro)
-        self.prologue.graph.eliminate_dead_code()
-        self.prologue.recompile()
-        self.body = fx.GraphModule(gm, body)
+        _simplify(self.body.graph)
+        self.body.graph.eliminate_dead_code()
+        self.body.recompile()
         self.shape = tuple(u.shape)
         self.separable = _Separable.analyse(self.body, [a in from_data for a in frontier], self.shape)
 
@@ -731,12 +704,13 @@ def _reassociate(graph: fx.Graph) -> None:
     graph.eliminate_dead_code()
 
 
-def _hoist(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
+def _hoist(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule, list[fx.Node]]:
     """Split ``gm(u, *consts)`` into ``prologue(*consts) -> cs`` and ``body(u, *cs)``.
 
     The prologue holds every node that does not depend on ``u`` (evaluated once per bind);
     the body the nodes that do, reading the prologue's values it needs as inputs. Outputs
-    that do not depend on ``u`` pass through the body from its inputs.
+    that do not depend on ``u`` pass through the body from its inputs. Also returns the
+    nodes of ``gm`` behind ``cs``, in order.
     """
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -772,7 +746,7 @@ def _hoist(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
     for mod in (prologue, body_mod):
         mod.graph.eliminate_dead_code()
         mod.recompile()
-    return prologue, body_mod
+    return prologue, body_mod, frontier
 
 
 class _Derivatives:
@@ -822,7 +796,7 @@ class _Derivatives:
             _fold_uniform(gm.graph)
             _reassociate(gm.graph)
             gm.recompile()
-            pro, body = _hoist(gm)
+            pro, body, _ = _hoist(gm)
             generic = _row_generic(body, n)
             self.graphs[kind] = (pro, generic if generic is not None else body, tuple(live))
             self.rowwise = getattr(self, "rowwise", True) and generic is not None
