@@ -266,7 +266,7 @@ class ExpFamily:
         $A''$ as a function of the mean $m = A'(v)$, where that needs no transcendental
         function (Bernoulli $m(1-m)$, Poisson $m$); ``None`` where it does not exist in closed
         form. It lets a layer that has computed $A'(\eta)$ form the curvature in the same pass
-        (:meth:`Likelihood.drive_and_curvature`). Near the ends of the mean's range it is
+        (:meth:`Likelihood.curvature_from_mean`). Near the ends of the mean's range it is
         accurate to an absolute, not a relative, rounding error (Bernoulli: $1-m$ cancels for
         $v \gtrsim 36$), which is what a Newton direction needs; the exact value is ``d2A``.
     distribution

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 __all__ = [
+    "BLOCK_ENTRIES",
     "FLOAT_DTYPES",
     "ValidatedData",
     "as_tensor",
@@ -178,11 +179,13 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         )
 
 
-#: Entries per block of :func:`holds_everywhere`: 2^16 float64 entries (512 KiB) and their
-#: boolean masks stay in the L2 cache, where whole-tensor masks are fresh memory at every
-#: call (page faults). Measured on 10 000 x 500 Poisson counts: the support check of the
-#: whole tensor took 94 ms, in blocks of 2^16 entries ~12 ms.
-_CHECK_BLOCK = 2**16
+#: Entries per block of the blocked elementwise passes (:func:`holds_everywhere` here, the
+#: encoders' graph-free layer evaluations, :func:`deqppl.encoders.base.row_blocks`): 2^16
+#: float64 entries (512 KiB) and their temporaries stay in the L2 cache and are recycled by the
+#: allocator, where whole-tensor temporaries are fresh memory at every call (page faults).
+#: Measured on 10 000 x 500 Poisson counts: the support check of the whole tensor took 94 ms,
+#: in blocks of 2^16 entries ~12 ms; the PED layer's measurements are at ``row_blocks``.
+BLOCK_ENTRIES = 2**16
 
 
 def holds_everywhere(x: torch.Tensor, predicate) -> bool:
@@ -200,8 +203,8 @@ def holds_everywhere(x: torch.Tensor, predicate) -> bool:
     False
     """
     flat = x.reshape(-1)
-    for start in range(0, flat.shape[0], _CHECK_BLOCK):
-        if not bool(predicate(flat[start:start + _CHECK_BLOCK]).all()):
+    for start in range(0, flat.shape[0], BLOCK_ENTRIES):
+        if not bool(predicate(flat[start:start + BLOCK_ENTRIES]).all()):
             return False
     return True
 

@@ -597,7 +597,7 @@ def test_curvature_from_mean_is_curvature(lik: Likelihood) -> None:
 def test_validate_checks_every_block_and_survives_overflowing_sums() -> None:
     """The blocked fast path of ExpFamily.validate: a bad entry in a late block is still named,
     and finite data whose sum overflows is still accepted (by the exact whole-tensor checks)."""
-    y = torch.zeros(300_000, dtype=F64)  # several blocks of deqppl.validation._CHECK_BLOCK
+    y = torch.zeros(300_000, dtype=F64)  # several blocks of deqppl.validation.BLOCK_ENTRIES
     y[-1] = float("nan")
     with pytest.raises(ValueError, match="non-finite value nan at"):
         gaussian().validate(y)

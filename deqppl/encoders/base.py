@@ -49,7 +49,7 @@ from deqppl.deq import (
     fixed_point,
 )
 from deqppl.deq import spectral_radius as _spectral_radius
-from deqppl.validation import as_tensor, check_finite, check_shape, validated
+from deqppl.validation import BLOCK_ENTRIES, as_tensor, check_finite, check_shape, validated
 
 __all__ = [
     "BLOCK_ENTRIES",
@@ -100,14 +100,14 @@ def default_adjoint(dtype: torch.dtype) -> ImplicitAdjoint:
     return ImplicitAdjoint(solver=Newton(rtol=rtol, atol=0.0))
 
 
-#: Entries of a row block's ``(rows, d)`` temporaries in the graph-free layer evaluations
-#: (:func:`row_blocks`): 2^16 float64 entries are 512 KiB, which stay in the L2 cache and are
-#: recycled by the allocator, where whole-batch ``(N, d)`` temporaries are fresh memory at
-#: every call (measured ~1 900 minor page faults per 10 000 x 50 float64 temporary). Measured on
-#: the PED layer of ``benchmarks/bench_ped.py`` (N = 10 000, one thread): blocks of 2^15-2^17
-#: entries were within 10% of each other and 3-4x faster than the whole batch (d = 50: 4.5 ->
-#: 1.3 ms; d = 500: 75 -> 19 ms); blocks of 2^12 entries lost a factor 2 to per-call overhead.
-BLOCK_ENTRIES = 2**16
+# Entries of a row block's ``(rows, d)`` temporaries in the graph-free layer evaluations
+# (:func:`row_blocks`): deqppl.validation.BLOCK_ENTRIES, 2^16 float64 entries = 512 KiB, which
+# stay in the L2 cache and are recycled by the allocator, where whole-batch ``(N, d)``
+# temporaries are fresh memory at every call (measured ~1 900 minor page faults per 10 000 x 50
+# float64 temporary). Measured on the PED layer of ``benchmarks/bench_ped.py`` (N = 10 000, one
+# thread): blocks of 2^15-2^17 entries were within 10% of each other and 3-4x faster than the
+# whole batch (d = 50: 4.5 -> 1.3 ms; d = 500: 75 -> 19 ms); blocks of 2^12 entries lost a
+# factor 2 to per-call overhead.
 
 
 def row_blocks(num_rows: int, width: int) -> list[slice]:
