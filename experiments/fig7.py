@@ -587,7 +587,7 @@ def figure(rows: list[dict], path: Path) -> None:
 
     wins = win_counts(rows)
     cols = list(COLUMNS)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.27
     for k, m in enumerate(METHODS):
         frac = [wins[c].wins[m] / wins[c].num_datasets if wins[c].num_datasets else np.nan for c in cols]
@@ -602,7 +602,8 @@ def figure(rows: list[dict], path: Path) -> None:
                   fontsize=8)
     ax.set_ylabel("fraction of datasets won [95 % Wilson]")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
+    # below the axes: every bar group is tall somewhere, so no corner inside is free
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False)
     ax.set_title("Best downstream test MSE")
     for k, m in enumerate(METHODS):
         for j, c in enumerate(cols):
