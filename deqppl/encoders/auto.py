@@ -705,7 +705,8 @@ class AutoDEQ(WithStart, AbstractMAPEncoder):
         ev = self._solving
         if ev is not None and ev.data is data and not torch.is_grad_enabled():
             # inside a solve (a start comparing candidates): the solve's evaluator, no graph
-            return ev.value(torch.arange(ev.n, device=z.device), z)
+            rows = torch.arange(ev.n, device=z.device)
+            return ev.value(rows, z) + ev.offset(rows)
         data = self._data(data, validated)
         layout = self._layout(data)
         with pyro.validation_enabled(False):
@@ -786,7 +787,9 @@ class AutoDEQ(WithStart, AbstractMAPEncoder):
                     reference = self._neg_rows(u0, data, layout, params)
                 # The one check against the Pyro trace, at the first batch of this shape: a
                 # program the trace does not reproduce keeps the Pyro path.
-                if not torch.allclose(value(u0), reference, rtol=1e-10, atol=1e-10, equal_nan=True):
+                # (the traced value leaves out the latent-free terms: its offset adds them back)
+                if not torch.allclose(value(u0) + value.offset, reference, rtol=1e-10, atol=1e-10,
+                                      equal_nan=True):
                     traced = None
                 else:  # and the separable Hessians against autograd's, off the start point
                     gen = torch.Generator(device=u0.device).manual_seed(0)
@@ -1216,6 +1219,14 @@ class _Evaluator:
     def _sub(self, rows):
         return self.data if rows.numel() == self.n else _rows(self.data, rows)
 
+    def offset(self, rows):
+        """What each row's value here leaves out of $F$ (its latent-free terms): the traced
+        graphs drop them, and every value of one evaluator leaves out the same."""
+        if self.fast is None:
+            return 0.0
+        offset = self.fast.offset
+        return offset if offset.dim() == 0 else offset[rows]
+
     def value(self, rows, x):
         if self._traced(rows) and self.fast.compact:
             return self.fast.value(x, self._subset(rows))
@@ -1223,14 +1234,15 @@ class _Evaluator:
             with torch.no_grad():
                 return self._pick(rows, self.fast(self._full(rows, x)))[0]
         with pyro.validation_enabled(False):
-            return self.enc._neg_rows(x, self._sub(rows), self.layout, self.params)
+            return self.enc._neg_rows(x, self._sub(rows), self.layout, self.params) - self.offset(rows)
 
     def value_and_grad(self, rows, x):
         if self._traced(rows) and self.fast.compact:
             return self.fast.value_and_grad(x, self._subset(rows))
         if self._traced(rows):
             return self._pick(rows, *self.fast.value_and_grad(self._full(rows, x)))
-        return self.enc._value_and_grad(x, self._sub(rows), self.layout, self.params)
+        F, g = self.enc._value_and_grad(x, self._sub(rows), self.layout, self.params)
+        return F - self.offset(rows), g
 
     def linearize(self, rows, x):
         if self._traced(rows) and self.fast.compact:
@@ -1244,7 +1256,8 @@ class _Evaluator:
                 return F, g, hess
             # the Hessians of the wanted rows only, not of the batch's filler rows
             return F, g, lambda select=None: hess(rows if select is None else rows[select])
-        return self.enc._linearize(x, self._sub(rows), self.layout, self.params)
+        F, g, hess = self.enc._linearize(x, self._sub(rows), self.layout, self.params)
+        return F - self.offset(rows), g, hess
 
 
 # ---------------------------------------------------------------------------------- the solvers

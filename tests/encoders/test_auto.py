@@ -584,6 +584,8 @@ def test_traced_derivatives_of_row_subsets_equal_autograd_on_the_pyro_trace(case
             F, g, hess = ev.linearize(rows, u[rows])
             sub = {k: v[rows] for k, v in data.items()}
             F_ref, g_ref, hess_ref = enc._linearize(u[rows], sub, layout, params)
+            # the traced values leave out each row's latent-free terms; the offset adds them back
+            F_ref = F_ref - ev.offset(rows)
             torch.testing.assert_close(F, F_ref, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(hess(), hess_ref(), rtol=1e-12, atol=1e-12)
@@ -591,6 +593,39 @@ def test_traced_derivatives_of_row_subsets_equal_autograd_on_the_pyro_trace(case
             torch.testing.assert_close(hess(torch.tensor([0])), hess_ref()[:1], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(ev.value(rows, u[rows]), F_ref, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(ev.value_and_grad(rows, u[rows])[1], g_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", TRACED_PCA, ids=[c[0] for c in TRACED_PCA])
+def test_traced_values_leave_out_the_latent_free_terms(case):
+    # lgamma(y + 1), log(2 pi) / 2 and the prior's log scale are constants per row: no graph
+    # evaluated per solve computes them, and offset + value is the Pyro objective
+    _, fam, nl, lam, scale = case
+    model, y, values = _pca(fam, nl, lam, scale, n=40)
+    enc = AutoDEQ(model, values, trace_objective=True)
+    data = enc.check_data(y)
+    layout, params = enc._layout(data), enc._globals(detach=True)
+    u = 0.5 * torch.randn(40, L, generator=torch.Generator().manual_seed(4), dtype=F64)
+    with torch.no_grad():
+        ev = enc._evaluator(data, layout, params, torch.zeros_like(u))
+        traced = ev.fast.traced
+        assert traced.stripped
+        per_solve = [traced.prologue, traced.body, *[g for gs in traced.separable.derivatives.graphs.values()
+                                                     for g in gs[:2]]]
+        ops = {str(n.target) for gm in per_solve for n in gm.graph.nodes if n.op == "call_function"}
+        assert not any("lgamma" in op for op in ops)
+        everything = torch.arange(40)
+        F_pyro = enc._neg_rows(u, data, layout, params)
+        torch.testing.assert_close(ev.value(everything, u) + ev.offset(everything), F_pyro,
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ev.fast.full_value(u), F_pyro, rtol=1e-12, atol=1e-12)
+        # a start comparing candidates inside a solve sees the whole objective
+        enc._solving = ev
+        try:
+            torch.testing.assert_close(enc.objective(u, data), F_pyro, rtol=1e-12, atol=1e-12)
+        finally:
+            enc._solving = None
+    if fam == poisson():
+        assert any("lgamma" in str(n.target) for n in traced.full.graph.nodes)
 
 
 # ----------------------------------------------------------------------------------------------
