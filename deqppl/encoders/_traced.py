@@ -56,16 +56,19 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.fx as fx
 
-from deqppl.encoders.base import BLOCK_ENTRIES
 
 #: Largest latent dimension whose batched Cholesky the Newton step does column by column over
 #: the batch (:func:`deqppl.encoders.auto._cholesky`), on Hessians laid out ``(D, D, n)``;
 #: above it, LAPACK's ``cholesky_ex`` on ``(n, D, D)``.
 SMALL_CHOLESKY_MAX_DIM = 8
 
-# Rows per evaluation of a derivative graph: about BLOCK_ENTRIES data entries, so that each
-# operation's intermediates stay in cache between the operations of the chain -- the same block
-# size as the PED layer's (deqppl.encoders.base.BLOCK_ENTRIES, where it is measured).
+#: Entries of the widest intermediate per evaluation of a derivative graph (rows per block:
+#: this over the entries per row). Smaller blocks keep a chain's intermediates in cache, larger
+#: ones pay the per-operation dispatch of a graph of ~25 operations fewer times; measured on
+#: the four ExpFamPCA cases of benchmarks/bench_autodeq.py (2-core x86, 2 MiB L2 per core),
+#: 2^18 was fastest of 2^16 ... 2^20 and the whole batch, by 10-20 % over 2^16 (the PED
+#: layer's measured best, deqppl.validation.BLOCK_ENTRIES, which has fewer operations).
+TRACED_BLOCK_ENTRIES = 2**18
 
 #: Batches with fewer data entries than this keep the Pyro path: tracing costs about a second
 #: once per batch shape (measured, ExpFamPCA d = 50), which a solve of a small batch (a few ms
@@ -470,9 +473,9 @@ class _BoundSeparable:
             k: [isinstance(c, torch.Tensor) and c.dim() >= 1 and c.shape[0] == n for c in cs]
             for k, (_, cs, _) in self.derived.items()
         }
-        width = max([c[:1].numel() for k, (_, cs, _) in (self.derived or {}).items()
-                     for c, r in zip(cs, self._row_inputs[k]) if r] or [1])
-        self.block_rows = max(1, BLOCK_ENTRIES // width)
+        # entries per row of the widest intermediate (the n x d of the likelihood's leaf)
+        width = sep.derivatives.width if sep.derivatives else 1
+        self.block_rows = max(1, TRACED_BLOCK_ENTRIES // width)
 
     @property
     def compact(self) -> bool:
@@ -481,7 +484,7 @@ class _BoundSeparable:
 
     def _run(self, kind: str, u: torch.Tensor, rows: torch.Tensor | None):
         """The derivative graph ``kind`` at ``u`` of the rows ``rows`` (``None``: all), in row
-        blocks of :data:`BLOCK_ENTRIES` data entries where the graph evaluates any rows."""
+        blocks of :data:`TRACED_BLOCK_ENTRIES` entries where the graph evaluates any rows."""
         body, consts, live = self.derived[kind]
         mask = self._row_inputs[kind]
         m = u.shape[0]
@@ -678,6 +681,39 @@ def _fold_uniform(graph: fx.Graph) -> None:
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
     graph.eliminate_dead_code()
+    _shrink_fills(graph)
+
+
+#: Elementwise operations of two tensors that broadcast them against each other.
+_BROADCASTING = {_aten.sigmoid_backward.default, _aten.tanh_backward.default, _aten.mul.Tensor,
+                 _aten.div.Tensor, _aten.add.Tensor, _aten.sub.Tensor}
+
+
+def _shrink_fills(graph: fx.Graph) -> None:
+    """A fill read only by broadcasting operations whose other operand has the result's
+    shape becomes a fill of one element per dimension (bitwise the same results).
+
+    Autograd's cotangent ``ones(n, d)`` of ``sigmoid_backward`` would otherwise be an input
+    with one row per datum, read (and for row subsets gathered) at every evaluation.
+    """
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not _aten.full.default or not node.users:
+            continue
+        shape = list(node.args[0])
+        if not shape or all(k == 1 for k in shape):
+            continue
+
+        def broadcast_only(user) -> bool:
+            if user.op != "call_function" or user.target not in _BROADCASTING or user.kwargs \
+                    or len(user.args) != 2 or _shape(user) != tuple(shape):
+                return False
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            return isinstance(other, fx.Node) and other is not node and _shape(other) == tuple(shape)
+
+        if all(broadcast_only(user) for user in node.users):
+            node.args = ([1] * len(shape), *node.args[1:])
+            if "val" in node.meta:
+                node.meta = {**node.meta, "val": node.meta["val"].new_empty([1] * len(shape))}
 
 
 def _reassociate(graph: fx.Graph) -> None:
@@ -738,6 +774,116 @@ def _reassociate(graph: fx.Graph) -> None:
                 dep.add(new)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
+    graph.eliminate_dead_code()
+
+
+def _linear_terms(graph: fx.Graph) -> None:
+    r"""Move the terms of the derivative graph that are linear in an affine leaf to the latent side.
+
+    A term $\sum_e c_e\,a_e$ of a row's objective, $a = xM + b$ an affine leaf and $c$
+    free of the latents ($y\,\eta$ of a Bernoulli or Poisson likelihood), is $x\cdot(cM^\top)
+    + c\cdot b$: $cM^\top$ and $c \cdot b$ have one entry per row and latent, and are
+    computed once per solve (hoisted); so are the $cM$ of a gradient's $(s - c)M$. Each saves
+    passes over the $n \times d$ data entries per evaluation (a pass costs about as much as
+    the whole $n \times D$ side). The rewrites, to a fixed point:
+
+    * ``sum(-a) -> -sum(a)`` (exact);
+    * ``sum(a +- b) -> sum(a) +- sum(b)`` for ``a``, ``b`` of the same shape;
+    * ``sum(c * addmm(b, x, M), -1) -> sum(x * mm(c, M^T), -1) + c . b`` and
+      ``sum(addmm(b, x, M), -1) -> sum(x * sum(M, 1), -1) + sum(b)``, for ``c``, ``b``, ``M``
+      free of the latents;
+    * ``mm(a +- c, M) -> mm(a, M) +- mm(c, M)`` for ``c`` free of the latents.
+
+    All but the first reassociate sums: equal up to rounding.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return
+    dep = {placeholders[0]}
+    for node in graph.nodes:
+        if node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+
+    def call(before, target, args):
+        with graph.inserting_before(before):
+            new = graph.call_function(target, tuple(args))
+        vals = fx.node.map_arg(tuple(args), lambda a: a.meta.get("val"))
+        try:  # the fake values' shapes, for the passes after this one
+            new.meta = {"val": target(*vals)}
+        except Exception:  # noqa: BLE001 - no shape: later passes treat it as unknown
+            new.meta = {}
+        if any(a in dep for a in new.all_input_nodes):
+            dep.add(new)
+        return new
+
+    def plain_sum(node):  # sum over the last dimension of a 2-D tensor, or any dims; no keepdim
+        if node.op != "call_function" or node.target is not _aten.sum.dim_IntList or node.kwargs:
+            return None
+        if len(node.args) > 2 and node.args[2]:
+            return None
+        return node.args[1]
+
+    def leaf(a):  # addmm(b, x, M) with b and M free of the latents
+        if isinstance(a, fx.Node) and a.op == "call_function" and a.target is _aten.addmm.default \
+                and not a.kwargs and len(a.args) == 3 and a.args[0] not in dep and a.args[2] not in dep:
+            return a.args
+        return None
+
+    def last_dim(a, dims):
+        shape = _shape(a)
+        return shape is not None and len(shape) == 2 and list(dims) in ([-1], [1])
+
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            dims = plain_sum(node)
+            new = None
+            if dims is not None and isinstance(node.args[0], fx.Node):
+                a = node.args[0]
+                single = len(a.users) == 1 and a.op == "call_function" and not a.kwargs
+                if single and a.target is _aten.neg.default:
+                    new = call(node, _aten.neg.default, (call(node, _aten.sum.dim_IntList, (a.args[0], dims)),))
+                elif single and a.target in (_aten.add.Tensor, _aten.sub.Tensor) and len(a.args) == 2 \
+                        and all(isinstance(b, fx.Node) and _shape(b) == _shape(a) for b in a.args):
+                    new = call(node, a.target, tuple(call(node, _aten.sum.dim_IntList, (b, dims)) for b in a.args))
+                elif a in dep and last_dim(a, dims):
+                    parts = leaf(a)
+                    if parts is not None:  # sum(x M + b) = x . rowsum(M) + sum(b)
+                        b, x, M = parts
+                        mvec = call(node, _aten.sum.dim_IntList, (M, [1]))
+                        lin = call(node, _aten.sum.dim_IntList, (call(node, _aten.mul.Tensor, (x, mvec)), [-1]))
+                        new = call(node, _aten.add.Tensor, (lin, call(node, _aten.sum.default, (b,))))
+                    elif single and a.target is _aten.mul.Tensor and len(a.args) == 2:
+                        for c, L in (a.args, a.args[::-1]):
+                            parts = leaf(L)
+                            if parts is not None and isinstance(c, fx.Node) and c not in dep \
+                                    and _shape(c) == _shape(a) == _shape(L):
+                                b, x, M = parts
+                                cm = call(node, _aten.mm.default, (c, call(node, _aten.t.default, (M,))))
+                                lin = call(node, _aten.sum.dim_IntList, (call(node, _aten.mul.Tensor, (x, cm)), [-1]))
+                                if _shape(b) is not None and len(_shape(b)) == 1:
+                                    cb = call(node, _aten.mv.default, (c, b))
+                                else:
+                                    cb = call(node, _aten.sum.dim_IntList, (call(node, _aten.mul.Tensor, (c, b)), [-1]))
+                                new = call(node, _aten.add.Tensor, (lin, cb))
+                                break
+            elif node.op == "call_function" and node.target is _aten.mm.default and not node.kwargs:
+                a, M = node.args
+                if isinstance(a, fx.Node) and a.op == "call_function" and not a.kwargs and len(a.users) == 1 \
+                        and a.target in (_aten.add.Tensor, _aten.sub.Tensor) and len(a.args) == 2 \
+                        and M not in dep:
+                    x, c = a.args
+                    if isinstance(x, fx.Node) and isinstance(c, fx.Node) and x in dep and c not in dep \
+                            and _shape(x) == _shape(c) == _shape(a):
+                        new = call(node, a.target, (call(node, _aten.mm.default, (x, M)),
+                                                    call(node, _aten.mm.default, (c, M))))
+            if new is not None:
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                graph.eliminate_dead_code()
+                changed = True
+                break
     graph.eliminate_dead_code()
 
 
@@ -803,6 +949,7 @@ class _Derivatives:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         self.graphs = {}
+        self.width = 1  # entries per row of the widest intermediate of the body graphs
         n = u.shape[0]
         for kind in ("value", "grad", "curv"):
             live: list[int] = []
@@ -830,10 +977,15 @@ class _Derivatives:
                 return (F.detach(), g.detach(), *[c.detach() for c in curv])
 
             gm = make_fx(joint, tracing_mode="fake")(u, *consts)
+            _log_sigmoid_from_sigmoid(gm.graph, u.dtype)
             _fold_uniform(gm.graph)
             _reassociate(gm.graph)
+            _linear_terms(gm.graph)
             gm.recompile()
             pro, body, _ = _hoist(gm)
+            self.width = max([self.width] + [
+                math.prod(v.shape[1:]) for node in body.graph.nodes
+                if isinstance(v := node.meta.get("val"), torch.Tensor) and v.dim() >= 1 and v.shape[0] == n])
             generic = _row_generic(body, n)
             self.graphs[kind] = (pro, generic if generic is not None else body, tuple(live))
             self.rowwise = getattr(self, "rowwise", True) and generic is not None
@@ -881,6 +1033,63 @@ def _row_generic(gm: fx.GraphModule, n: int) -> fx.GraphModule | None:
 
 _NO_OP_MOVES = {_aten.alias.default, _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default,
                  _aten.expand.default, _aten.permute.default}
+
+
+def _log_sigmoid_from_sigmoid(graph: fx.Graph, dtype: torch.dtype) -> None:
+    r"""``binary_cross_entropy_with_logits(x, y)`` (elementwise) as $x - yx - \log\sigma(x)$,
+    with $\log\sigma(x) = \log(\operatorname{sigmoid}(x))$ sharing the gradient's sigmoid.
+
+    ATen's kernel evaluates $\log\sigma$ through ``log1p(exp(-|x|))``, about three times the
+    cost of the ``sigmoid`` the gradient computes anyway (measured on CPU, float64); a
+    Bernoulli likelihood's value then costs more than its gradient and curvatures together.
+    Where $x < \log\varepsilon$ the sigmoid may underflow, and $\log\sigma(x) = x$ to
+    working precision there (the neglected $e^x$ is below half an ulp of $x$); elsewhere
+    $\log$ of the sigmoid is accurate to a few ulps of $\max(1, |\log\sigma|)$ (measured
+    3.6e-15 over $x \sim N(0, 25)$), equal to the kernel's value up to rounding. One sigmoid
+    per input: the rewrite merges it with the gradient's.
+    """
+    sigmoid_of = {}
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is _aten.sigmoid.default and not node.kwargs:
+            x = node.args[0]
+            if x in sigmoid_of:  # one sigmoid per input
+                node.replace_all_uses_with(sigmoid_of[x])
+                graph.erase_node(node)
+            else:
+                sigmoid_of[x] = node
+    floor = math.log(torch.finfo(dtype).eps)
+
+    def call(before, target, args, like):
+        with graph.inserting_before(before):
+            new = graph.call_function(target, args)
+        new.meta = dict(like.meta)
+        return new
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not _aten.binary_cross_entropy_with_logits.default:
+            continue
+        args = list(node.args) + [None] * (5 - len(node.args))
+        x, y, weight, pos_weight, reduction = args[:5]
+        reduction = node.kwargs.get("reduction", reduction)
+        if weight is not None or pos_weight is not None or reduction != 0 or set(node.kwargs) - {"reduction"} \
+                or not isinstance(x, fx.Node) or _shape(x) != _shape(node):
+            continue
+        s = sigmoid_of.get(x)
+        if s is None:
+            s = call(node, _aten.sigmoid.default, (x,), x)
+            sigmoid_of[x] = s
+        else:  # the gradient's sigmoid, defined later: move it up to here
+            node.prepend(s)
+        log_s = call(node, _aten.log.default, (s,), node)
+        low = call(node, _aten.lt.Scalar, (x, floor), node)
+        low.meta = {**node.meta, "val": node.meta["val"].to(torch.bool)} if "val" in node.meta else {}
+        log_sig = call(node, _aten.where.self, (low, x, log_s), node)
+        yx = call(node, _aten.mul.Tensor, (y, x), node)
+        rest = call(node, _aten.sub.Tensor, (x, yx), node)
+        new = call(node, _aten.sub.Tensor, (rest, log_sig), node)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.lint()
 
 
 def _strip_constant_terms(graph: fx.Graph) -> bool:

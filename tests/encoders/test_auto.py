@@ -628,6 +628,49 @@ def test_traced_values_leave_out_the_latent_free_terms(case):
         assert any("lgamma" in str(n.target) for n in traced.full.graph.nodes)
 
 
+@pytest.mark.parametrize("family", [poisson(), bernoulli()], ids=["poisson", "bernoulli"])
+def test_derivative_graphs_read_the_data_through_per_row_products_only(family):
+    # y eta is linear in the latents (u . (y W) + y . B, hoisted), the gradient's y W too, and
+    # autograd's ones(n, d) cotangent is a broadcast scalar: no per-evaluation input has more
+    # than D entries per row, so no pass over the n x d data is spent on them
+    model, y, values = _pca(family, identity(), 1.0, 0.5, n=40)
+    enc = AutoDEQ(model, values, trace_objective=True)
+    data = enc.check_data(y)
+    with torch.no_grad():
+        ev = enc._evaluator(data, enc._layout(data), enc._globals(detach=True), torch.zeros(40, L, dtype=F64))
+        bound = ev.fast.curvature
+        for kind in ("grad", "curv"):
+            _, consts, _ = bound.derived[kind]
+            widths = [c[:1].numel() for c, row in zip(consts, bound._row_inputs[kind]) if row]
+            assert max(widths) <= L, (kind, widths)
+
+
+def test_log_sigmoid_rewrite_is_accurate_at_extreme_logits():
+    # binary_cross_entropy_with_logits as x - y x - log(sigmoid(x)), sharing the gradient's
+    # sigmoid, against ATen's kernel: the same to rounding from -1000 to 1000, finite everywhere
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from deqppl.encoders._traced import _log_sigmoid_from_sigmoid
+
+    def f(x, y):
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
+        return bce, torch.sigmoid(x) - y
+
+    x = torch.tensor([-1000.0, -745.5, -720.0, -700.0, -40.0, -36.1, -36.0, -5.0, -1e-3, 0.0,
+                      1e-3, 5.0, 36.0, 40.0, 700.0, 1000.0], dtype=F64).repeat(2)
+    y = torch.cat([torch.zeros(16, dtype=F64), torch.ones(16, dtype=F64)])
+    gm = make_fx(f, tracing_mode="fake")(x, y)
+    _log_sigmoid_from_sigmoid(gm.graph, F64)
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.binary_cross_entropy_with_logits.default not in targets
+    assert targets.count(torch.ops.aten.sigmoid.default) == 1
+    want, got = f(x, y), gm(x, y)
+    assert bool(torch.isfinite(got[0]).all())
+    torch.testing.assert_close(got[0], want[0], rtol=4 * torch.finfo(F64).eps, atol=8 * torch.finfo(F64).eps)
+    torch.testing.assert_close(got[1], want[1], rtol=0.0, atol=0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # starts: summary() is the score at u = 0, a start changes the cost only
 # ----------------------------------------------------------------------------------------------
@@ -721,7 +764,7 @@ def test_bad_starts_raise_clearly():
 
 
 def test_traced_derivatives_in_row_blocks_equal_the_whole_batch(monkeypatch):
-    # blocks of 7 rows (a few data entries each) against one block: the same values
+    # blocks of 7 rows (the widest intermediate: D entries per row) against one block: the same values
     import deqppl.encoders._traced as traced_module
 
     model, y, values = _pca(poisson(), identity(), 1.0, 0.5, n=40)
@@ -729,8 +772,8 @@ def test_traced_derivatives_in_row_blocks_equal_the_whole_batch(monkeypatch):
     u = 0.5 * torch.randn(40, L, generator=gen, dtype=F64)
     rows = torch.arange(1, 40, 2)
     results = []
-    for entries in (traced_module.BLOCK_ENTRIES, 7 * D):
-        monkeypatch.setattr(traced_module, "BLOCK_ENTRIES", entries)
+    for entries in (traced_module.TRACED_BLOCK_ENTRIES, 7 * D):
+        monkeypatch.setattr(traced_module, "TRACED_BLOCK_ENTRIES", entries)
         enc = AutoDEQ(model, values, trace_objective=True)
         data = enc.check_data(y)
         with torch.no_grad():
