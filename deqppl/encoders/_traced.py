@@ -467,12 +467,6 @@ class _BoundSeparable:
     def __init__(self, sep: _Separable, consts: tuple, products: list[torch.Tensor]) -> None:
         self.sep, self.consts, self.products = sep, consts, products
         self.derived = sep.derivatives.bind(consts) if sep.derivatives else None
-        n = sep.shape[0]
-        # which inputs of the derivative graphs have one entry per row (gathered for subsets)
-        self._row_inputs = {} if self.derived is None else {
-            k: [isinstance(c, torch.Tensor) and c.dim() >= 1 and c.shape[0] == n for c in cs]
-            for k, (_, cs, _) in self.derived.items()
-        }
         # entries per row of the widest intermediate (the n x d of the likelihood's leaf)
         width = sep.derivatives.width if sep.derivatives else 1
         self.block_rows = max(1, TRACED_BLOCK_ENTRIES // width)
@@ -485,8 +479,7 @@ class _BoundSeparable:
     def _run(self, kind: str, u: torch.Tensor, rows: torch.Tensor | None):
         """The derivative graph ``kind`` at ``u`` of the rows ``rows`` (``None``: all), in row
         blocks of :data:`TRACED_BLOCK_ENTRIES` entries where the graph evaluates any rows."""
-        body, consts, live = self.derived[kind]
-        mask = self._row_inputs[kind]
+        body, consts, live, mask = self.derived[kind]
         m = u.shape[0]
         step = self.block_rows if self.compact else m
         parts = []
@@ -951,6 +944,7 @@ class _Derivatives:
         self.graphs = {}
         self.width = 1  # entries per row of the widest intermediate of the body graphs
         n = u.shape[0]
+        self.shape = tuple(u.shape)
         for kind in ("value", "grad", "curv"):
             live: list[int] = []
             curvature = kind == "curv"
@@ -990,8 +984,29 @@ class _Derivatives:
             self.graphs[kind] = (pro, generic if generic is not None else body, tuple(live))
             self.rowwise = getattr(self, "rowwise", True) and generic is not None
 
-    def bind(self, consts: tuple) -> dict:
-        return {k: (body, tuple(pro(*consts)), live) for k, (pro, body, live) in self.graphs.items()}
+    def bind(self, consts: tuple) -> _BoundGraphs:
+        return _BoundGraphs(self.graphs, consts, self.shape[0])
+
+
+class _BoundGraphs:
+    """``kind -> (body, inputs, live, row_mask)`` of the derivative graphs at one batch's
+    values: each kind's prologue runs on first use (a Newton solve without backtracking never
+    evaluates the value-only graph; L-BFGS never the curvatures). ``row_mask`` tells which
+    inputs have one entry per row (gathered for row subsets)."""
+
+    def __init__(self, graphs: dict, consts: tuple, n: int) -> None:
+        self.graphs, self.consts, self.n, self._bound = graphs, consts, n, {}
+
+    def __contains__(self, kind) -> bool:
+        return kind in self.graphs
+
+    def __getitem__(self, kind):
+        if kind not in self._bound:
+            pro, body, live = self.graphs[kind]
+            cs = tuple(pro(*self.consts))
+            mask = [isinstance(c, torch.Tensor) and c.dim() >= 1 and c.shape[0] == self.n for c in cs]
+            self._bound[kind] = (body, cs, live, mask)
+        return self._bound[kind]
 
 
 #: Operations whose shape argument (argument 1) may hold the number of rows first.

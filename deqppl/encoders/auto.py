@@ -1354,13 +1354,23 @@ def _newton(ev, solver, u, rtol, *, final_hessians=False):
     def exact_at(step):
         return step == 0 or (solver.refresh is not None and step % solver.refresh == 0)
 
+    def take(x, rows):  # rows are sorted and distinct: all N of them are all rows, in order
+        return x if rows.numel() == N else x[rows]
+
+    def put(x, rows, v):
+        if rows.numel() == N:
+            x.copy_(v)
+        else:
+            x[rows] = v
+
     def linearize(rows, *, trial=False, hessian=True):
         if hessian:
-            F_r, g_r, hess = ev.linearize(rows, u[rows])
+            F_r, g_r, hess = ev.linearize(rows, take(u, rows))
         else:
-            (F_r, g_r), hess = ev.value_and_grad(rows, u[rows]), None
+            (F_r, g_r), hess = ev.value_and_grad(rows, take(u, rows)), None
         finite = torch.isfinite(F_r) & _finite_rows(g_r)
-        F[rows], g[rows] = F_r, g_r
+        put(F, rows, F_r)
+        put(g, rows, g_r)
         if not trial:  # a non-finite trial point is a rejected step, not a failure
             stuck[rows[~finite]] = True
         groups.append([rows, finite, hess])
@@ -1408,10 +1418,11 @@ def _newton(ev, solver, u, rtol, *, final_hessians=False):
             idx, H = idx[finite], H[finite]
         if idx.numel() == 0:
             break
-        d = _descent_direction(g[idx], H)
-        g0, F0, u0 = g[idx].clone(), F[idx].clone(), u[idx].clone()
+        # copies (indexing copies; all rows: a clone) that the linearisation below overwrites
+        g0, F0, u0 = (x.clone() for x in (g, F, u)) if idx.numel() == N else (g[idx], F[idx], u[idx])
+        d = _descent_direction(g0, H)
         slope = (g0 * d).sum(-1)
-        u[idx] = u0 + d
+        put(u, idx, u0 + d)
         counts["fevals"] += 1
         hessian_next = exact_at(step + 1)
         finite = linearize(idx, trial=True, hessian=hessian_next)  # the full step, with its gradient

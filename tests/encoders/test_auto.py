@@ -640,8 +640,8 @@ def test_derivative_graphs_read_the_data_through_per_row_products_only(family):
         ev = enc._evaluator(data, enc._layout(data), enc._globals(detach=True), torch.zeros(40, L, dtype=F64))
         bound = ev.fast.curvature
         for kind in ("grad", "curv"):
-            _, consts, _ = bound.derived[kind]
-            widths = [c[:1].numel() for c, row in zip(consts, bound._row_inputs[kind]) if row]
+            _, consts, _, rowwise = bound.derived[kind]
+            widths = [c[:1].numel() for c, row in zip(consts, rowwise) if row]
             assert max(widths) <= L, (kind, widths)
 
 
