@@ -517,7 +517,7 @@ class LearnedStart(AbstractStart):
             if not callable(getattr(encoder, "objective", None)):
                 raise TypeError(
                     f"LearnedStart with a fallback needs an encoder with an objective(z, data) "
-                    f"method (PEDEncoder), got {type(encoder).__name__}"
+                    f"method (PEDEncoder, AutoDEQ), got {type(encoder).__name__}"
                 )
             self.fallback.check_encoder(encoder)
 
