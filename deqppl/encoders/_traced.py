@@ -488,7 +488,8 @@ class _BoundSeparable:
                 cs = consts if step >= m else [c[i : i + step] if r else c for c, r in zip(consts, mask)]
             else:
                 sel = rows[i : i + step]
-                cs = [c.index_select(0, sel) if r else c for c, r in zip(consts, mask)]
+                cs = [c if not r else c.index_select(0, sel) if r is _ROWS else c[:1].expand(sel.numel(), *c.shape[1:])
+                      for c, r in zip(consts, mask)]
             parts.append(body(u[i : i + step], *cs))
         if len(parts) == 1:
             return parts[0], live
@@ -988,11 +989,29 @@ class _Derivatives:
         return _BoundGraphs(self.graphs, consts, self.shape[0])
 
 
+#: Kinds of a derivative graph's input with one entry per row (false: the input is shared).
+_ROWS, _SAME_ROWS = "rows", "same rows"
+#: Inputs with at most this many entries per row are compared with their first row once per
+#: solve (one pass over n x width entries); wider ones (the data) are taken as row-wise.
+_SAME_ROWS_MAX_WIDTH = 64
+
+
+def _row_kind(c, n: int):
+    """``_ROWS`` for an input with one entry per row, ``_SAME_ROWS`` where all its rows are
+    equal (a prior's expanded location and scale, and what is computed from them: a row subset
+    is then a free view of the first row, not a gather), ``False`` for a shared input."""
+    if not (isinstance(c, torch.Tensor) and c.dim() >= 1 and c.shape[0] == n and n > 1):
+        return False
+    if c.stride(0) == 0 or (c[:1].numel() <= _SAME_ROWS_MAX_WIDTH and bool((c == c[:1]).all())):
+        return _SAME_ROWS
+    return _ROWS
+
+
 class _BoundGraphs:
     """``kind -> (body, inputs, live, row_mask)`` of the derivative graphs at one batch's
     values: each kind's prologue runs on first use (a Newton solve without backtracking never
     evaluates the value-only graph; L-BFGS never the curvatures). ``row_mask`` tells which
-    inputs have one entry per row (gathered for row subsets)."""
+    inputs have one entry per row and how (:func:`_row_kind`)."""
 
     def __init__(self, graphs: dict, consts: tuple, n: int) -> None:
         self.graphs, self.consts, self.n, self._bound = graphs, consts, n, {}
@@ -1004,7 +1023,7 @@ class _BoundGraphs:
         if kind not in self._bound:
             pro, body, live = self.graphs[kind]
             cs = tuple(pro(*self.consts))
-            mask = [isinstance(c, torch.Tensor) and c.dim() >= 1 and c.shape[0] == self.n for c in cs]
+            mask = [_row_kind(c, self.n) for c in cs]
             self._bound[kind] = (body, cs, live, mask)
         return self._bound[kind]
 
