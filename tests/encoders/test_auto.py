@@ -595,6 +595,31 @@ def test_traced_derivatives_of_row_subsets_equal_autograd_on_the_pyro_trace(case
             torch.testing.assert_close(ev.value_and_grad(rows, u[rows])[1], g_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["robust_pca", "item_response"])
+def test_traced_derivatives_of_user_models_equal_autograd_on_the_pyro_trace(name):
+    # the graph rewrites (dropped constants, linear terms on the latent side, log-sigmoid,
+    # broadcast fills, equal-row inputs) on graphs that are not ExpFamPCA's: a Student-t
+    # likelihood (lgamma of the degrees of freedom, log1p) and logits a * (ability - b)
+    model, sim = _simulated(name, n=30)
+    values = {site: sim.truth[site] for site in model.global_sites}
+    enc = AutoDEQ(model, values, trace_objective=True)
+    data = enc.check_data(sim.data)
+    layout, params = enc._layout(data), enc._globals(detach=True)
+    n, dim = enc.latent_shape(data)
+    u = 0.7 * torch.randn(n, dim, generator=torch.Generator().manual_seed(5), dtype=F64)
+    with torch.no_grad():
+        ev = enc._evaluator(data, layout, params, torch.zeros_like(u))
+        assert ev.fast is not None and ev.fast.compact
+        for rows in (torch.arange(n), torch.tensor([0, 11, 29]), torch.tensor([4])):
+            F, g, hess = ev.linearize(rows, u[rows])
+            sub = {k: v[rows] for k, v in data.items()}
+            F_ref, g_ref, hess_ref = enc._linearize(u[rows], sub, layout, params)
+            torch.testing.assert_close(F + ev.offset(rows), F_ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(hess(), hess_ref(), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(ev.value(rows, u[rows]), F, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("case", TRACED_PCA, ids=[c[0] for c in TRACED_PCA])
 def test_traced_values_leave_out_the_latent_free_terms(case):
     # lgamma(y + 1), log(2 pi) / 2 and the prior's log scale are constants per row: no graph
