@@ -449,11 +449,14 @@ def run(out: Path, protocol: Protocol, *, num_datasets: int, columns: Sequence[s
             todo = [m for m in methods if (d, c, m) not in done]
             if todo:
                 units.append((d, c, todo))
-    torch.set_num_threads(1)
     for d, c, todo in progress(units, enable=show_progress, desc="fig7 (dataset, column)"):
         column = COLUMNS[c]
         data = simulate(column, d, protocol)
         for m in todo:
+            # every run on one torch thread (a deterministic row, and two shards on two cores
+            # do not oversubscribe them): UMAP's numba layer resets torch's OpenMP pool to the
+            # number of cores, which left every later PED run of the process on two threads
+            torch.set_num_threads(1)
             started, t0 = _now(), time.perf_counter()
             result = RUNNERS[m](column, data, protocol)
             record = {

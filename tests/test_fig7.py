@@ -124,6 +124,26 @@ def test_tiny_run_resumes_and_redoes_damaged_rows(fig7, tmp_path, capsys):
     assert len(lines) == 1 + 4 and lines[0].startswith("dataset,column,method")
 
 
+def test_every_run_starts_on_one_torch_thread(fig7, tmp_path, monkeypatch):
+    # UMAP (numba's threading layer) sets torch's OpenMP threads to the number of cores; the
+    # runs after it must still be single-threaded (deterministic rows, no oversubscription)
+    seen = []
+
+    def resets_threads(column, data, protocol):
+        seen.append(torch.get_num_threads())
+        torch.set_num_threads(2)
+        return {"test_mse": 1.0, "train_mse": 1.0, "backbone_seconds": 0.0, "head_seconds": 0.0}
+
+    monkeypatch.setitem(fig7.RUNNERS, "pca", resets_threads)
+    monkeypatch.setitem(fig7.RUNNERS, "ped", resets_threads)
+    threads = torch.get_num_threads()
+    try:
+        assert fig7.main(_tiny(tmp_path / "run", "--columns", "gaussian,poisson")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 1, 1, 1]
+
+
 def test_win_counts_and_standard_errors(fig7):
     def row(d, c, m, mse):
         return {"dataset": d, "column": c, "method": m, "test_mse": mse, "unconverged": 0}
