@@ -304,12 +304,23 @@ def _fit_head(net: nn.Module, inputs: torch.Tensor, data: Dataset, protocol: Pro
     return out["test"], out["train"]
 
 
-def run_ped(column: Column, data: Dataset, protocol: Protocol) -> dict:
-    t0 = time.perf_counter()
+def _fit_ped(column: Column, data: Dataset, protocol: Protocol):
+    """The PED backbone of ``column`` fitted unsupervised by Adam (the paper's settings)."""
     enc = ped_encoder(column, data.seed, protocol.torch_dtype)
     optimizer = Adam(num_epochs=protocol.ped_epochs(column), batch_size=protocol.batch_size,
                      lr=protocol.lr, rtol=0.0, schedule=ConstantLR())
-    fit = fit_encoder(enc, data.y, optimizer=optimizer, seed=data.seed, progress=False)
+    return enc, fit_encoder(enc, data.y, optimizer=optimizer, seed=data.seed, progress=False)
+
+
+def _standardised(feats: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Frozen features centred and scaled per column (what the head of a frozen backbone sees)."""
+    feats = feats.detach().double()
+    return ((feats - feats.mean(0)) / feats.std(0)).to(dtype)
+
+
+def run_ped(column: Column, data: Dataset, protocol: Protocol) -> dict:
+    t0 = time.perf_counter()
+    enc, fit = _fit_ped(column, data, protocol)
     t1 = time.perf_counter()
     backbone = KinkBackbone(enc) if column.name in ("relu", "relu2") else enc
     net = SupervisedPED(backbone, head(data.seed, protocol.torch_dtype))
@@ -336,8 +347,32 @@ def run_umap(column: Column, data: Dataset, protocol: Protocol) -> dict:
     t0 = time.perf_counter()
     emb = umap.UMAP(n_components=LATENT_DIM, random_state=data.seed, n_jobs=1).fit_transform(
         data.y.double().numpy())
-    feats = torch.from_numpy(np.asarray(emb, dtype=np.float64))
-    feats = ((feats - feats.mean(0)) / feats.std(0)).to(protocol.torch_dtype)
+    feats = _standardised(torch.from_numpy(np.asarray(emb, dtype=np.float64)), protocol.torch_dtype)
+    t1 = time.perf_counter()
+    test, train = _fit_head(head(data.seed, protocol.torch_dtype), feats, data, protocol)
+    return {"test_mse": test, "train_mse": train, "backbone_seconds": t1 - t0,
+            "head_seconds": time.perf_counter() - t1}
+
+
+# Diagnostics, not part of Figure 7 (experiments/fig7_frozen.py): the PED and PCA backbones
+# frozen, their features standardised and fed to the head alone, as UMAP's are.
+def run_ped_frozen(column: Column, data: Dataset, protocol: Protocol) -> dict:
+    t0 = time.perf_counter()
+    enc, fit = _fit_ped(column, data, protocol)
+    with torch.no_grad():
+        sol = enc.solve(data.y, throw=False)
+    feats = _standardised(sol.value[:, -LATENT_DIM:], protocol.torch_dtype)
+    t1 = time.perf_counter()
+    test, train = _fit_head(head(data.seed, protocol.torch_dtype), feats, data, protocol)
+    return {"test_mse": test, "train_mse": train, "backbone_seconds": t1 - t0,
+            "head_seconds": time.perf_counter() - t1, "unconverged": int((~sol.converged).sum()),
+            "ped_fit_loss": float(fit.loss_trace[-1]), "ped_fit_status": fit.status.name}
+
+
+def run_pca_frozen(column: Column, data: Dataset, protocol: Protocol) -> dict:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        feats = _standardised(pca_layer(data.y)(data.y), protocol.torch_dtype)
     t1 = time.perf_counter()
     test, train = _fit_head(head(data.seed, protocol.torch_dtype), feats, data, protocol)
     return {"test_mse": test, "train_mse": train, "backbone_seconds": t1 - t0,
@@ -346,6 +381,7 @@ def run_umap(column: Column, data: Dataset, protocol: Protocol) -> dict:
 
 RUNNERS: dict[str, Callable[[Column, Dataset, Protocol], dict]] = {
     "ped": run_ped, "pca": run_pca, "umap": run_umap,
+    "ped_frozen": run_ped_frozen, "pca_frozen": run_pca_frozen,
 }
 
 
@@ -578,7 +614,7 @@ def per_dataset_csv(rows: list[dict], path: Path) -> None:
     with Path(path).open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        for r in sorted(rows, key=lambda r: (list(COLUMNS).index(r["column"]), r["dataset"], METHODS.index(r["method"]))):
+        for r in sorted(rows, key=lambda r: (list(COLUMNS).index(r["column"]), r["dataset"], list(RUNNERS).index(r["method"]))):
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
 
 
@@ -674,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     columns = [c.strip() for c in args.columns.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for given, valid, what in ((columns, COLUMNS, "columns"), (methods, METHODS, "methods")):
+    for given, valid, what in ((columns, COLUMNS, "columns"), (methods, RUNNERS, "methods")):
         bad = sorted(set(given) - set(valid))
         if bad:
             parser.error(f"unknown {what} {bad}; valid: {', '.join(valid)}")

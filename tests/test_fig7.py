@@ -144,6 +144,33 @@ def test_every_run_starts_on_one_torch_thread(fig7, tmp_path, monkeypatch):
     assert seen == [1, 1, 1, 1]
 
 
+def test_frozen_backbone_diagnostics(fig7, tmp_path):
+    # experiments/fig7_frozen.py: PED and PCA frozen (features standardised, the head trained
+    # alone, as UMAP's), compared with the fine-tuned and UMAP rows of the Figure 7 store
+    spec = importlib.util.spec_from_file_location("fig7_frozen", ROOT / "experiments" / "fig7_frozen.py")
+    frozen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frozen)
+    out = tmp_path / "frozen"
+    extra = ["--columns", "gaussian,relu2"]
+    assert fig7.main([*_tiny(out, *extra)[:-3], "--methods", "ped_frozen,pca_frozen", "--no-progress", *extra]) == 0
+    rows = fig7.RowStore(out).load()
+    assert sorted((r["column"], r["method"]) for r in rows) == [
+        ("gaussian", "pca_frozen"), ("gaussian", "ped_frozen"), ("relu2", "pca_frozen"), ("relu2", "ped_frozen")]
+    assert all(r["test_mse"] > 0 for r in rows)
+    # frozen PCA features: standardised, so the head alone sees unit-variance inputs
+    data = fig7.simulate(fig7.COLUMNS["gaussian"], 0, fig7.Protocol(num_data=60))
+    feats = fig7._standardised(fig7.pca_layer(data.y)(data.y), torch.float64)
+    torch.testing.assert_close(feats.std(0), torch.ones(2, dtype=torch.float64))
+    # the comparison counts per dataset, on the datasets with every row
+    main_rows = [{"column": "poisson", "dataset": d, "method": m, "test_mse": v}
+                 for d, vals in ((0, (1.0, 3.0, 5.0)), (1, (1.0, 3.0, 2.0)), (2, (1.0, 1.0, 1.0)))
+                 for m, v in zip(("ped", "pca", "umap"), vals)]
+    frozen_rows = [{"column": "poisson", "dataset": d, "method": m, "test_mse": v}
+                   for d, vals in ((0, (2.0, 4.0)), (1, (2.5, 2.5))) for m, v in zip(frozen.DIAGNOSTICS, vals)]
+    text = frozen.comparison_markdown(fig7, main_rows, frozen_rows)
+    assert "| Poisson | 2 | 1 / 2.25 / 3 / 3.25 / 3.5 | 1 of 2 | 1 of 2 | 2 of 2 |" in text
+
+
 def test_win_counts_and_standard_errors(fig7):
     def row(d, c, m, mse):
         return {"dataset": d, "column": c, "method": m, "test_mse": mse, "unconverged": 0}
