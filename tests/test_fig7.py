@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deqppl.encoders import PEDEncoder
-from deqppl.expfam import gaussian
+from deqppl.expfam import binomial, gaussian
 from deqppl.models import ExpFamPCA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +52,13 @@ def test_simulated_columns_follow_the_protocol(fig7):
     assert torch.equal(again.y, data.y)
     seeds = {fig7.dataset_seed(c, d) for c in fig7.COLUMNS.values() for d in range(3)}
     assert len(seeds) == 15
+    # the paper's "Bernoulli" column as its code draws it: binomial counts of t = 10 trials,
+    # encoded by binomial PCA of the same t
+    small = fig7.Protocol(num_data=4000)
+    counts = fig7.simulate(fig7.COLUMNS["binomial"], 0, small).y
+    assert set(counts.unique().tolist()) == set(range(11))
+    family = fig7.ped_encoder(fig7.COLUMNS["binomial"], 0, torch.float64).model.family
+    assert family == binomial(10)
 
 
 def test_kink_backbone_gradient_is_the_implicit_gradient_at_a_fixed_point(fig7):
