@@ -624,6 +624,11 @@ def per_dataset_csv(rows: list[dict], path: Path) -> None:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
 
 
+def _tick(column: str) -> str:
+    """A column's label, short enough for the figure's axis."""
+    return COLUMNS[column].label.replace("rectified Gaussian", "rect.").replace(" (binomial, t = 10)", "\n(t = 10)")
+
+
 def figure(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -643,7 +648,7 @@ def figure(rows: list[dict], path: Path) -> None:
         ax.bar(x, frac, width, yerr=err, capsize=2, label=f"{m.upper()} (here)")
         ax.plot(x, [COLUMNS[c].paper_wins[k] / 100 for c in cols], "k_", markersize=14,
                 label="paper" if k == 0 else None)
-    ax.set_xticks(np.arange(len(cols)), [COLUMNS[c].label.replace("rectified Gaussian", "rect.") for c in cols],
+    ax.set_xticks(np.arange(len(cols)), [_tick(c) for c in cols],
                   fontsize=8)
     ax.set_ylabel("fraction of datasets won [95 % Wilson]")
     ax.set_ylim(0, 1.05)
@@ -656,7 +661,7 @@ def figure(rows: list[dict], path: Path) -> None:
             bx.scatter(np.full(len(v), j + (k - 1) * width), v, s=8, color=f"C{k}",
                        label=m.upper() if j == 0 else None)
     bx.set_yscale("log")
-    bx.set_xticks(np.arange(len(cols)), [COLUMNS[c].label.replace("rectified Gaussian", "rect.") for c in cols],
+    bx.set_xticks(np.arange(len(cols)), [_tick(c) for c in cols],
                   fontsize=8)
     bx.set_ylabel("test MSE of $z_1+z_2$")
     bx.legend(fontsize=7)
