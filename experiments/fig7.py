@@ -112,6 +112,16 @@ COLUMNS = {
         Column("relu2", "rectified Gaussian L=2", 1.0, 10, (100, 0, 0)),
     )
 }
+#: Every column a row store may hold, for the summaries: this protocol's, and the superseded
+#: Bernoulli column drawn with t = 1 (its rows: experiments/results/fig7_bernoulli_t1; no
+#: longer simulated or run).
+SUMMARISED = {**COLUMNS, "bernoulli": Column("bernoulli", "Bernoulli (t = 1, superseded)", 0.1, 30, (94, 6, 0))}
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    """The columns the rows hold, in the order of :data:`SUMMARISED`."""
+    present = {r["column"] for r in rows}
+    return [c for c in SUMMARISED if c in present]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -531,7 +541,7 @@ def win_counts(rows: list[dict], methods: Sequence[str] = METHODS) -> dict[str, 
     for r in rows:
         by.setdefault(r["column"], {}).setdefault(r["dataset"], {})[r["method"]] = r
     out = {}
-    for c in COLUMNS:
+    for c in _columns(rows):
         datasets = by.get(c, {})
         full = {d: v for d, v in datasets.items() if all(m in v for m in methods)}
         wins = {m: 0 for m in methods}
@@ -572,7 +582,7 @@ def summary_markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for c, w in wins.items():
-        col = COLUMNS[c]
+        col = SUMMARISED[c]
         n = w.num_datasets
         cells = [f"{w.wins[m]} ± {_se(w.wins[m], n):.1f}" if n else "–" for m in METHODS]
         lo, hi = wilson(w.wins["ped"], n)
@@ -588,7 +598,7 @@ def summary_markdown(rows: list[dict]) -> str:
         pv = [f"{k} of {n}" for k, n in (w.ped_vs["pca"], w.ped_vs["umap"])]
         med = " / ".join("–" if math.isnan(w.median_mse[m]) else f"{w.median_mse[m]:.4g}" for m in METHODS)
         unc = "–" if math.isnan(w.unconverged) else f"{w.unconverged:.0f}"
-        lines.append(f"| {COLUMNS[c].label} | {pv[0]} | {pv[1]} | {med} | {unc} |")
+        lines.append(f"| {SUMMARISED[c].label} | {pv[0]} | {pv[1]} | {med} | {unc} |")
     return "\n".join(lines) + "\n"
 
 
@@ -597,12 +607,12 @@ def timing_markdown(rows: list[dict]) -> str:
     if not rows:
         return "No rows finished yet.\n"
     lines = ["| column | PED s / dataset | PCA s / dataset | UMAP s / dataset |", "|---|---|---|---|"]
-    for c in COLUMNS:
+    for c in _columns(rows):
         cells = []
         for m in METHODS:
             secs = [r["seconds"] for r in rows if r["column"] == c and r["method"] == m]
             cells.append(f"{np.mean(secs):.0f} (n = {len(secs)})" if secs else "–")
-        lines.append(f"| {COLUMNS[c].label} | {' | '.join(cells)} |")
+        lines.append(f"| {SUMMARISED[c].label} | {' | '.join(cells)} |")
     start = min(_dt.datetime.fromisoformat(r["started_at"]) for r in rows)
     end = max(_dt.datetime.fromisoformat(r["finished_at"]) for r in rows)
     hours = max((end - start).total_seconds(), 1.0) / 3600
@@ -620,13 +630,13 @@ def per_dataset_csv(rows: list[dict], path: Path) -> None:
     with Path(path).open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        for r in sorted(rows, key=lambda r: (list(COLUMNS).index(r["column"]), r["dataset"], list(RUNNERS).index(r["method"]))):
+        for r in sorted(rows, key=lambda r: (list(SUMMARISED).index(r["column"]), r["dataset"], list(RUNNERS).index(r["method"]))):
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
 
 
 def _tick(column: str) -> str:
     """A column's label, short enough for the figure's axis."""
-    return COLUMNS[column].label.replace("rectified Gaussian", "rect.").replace(" (binomial, t = 10)", "\n(t = 10)")
+    return SUMMARISED[column].label.replace("rectified Gaussian", "rect.").replace(" (binomial, t = 10)", "\n(t = 10)")
 
 
 def figure(rows: list[dict], path: Path) -> None:
@@ -636,7 +646,7 @@ def figure(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     wins = win_counts(rows)
-    cols = list(COLUMNS)
+    cols = list(wins)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.27
     for k, m in enumerate(METHODS):
@@ -646,7 +656,7 @@ def figure(rows: list[dict], path: Path) -> None:
         err = np.clip(np.array([[f - lo, hi - f] for f, (lo, hi) in zip(frac, bounds)]).T, 0.0, None)
         x = np.arange(len(cols)) + (k - 1) * width
         ax.bar(x, frac, width, yerr=err, capsize=2, label=f"{m.upper()} (here)")
-        ax.plot(x, [COLUMNS[c].paper_wins[k] / 100 for c in cols], "k_", markersize=14,
+        ax.plot(x, [SUMMARISED[c].paper_wins[k] / 100 for c in cols], "k_", markersize=14,
                 label="paper" if k == 0 else None)
     ax.set_xticks(np.arange(len(cols)), [_tick(c) for c in cols],
                   fontsize=8)

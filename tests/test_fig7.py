@@ -178,6 +178,16 @@ def test_frozen_backbone_diagnostics(fig7, tmp_path):
     assert "| Poisson | 2 | 1 / 2.25 / 3 / 3.25 / 3.5 | 1 of 2 | 1 of 2 | 2 of 2 |" in text
 
 
+def test_the_superseded_t1_store_still_summarises(fig7):
+    # the first Bernoulli column (t = 1) is no longer run, but its committed rows are kept and
+    # their tables can be rebuilt (read-only here: nothing is written into the repository)
+    rows = fig7.RowStore(ROOT / "experiments" / "results" / "fig7_bernoulli_t1").load()
+    assert len(rows) == 63 and {r["column"] for r in rows} == {"bernoulli"}
+    text = fig7.summary_markdown(rows)
+    assert "| Bernoulli (t = 1, superseded) | 21 | 14 ± 2.2 | 7 ± 2.2 | 0 ± 0.0 |" in text
+    assert "Gaussian" not in text  # only the columns the rows hold
+
+
 def test_win_counts_and_standard_errors(fig7):
     def row(d, c, m, mse):
         return {"dataset": d, "column": c, "method": m, "test_mse": mse, "unconverged": 0}
