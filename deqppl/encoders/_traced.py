@@ -59,6 +59,7 @@ subsets against autograd on the body graph (:meth:`BoundObjective.check`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -149,7 +150,7 @@ class TracedObjective:
         _simplify(self.body.graph)
         self.body.graph.eliminate_dead_code()
         self.body.recompile()
-        self.shape = tuple(u.shape)
+        self.shape, self.dtype, self.device = tuple(u.shape), u.dtype, u.device
         self.separable = _Separable.analyse(self.body, [a in from_data for a in frontier], self.shape)
 
     def bind(self, inputs: Sequence[torch.Tensor], *, globals_key: object = None) -> BoundObjective:
@@ -193,14 +194,13 @@ class BoundObjective:
         first use, as the difference of the two graphs at $u = 0$.
         """
         if self._offset is None:
-            if not self.traced.stripped:
-                self._offset = torch.zeros((), dtype=self.consts[0].dtype if self.consts else torch.float64)
-            else:
-                n, D = self.traced.shape
-                like = next(x for x in self.inputs if isinstance(x, torch.Tensor) and x.is_floating_point())
-                u0 = torch.zeros(n, D, dtype=like.dtype, device=like.device)
+            t = self.traced
+            if t.stripped:
+                u0 = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
                 with torch.no_grad():
                     self._offset = self.full_value(u0) - self(u0)
+            else:
+                self._offset = torch.zeros((), dtype=t.dtype, device=t.device)
         return self._offset
 
     def linearize(self, u: torch.Tensor, rows: torch.Tensor | None = None):
@@ -497,8 +497,7 @@ class _BoundSeparable:
                 cs = consts if step >= m else [c[i : i + step] if r else c for c, r in zip(consts, mask)]
             else:
                 sel = rows[i : i + step]
-                cs = [c if not r else c.index_select(0, sel) if r is _ROWS else c[:1].expand(sel.numel(), *c.shape[1:])
-                      for c, r in zip(consts, mask)]
+                cs = [_take_rows(c, r, sel) for c, r in zip(consts, mask)]
             parts.append(body(u[i : i + step], *cs))
         if len(parts) == 1:
             return parts[0], live
@@ -584,6 +583,24 @@ def _shape(node) -> tuple | None:
     return None if val is None else tuple(val.shape)
 
 
+def _latent_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes of ``graph`` that depend on its first placeholder (the latents $u$), itself included."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    dep = set(placeholders[:1])
+    for node in graph.nodes:
+        if node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+    return dep
+
+
+def _insert(graph: fx.Graph, before: fx.Node, target, args, meta: dict) -> fx.Node:
+    """A call of ``target`` on ``args`` inserted before ``before``, with a copy of ``meta``."""
+    with graph.inserting_before(before):
+        new = graph.call_function(target, tuple(args))
+    new.meta = dict(meta)
+    return new
+
+
 def _fold_uniform(graph: fx.Graph) -> None:
     """Exact simplifications of the derivative graph that autograd writes out in full.
 
@@ -611,10 +628,7 @@ def _fold_uniform(graph: fx.Graph) -> None:
             node.meta["val"].dtype == x.meta["val"].dtype)
 
     def insert(node, target, args):
-        with graph.inserting_before(node):
-            new = graph.call_function(target, args)
-        new.meta = dict(node.meta)
-        return new
+        return _insert(graph, node, target, args, node.meta)
 
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -730,17 +744,8 @@ def _reassociate(graph: fx.Graph) -> None:
       per solve instead of subtracted at every evaluation (equal up to rounding);
     * ``mm(a, b) + bias -> addmm(bias, a, b)`` for a bias of one row (equal up to rounding).
     """
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    dep = {placeholders[0]}
-    for node in graph.nodes:
-        if node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
-            dep.add(node)
-
-    def call(before, target, args, meta):
-        with graph.inserting_before(before):
-            new = graph.call_function(target, args)
-        new.meta = dict(meta)
-        return new
+    dep = _latent_dependent(graph)
+    call = functools.partial(_insert, graph)
 
     def is_neg(a):
         return isinstance(a, fx.Node) and a.op == "call_function" and a.target is _aten.neg.default
@@ -799,22 +804,17 @@ def _linear_terms(graph: fx.Graph) -> None:
 
     All but the first reassociate sums: equal up to rounding.
     """
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if not placeholders:
+    dep = _latent_dependent(graph)
+    if not dep:
         return
-    dep = {placeholders[0]}
-    for node in graph.nodes:
-        if node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
-            dep.add(node)
 
     def call(before, target, args):
-        with graph.inserting_before(before):
-            new = graph.call_function(target, tuple(args))
         vals = fx.node.map_arg(tuple(args), lambda a: a.meta.get("val"))
         try:  # the fake values' shapes, for the passes after this one
-            new.meta = {"val": target(*vals)}
+            meta = {"val": target(*vals)}
         except Exception:  # noqa: BLE001 - no shape: later passes treat it as unknown
-            new.meta = {}
+            meta = {}
+        new = _insert(graph, before, target, args, meta)
         if any(a in dep for a in new.all_input_nodes):
             dep.add(new)
         return new
@@ -901,10 +901,7 @@ def _hoist(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule, list[fx.
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     (output,) = [n for n in graph.nodes if n.op == "output"]
-    dep = {placeholders[0]}
-    for node in graph.nodes:
-        if node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
-            dep.add(node)
+    dep = _latent_dependent(graph)
     frontier: list[fx.Node] = []
     for node in graph.nodes:
         if node.op == "output" or (node in dep and node.op != "placeholder"):
@@ -1016,6 +1013,15 @@ def _row_kind(c, n: int):
     return _ROWS
 
 
+def _take_rows(c, kind, rows: torch.Tensor):
+    """The rows ``rows`` of a graph input of :func:`_row_kind` ``kind``."""
+    if kind is _ROWS:
+        return c.index_select(0, rows)
+    if kind is _SAME_ROWS:  # a free view of the first row
+        return c[:1].expand(rows.numel(), *c.shape[1:])
+    return c
+
+
 class _BoundGraphs:
     """``kind -> (body, inputs, live, row_mask)`` of the derivative graphs at one batch's
     values: each kind's prologue runs on first use (a Newton solve without backtracking never
@@ -1103,10 +1109,7 @@ def _log_sigmoid_from_sigmoid(graph: fx.Graph, dtype: torch.dtype) -> None:
     floor = math.log(torch.finfo(dtype).eps)
 
     def call(before, target, args, like):
-        with graph.inserting_before(before):
-            new = graph.call_function(target, args)
-        new.meta = dict(like.meta)
-        return new
+        return _insert(graph, before, target, args, like.meta)
 
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not _aten.binary_cross_entropy_with_logits.default:
@@ -1145,15 +1148,11 @@ def _strip_constant_terms(graph: fx.Graph) -> bool:
     rewritten output differs from the original by exactly those terms (same rounding
     otherwise: the remaining operations are the same). Returns whether anything was dropped.
     """
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     out = graph.output_node()
     result = out.args[0]
-    if not placeholders or not isinstance(result, fx.Node):
+    dep = _latent_dependent(graph)
+    if not dep or not isinstance(result, fx.Node):
         return False
-    dep = {placeholders[0]}
-    for node in graph.nodes:
-        if node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
-            dep.add(node)
     dropped = False
 
     def latent(a) -> bool:
@@ -1164,10 +1163,7 @@ def _strip_constant_terms(graph: fx.Graph) -> bool:
             a.meta["val"].dtype == node.meta["val"].dtype)
 
     def insert(node, target, args):
-        with graph.inserting_before(node):
-            new = graph.call_function(target, args)
-        new.meta = dict(node.meta)
-        return new
+        return _insert(graph, node, target, args, node.meta)
 
     def strip(node):
         nonlocal dropped
