@@ -566,21 +566,15 @@ def test_constrained_globals_are_held_unconstrained():
     torch.testing.assert_close(enc.values()["a"], 2 * values["a"])
 
 
-@pytest.mark.parametrize("case", TRACED_PCA, ids=[c[0] for c in TRACED_PCA])
-def test_traced_derivatives_of_row_subsets_equal_autograd_on_the_pyro_trace(case):
-    # the derivative graphs (autograd's passes traced, folded, hoisted, rewritten for any
-    # number of rows) against autograd on the Pyro log joint, on the batch and on subsets
-    _, fam, nl, lam, scale = case
-    model, y, values = _pca(fam, nl, lam, scale, n=40)
-    enc = AutoDEQ(model, values, trace_objective=True)
-    data = enc.check_data(y)
+def _assert_traced_derivatives_equal_autograd(enc, data, u, subsets):
+    """The evaluator's F (plus its offset), gradients, Hessians (all, and a selection as the
+    Newton steps ask for them) on the batch and on row subsets, against autograd on the Pyro
+    log joint of those rows."""
     layout, params = enc._layout(data), enc._globals(detach=True)
-    gen = torch.Generator().manual_seed(3)
-    u = 0.5 * torch.randn(40, L, generator=gen, dtype=F64)
     with torch.no_grad():
         ev = enc._evaluator(data, layout, params, torch.zeros_like(u))
         assert ev.fast is not None and ev.fast.compact
-        for rows in (torch.arange(40), torch.tensor([3, 17, 39]), torch.tensor([5])):
+        for rows in (torch.arange(u.shape[0]), *subsets):
             F, g, hess = ev.linearize(rows, u[rows])
             sub = {k: v[rows] for k, v in data.items()}
             F_ref, g_ref, hess_ref = enc._linearize(u[rows], sub, layout, params)
@@ -589,10 +583,21 @@ def test_traced_derivatives_of_row_subsets_equal_autograd_on_the_pyro_trace(case
             torch.testing.assert_close(F, F_ref, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(hess(), hess_ref(), rtol=1e-12, atol=1e-12)
-            # a selection of the rows' Hessians, as the Newton steps ask for them
             torch.testing.assert_close(hess(torch.tensor([0])), hess_ref()[:1], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(ev.value(rows, u[rows]), F_ref, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(ev.value_and_grad(rows, u[rows])[1], g_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", TRACED_PCA, ids=[c[0] for c in TRACED_PCA])
+def test_traced_derivatives_of_row_subsets_equal_autograd_on_the_pyro_trace(case):
+    # the derivative graphs (autograd's passes traced, folded, hoisted, rewritten for any
+    # number of rows) against autograd on the Pyro log joint, on the batch and on subsets
+    _, fam, nl, lam, scale = case
+    model, y, values = _pca(fam, nl, lam, scale, n=40)
+    enc = AutoDEQ(model, values, trace_objective=True)
+    u = 0.5 * torch.randn(40, L, generator=torch.Generator().manual_seed(3), dtype=F64)
+    _assert_traced_derivatives_equal_autograd(enc, enc.check_data(y), u,
+                                              (torch.tensor([3, 17, 39]), torch.tensor([5])))
 
 
 @pytest.mark.parametrize("name", ["robust_pca", "item_response"])
@@ -604,20 +609,9 @@ def test_traced_derivatives_of_user_models_equal_autograd_on_the_pyro_trace(name
     values = {site: sim.truth[site] for site in model.global_sites}
     enc = AutoDEQ(model, values, trace_objective=True)
     data = enc.check_data(sim.data)
-    layout, params = enc._layout(data), enc._globals(detach=True)
     n, dim = enc.latent_shape(data)
     u = 0.7 * torch.randn(n, dim, generator=torch.Generator().manual_seed(5), dtype=F64)
-    with torch.no_grad():
-        ev = enc._evaluator(data, layout, params, torch.zeros_like(u))
-        assert ev.fast is not None and ev.fast.compact
-        for rows in (torch.arange(n), torch.tensor([0, 11, 29]), torch.tensor([4])):
-            F, g, hess = ev.linearize(rows, u[rows])
-            sub = {k: v[rows] for k, v in data.items()}
-            F_ref, g_ref, hess_ref = enc._linearize(u[rows], sub, layout, params)
-            torch.testing.assert_close(F + ev.offset(rows), F_ref, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(hess(), hess_ref(), rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(ev.value(rows, u[rows]), F, rtol=1e-12, atol=1e-12)
+    _assert_traced_derivatives_equal_autograd(enc, data, u, (torch.tensor([0, 11, 29]), torch.tensor([4])))
 
 
 @pytest.mark.parametrize("case", TRACED_PCA, ids=[c[0] for c in TRACED_PCA])
