@@ -53,8 +53,9 @@ measured on the Bernoulli and Poisson cases of ``benchmarks/bench_autodeq.py``: 
 in an affine leaf move to the latent side (:func:`_linear_terms`: $\sum_e y_e\eta_e =
 u\cdot(yW) + y\cdot B$, so the data are no longer read per evaluation), the Bernoulli
 log-sigmoid shares the gradient's sigmoid (:func:`_log_sigmoid_from_sigmoid`), and fills
-read only by broadcasting operations shrink to one element (:func:`_shrink_fills`). The first batch of each shape checks values, gradients, Hessians and row
-subsets against autograd on the body graph (:meth:`BoundObjective.check`).
+read only by broadcasting operations shrink to one element (:func:`_shrink_fills`). The first
+batch of each shape checks values, gradients, Hessians and row subsets against autograd on
+the body graph (:meth:`BoundObjective.check`).
 """
 
 from __future__ import annotations

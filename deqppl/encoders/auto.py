@@ -388,8 +388,8 @@ class AutoDEQ(WithStart, AbstractMAPEncoder):
         that do not depend on the latents left out (``lgamma(y + 1)``, normalising constants:
         a descent compares values of one row) or evaluated once per solve (the globals'
         priors, products with the data) instead of once per evaluation
-        (:mod:`deqppl.encoders._traced`), for the descent solvers. ``None`` (default): for batches of at least
-        ``2**16`` data entries, where the trace (about a second, once per shape) pays off.
+        (:mod:`deqppl.encoders._traced`), for the descent solvers. ``None`` (default): for
+        batches of at least ``2**16`` data entries, where the trace (about a second, once per shape) pays off.
         A program that cannot be traced without values (control flow on data), or whose
         trace does not reproduce the Pyro log joint at the first batch, keeps the Pyro path.
     start
